@@ -1,0 +1,48 @@
+# Thin targets over scripts/ and pytest.  `make run` and `make test` do all the
+# set-up on a fresh machine that has python3 and make.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TESTSTAMP := $(VENV)/.test-installed
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-deps check bench soak fuzz clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[speed]'
+	touch $@
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/relay serve
+
+$(TESTSTAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[speed,test]'
+	touch $@
+
+test-deps: $(TESTSTAMP)
+
+test: $(TESTSTAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+check: $(TESTSTAMP)
+	$(BIN)/pip install --quiet mypy ruff
+	$(BIN)/ruff check relay spool
+	$(BIN)/mypy relay spool
+
+bench: $(TESTSTAMP)
+	$(BIN)/python scripts/bench_accept --messages 5000 --sessions 20 --size 1024
+	$(BIN)/python scripts/bench_relay --messages 5000 --sessions 20 --size 1024
+
+soak: $(TESTSTAMP)
+	$(BIN)/python scripts/soak --messages 100000
+
+fuzz: $(TESTSTAMP)
+	RELAY_FUZZ_EXAMPLES=20000 $(BIN)/python -m pytest -q tests/property -k fuzz
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,94 @@
+"""The control socket: how commands ask the running daemon to do something now.
+
+Postfix's postqueue -f writes a one-byte trigger to qmgr's fifo and never touches a
+queue file; we do the same over a Unix socket in the queue directory.  A request is
+one line (``flush``, ``scan``, ``flush-id ID ...``, ``flush-site SITE``,
+``pauses``), the answer one line (``ok`` or ``error TEXT``).  Nothing here reads or
+writes the spool.  A crash leaves a stale socket file, replaced at the next start.
+
+Unix socket paths are limited to 108 bytes, and spools live in deep directories,
+so both sides address the socket through /proc/self/fd/N/ of an open directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+
+log = logging.getLogger("relay.master")
+
+SOCKET_NAME = "control"
+
+Handler = Callable[[str, list[str]], Awaitable[str]]
+
+
+class MailSystemDown(Exception):
+    """No daemon answers on this queue directory's control socket."""
+
+
+@contextlib.contextmanager
+def _short_path(directory: str) -> Iterator[str]:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{SOCKET_NAME}"
+    finally:
+        os.close(fd)
+
+
+async def serve(directory: str, handler: Handler) -> asyncio.AbstractServer:
+    """Listen on DIR/control; ``handler(verb, args)`` returns the reply text."""
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), timeout=10)
+            words = line.decode("utf-8", "replace").split()
+            if not words:
+                reply = "error empty request"
+            else:
+                try:
+                    reply = await handler(words[0], words[1:])
+                except Exception as exc:  # a bad request must not stop the daemon
+                    log.exception("control request %r failed", words)
+                    reply = f"error {exc}"
+            writer.write(reply.encode() + b"\n")
+            await writer.drain()
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(directory, SOCKET_NAME))
+    with _short_path(directory) as path:
+        server = await asyncio.start_unix_server(on_client, path=path)
+    os.chmod(os.path.join(directory, SOCKET_NAME), 0o600)
+    return server
+
+
+def request(directory: str, verb: str, *args: str, timeout: float = 30.0) -> str:
+    """Send one request to the daemon; MailSystemDown when nobody listens."""
+    if not os.path.exists(os.path.join(directory, SOCKET_NAME)):
+        raise MailSystemDown("No such file or directory")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        with _short_path(directory) as path:
+            sock.connect(path)
+        sock.sendall(" ".join((verb, *args)).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except (ConnectionRefusedError, FileNotFoundError) as exc:
+        raise MailSystemDown(exc.strerror or str(exc)) from exc
+    except OSError as exc:
+        raise MailSystemDown(exc.strerror or str(exc)) from exc
+    finally:
+        sock.close()
+    return data.decode("utf-8", "replace").strip()

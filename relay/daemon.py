@@ -1,0 +1,322 @@
+"""``relay serve``: one process running the listener, the scheduler and the control socket.
+
+It owns start-up (configuration, logging, the spool lock), signals (SIGTERM and
+SIGINT stop gracefully within 10 seconds, SIGHUP reloads main.cf) and wiring: the
+listener hands committed queue IDs to the scheduler in-process.  It holds an
+exclusive lock on ``QUEUE_DIR/master.lock`` for its lifetime so two daemons never
+share a spool.  A crash leaves the spool as spool.store describes and a stale pid
+file and control socket, both replaced at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from relay import config as config_mod
+from relay import control, log as maillog
+from relay.config import Config, ConfigError
+from relay.delivery import DeliverySettings, SMTPDelivery
+from relay.listener import Listener, SmtpdSettings
+from relay.outcome import Policy
+from relay.routing import Resolver, Router, open_table
+from relay.scheduler import QmgrSettings, Scheduler
+from spool import Spool
+from spool.store import fault_hook_from
+
+log = logging.getLogger("relay.master")
+
+SHUTDOWN_GRACE = 5.0
+
+
+def smtpd_settings(cfg: Config) -> SmtpdSettings:
+    return SmtpdSettings(
+        myhostname=cfg.str("myhostname"),
+        banner=cfg.str("smtpd_banner"),
+        mynetworks=cfg.list("mynetworks"),
+        relay_domains=cfg.list("relay_domains"),
+        message_size_limit=cfg.int("message_size_limit"),
+        recipient_limit=cfg.int("smtpd_recipient_limit"),
+        timeout=cfg.time("smtpd_timeout"),
+        connection_count_limit=cfg.int("smtpd_client_connection_count_limit"),
+        bare_newline=_bare_newline(cfg.str("smtpd_forbid_bare_newline")),
+        mail_name=cfg.str("mail_name"),
+    )
+
+
+def _bare_newline(value: str) -> str:
+    return {"yes": "normalize", "normalize": "normalize", "reject": "reject"}.get(value, "no")
+
+
+def sasl_credentials(cfg: Config) -> object:
+    maps = cfg.list("smtp_sasl_password_maps")
+    tables = [open_table(spec) for spec in maps]
+
+    def lookup(label: str, target: object) -> tuple[str, str] | None:
+        host = getattr(target, "hostname", "")
+        port = getattr(target, "port", 25)
+        address = getattr(target, "address", "")
+        keys = [label, f"[{host}]:{port}", f"{host}:{port}", f"[{host}]", host,
+                f"[{address}]:{port}", f"[{address}]"]
+        for table in tables:
+            for key in keys:
+                value = table.get(key) if key else None
+                if value:
+                    user, _, password = value.partition(":")
+                    return user, password
+        return None
+
+    return lookup
+
+
+def qmgr_settings(cfg: Config) -> QmgrSettings:
+    tls = cfg.str("smtp_tls_security_level") or "none"
+    delivery = DeliverySettings(
+        helo_name=cfg.str("myhostname"),
+        connect_timeout=cfg.time("smtp_connect_timeout"),
+        helo_timeout=cfg.time("smtp_helo_timeout"),
+        mail_timeout=cfg.time("smtp_mail_timeout"),
+        rcpt_timeout=cfg.time("smtp_rcpt_timeout"),
+        data_init_timeout=cfg.time("smtp_data_init_timeout"),
+        data_xfer_timeout=cfg.time("smtp_data_xfer_timeout"),
+        data_done_timeout=cfg.time("smtp_data_done_timeout"),
+        quit_timeout=cfg.time("smtp_quit_timeout"),
+        starttls_timeout=cfg.time("smtp_starttls_timeout"),
+        tls_level=tls,
+        tls_ca_file=cfg.str("smtp_tls_CAfile"),
+        sasl_enable=cfg.bool("smtp_sasl_auth_enable"),
+        sasl_credentials=sasl_credentials(cfg),  # type: ignore[arg-type]
+        connection_reuse_time_limit=cfg.time("smtp_connection_reuse_time_limit"),
+        connection_cache_time_limit=cfg.time("smtp_connection_cache_time_limit"),
+    )
+    return QmgrSettings(
+        myhostname=cfg.str("myhostname"),
+        mail_name=cfg.str("mail_name"),
+        queue_run_delay=cfg.time("queue_run_delay"),
+        active_limit=cfg.int("qmgr_message_active_limit"),
+        recipient_limit=cfg.int("default_destination_recipient_limit"),
+        concurrency_limit=cfg.int("default_destination_concurrency_limit"),
+        initial_concurrency=cfg.int("initial_destination_concurrency"),
+        process_limit=cfg.int("default_process_limit"),
+        failed_cohort_limit=float(cfg.int("default_destination_concurrency_failed_cohort_limit")),
+        policy=Policy(
+            minimal_backoff_time=cfg.time("minimal_backoff_time"),
+            maximal_backoff_time=cfg.time("maximal_backoff_time"),
+            maximal_queue_lifetime=cfg.time("maximal_queue_lifetime"),
+            bounce_queue_lifetime=cfg.time("bounce_queue_lifetime"),
+            delay_warning_time=cfg.time("delay_warning_time"),
+        ),
+        delivery=delivery,
+    )
+
+
+def self_addresses(cfg: Config) -> list[tuple[str, int]]:
+    return [(a.host, a.port) for a in cfg.listen_addresses()]
+
+
+def router_for(cfg: Config) -> Router:
+    return Router(cfg.list("transport_maps"), cfg.str("relayhost"))
+
+
+def resolver_for(cfg: Config) -> Resolver:
+    return Resolver(
+        nameservers=cfg.list("dns_nameservers"),
+        myhostname=cfg.str("myhostname"),
+        self_addresses=self_addresses(cfg),
+        mx_address_limit=cfg.int("smtp_mx_address_limit"),
+    )
+
+
+@dataclass
+class Daemon:
+    config_dir: str | None
+    cfg: Config
+    spool: Spool
+    listener: Listener
+    scheduler: Scheduler
+    servers: list[asyncio.AbstractServer]
+
+    def reload(self) -> None:
+        try:
+            cfg = config_mod.load(self.config_dir)
+            router = router_for(cfg)
+            resolver = resolver_for(cfg)
+            qmgr = qmgr_settings(cfg)
+        except (ConfigError, ValueError) as exc:
+            log.warning("reload failed, keeping the old configuration: %s", exc)
+            return
+        self.cfg = cfg
+        self.listener.reconfigure(smtpd_settings(cfg))
+        self.scheduler.reconfigure(qmgr, router, resolver)
+        log.info("reload -- configuration %s", cfg.path or "(built-in defaults)")
+
+    async def on_control(self, verb: str, args: list[str]) -> str:
+        sched = self.scheduler
+        if verb == "flush":
+            sched.flush()
+        elif verb == "scan":
+            sched.scan()
+        elif verb == "flush-id":
+            sched.flush_ids(args)
+        elif verb == "flush-site":
+            return self.flush_site(args[0] if args else "")
+        elif verb == "pauses":
+            sched.reload_pauses()
+        elif verb == "ping":
+            pass
+        else:
+            return f"error unknown request: {verb}"
+        return "ok"
+
+    def flush_site(self, site: str) -> str:
+        site = site.lower().strip("[]")
+        if not site:
+            return "error empty site"
+        ids = [env.queue_id for _, env in self.spool.envelopes(("deferred",))
+               if any(r.address.rpartition("@")[2].lower() == site for r in env.pending)]
+        self.scheduler.flush_ids(ids)
+        return "ok"
+
+
+async def run(config_dir: str | None, cfg: Config) -> int:
+    loop = asyncio.get_running_loop()
+    fault = fault_hook_from(os.environ.get("RELAY_FAULT", "") or cfg.str("fault_injection"))
+    spool = Spool(cfg.str("queue_directory"), long_ids=cfg.bool("enable_long_queue_ids"),
+                  fault=fault)
+    lock_fd = _lock_spool(spool.root)
+    if lock_fd is None:
+        log.critical("the mail system is already running on %s", spool.root)
+        return 1
+    _write_pid(spool.root)
+
+    scheduler = Scheduler(spool, qmgr_settings(cfg), router_for(cfg), resolver_for(cfg),
+                          SMTPDelivery())
+    listener = Listener(spool, smtpd_settings(cfg), on_queued=scheduler.wakeup)
+    servers: list[asyncio.AbstractServer] = []
+    try:
+        for addr in cfg.listen_addresses():
+            sock = _bind(addr.host, addr.port)
+            server = await loop.create_server(listener.factory, sock=sock)
+            servers.append(server)
+            log.info("listening on %s:%d", addr.host, addr.port)
+    except OSError as exc:
+        log.critical("bind %s port %s: %s", addr.host, addr.port, exc.strerror)
+        for server in servers:
+            server.close()
+        return 1
+    daemon = Daemon(config_dir, cfg, spool, listener, scheduler, servers)
+    ctl = await control.serve(spool.root, daemon.on_control)
+
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload)
+    log.info("daemon started -- version %s, configuration %s", _version(),
+             cfg.path or "(built-in defaults)")
+    sched_task = loop.create_task(scheduler.run())
+    stop_task = loop.create_task(stop.wait())
+    done, _ = await asyncio.wait({sched_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    if sched_task in done and sched_task.exception():
+        log.critical("scheduler failed: %r", sched_task.exception())
+
+    log.info("terminating on signal")
+    await _shutdown(listener, scheduler, servers, ctl)
+    sched_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await sched_task
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(spool.root, control.SOCKET_NAME))
+    os.close(lock_fd)
+    return 0
+
+
+async def _shutdown(listener: Listener, scheduler: Scheduler,
+                    servers: Sequence[asyncio.AbstractServer],
+                    ctl: asyncio.AbstractServer) -> None:
+    """Stop listening, let commits in progress finish, 421 the rest, stop the qmgr."""
+    listener.shutting_down = True
+    for server in servers:
+        server.close()
+    ctl.close()
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 3.0
+    while listener.committing and loop.time() < end:
+        await asyncio.sleep(0.02)
+    for session in list(listener.sessions):
+        await session.shutdown()
+    await scheduler.stop(grace=SHUTDOWN_GRACE)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(512)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def _lock_spool(root: str) -> int | None:
+    fd = os.open(os.path.join(root, "master.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _write_pid(root: str) -> None:
+    tmp = os.path.join(root, "master.pid.tmp")
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid():>10}\n")
+    os.replace(tmp, os.path.join(root, "master.pid"))
+
+
+def _version() -> str:
+    from relay import __version__
+
+    return __version__
+
+
+def serve(config_dir: str | None) -> int:
+    """Load the configuration (fatal before listening on any error) and run."""
+    try:
+        cfg = config_mod.load(config_dir)
+    except ConfigError as exc:
+        print(f"relay: fatal: {exc}", file=sys.stderr)
+        return 1
+    maillog.setup(cfg.str("myhostname"), cfg.str("syslog_name"), cfg.str("maillog_file"))
+    try:
+        router_for(cfg)
+        resolver_for(cfg)
+        sasl_credentials(cfg)
+    except ValueError as exc:
+        print(f"relay: fatal: {exc}", file=sys.stderr)
+        return 1
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    try:
+        return int(runner(run(config_dir, cfg)))
+    except KeyboardInterrupt:
+        return 0
+

@@ -1,0 +1,59 @@
+"""Logging in Postfix's maillog format.
+
+    Mmm dd hh:mm:ss HOST SYSLOG_NAME/PROGRAM[PID]: text
+
+PROGRAM is the part of Postfix that would have written the line (smtpd, cleanup,
+qmgr, smtp, bounce, postsuper, ...): it is the last component of the logger name,
+so ``logging.getLogger("relay.qmgr")`` logs as ``relay/qmgr``.  Warnings and errors
+get Postfix's ``warning:``/``error:``/``fatal:`` prefix.  Lines go to maillog_file
+when it is set, else to standard error.  Nothing here buffers: a crash loses no line
+that was already written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+_PREFIX = {
+    logging.WARNING: "warning: ",
+    logging.ERROR: "error: ",
+    logging.CRITICAL: "fatal: ",
+}
+
+
+class MaillogFormatter(logging.Formatter):
+    def __init__(self, hostname: str, syslog_name: str) -> None:
+        super().__init__()
+        self.hostname = hostname.split(".")[0] or "localhost"
+        self.syslog_name = syslog_name
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%b %d %H:%M:%S", time.localtime(record.created))
+        if stamp[4] == "0":  # syslog pads the day with a space: "Nov  4"
+            stamp = stamp[:4] + " " + stamp[5:]
+        program = record.name.rsplit(".", 1)[-1]
+        text = _PREFIX.get(record.levelno, "") + record.getMessage()
+        if record.exc_info and record.levelno >= logging.ERROR:
+            text += " " + self.formatException(record.exc_info).replace("\n", " | ")
+        return f"{stamp} {self.hostname} {self.syslog_name}/{program}[{record.process}]: {text}"
+
+
+def setup(hostname: str, syslog_name: str, maillog_file: str = "", debug: bool = False) -> None:
+    """Route the ``relay`` logger tree to the maillog (or stderr), replacing any old handler."""
+    root = logging.getLogger("relay")
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    handler: logging.Handler
+    if maillog_file:
+        os.makedirs(os.path.dirname(os.path.abspath(maillog_file)), exist_ok=True)
+        handler = logging.FileHandler(maillog_file, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(MaillogFormatter(hostname, syslog_name))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    root.propagate = False

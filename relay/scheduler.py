@@ -1,0 +1,609 @@
+"""The queue manager (Postfix's qmgr): what is delivered when, and what follows.
+
+It owns the in-memory view of the active queue: which messages are being worked on,
+per-destination concurrency and dead destinations, and the deferred-queue scan.
+It never talks SMTP itself (relay.delivery does, and returns values) and never
+builds a spool path (spool.store does).  Every state change goes through the
+spool under the message's lock, so an admin command that moved or removed a
+message meanwhile wins: we then only record which recipients were delivered.
+
+What a crash leaves: messages in active/ whose recipients are marked as far as
+the last completed transaction; at start they are scheduled again and only their
+pending recipients are tried (at most the one transaction in flight at the kill
+is repeated: RFC 1047's window).  A bounced recipient is marked ``notified`` only
+after its notice is queued, so a crash repeats a notice rather than losing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from relay import bounce, outcome
+from relay.delivery import Attempt, DeliverySettings, RcptResult, RcptStatus, SMTPDelivery
+from relay.outcome import Fate, Policy
+from relay.routing import NextHop, Resolver, RouteError, Router
+from spool import CorruptEntry, EntryGone, Envelope, RcptState, Recipient, Spool, SpoolError
+
+log = logging.getLogger("relay.qmgr")
+smtp_log = logging.getLogger("relay.smtp")
+bounce_log = logging.getLogger("relay.bounce")
+discard_log = logging.getLogger("relay.discard")
+error_log = logging.getLogger("relay.error")
+
+
+class Clock(Protocol):
+    def time(self) -> float: ...
+
+
+class SystemClock:
+    def time(self) -> float:
+        return time.time()
+
+
+@dataclass(frozen=True, slots=True)
+class QmgrSettings:
+    myhostname: str
+    mail_name: str = "relay"
+    queue_run_delay: float = 300.0
+    active_limit: int = 20000
+    recipient_limit: int = 50
+    concurrency_limit: int = 20
+    initial_concurrency: int = 5
+    process_limit: int = 100
+    failed_cohort_limit: float = 1.0
+    policy: Policy = field(default_factory=Policy)
+    delivery: DeliverySettings = field(default_factory=lambda: DeliverySettings(helo_name="localhost"))
+
+
+@dataclass
+class Destination:
+    """Per-destination state: Postfix's qmgr_queue (window, failed cohorts, dead)."""
+
+    name: str
+    window: int
+    busy: int = 0
+    fail_cohorts: float = 0.0
+    dead_until: float = 0.0
+    dead_reason: str = ""
+    waiting: deque[Job] = field(default_factory=deque)
+
+
+@dataclass
+class Message:
+    queue_id: str
+    envelope: Envelope
+    active_since: float
+    jobs_left: int = 0
+
+
+@dataclass
+class Job:
+    message: Message
+    hop: NextHop
+    domain: str
+    recipients: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One recipient's outcome with what the log line needs."""
+
+    rcpt: RcptResult
+    relay: str
+    delays: tuple[float, float, float, float]
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+class Scheduler:
+    def __init__(
+        self,
+        spool: Spool,
+        settings: QmgrSettings,
+        router: Router,
+        resolver: Resolver,
+        delivery: SMTPDelivery | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.spool = spool
+        self.settings = settings
+        self.router = router
+        self.resolver = resolver
+        self.delivery = delivery or SMTPDelivery()
+        self.clock: Clock = clock or SystemClock()
+        self.paused = spool.pauses()
+        self.messages: dict[str, Message] = {}
+        self.destinations: dict[str, Destination] = {}
+        self._incoming: deque[str] = deque()
+        self._wake = asyncio.Event()
+        self._scan_incoming = True  # at start, and whenever the active queue was full
+        self._scan_deferred = True
+        self._ignore_times = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._global = asyncio.Semaphore(settings.process_limit)
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = False
+        self._next_deferred_scan = 0.0
+
+    # ---- triggers (in-process and from the control socket) ------------------------
+
+    def wakeup(self, env: Envelope) -> None:
+        """A message was committed to incoming/: pick it up now (no directory poll)."""
+        self._incoming.append(env.queue_id)
+        self._wake.set()
+
+    def flush(self) -> None:
+        """postqueue -f: forget dead destinations, try every deferred message now."""
+        for dest in self.destinations.values():
+            dest.dead_until = 0.0
+            dest.fail_cohorts = 0.0
+        self._scan_deferred = True
+        self._scan_incoming = True
+        self._ignore_times = True
+        self._wake.set()
+
+    def scan(self) -> None:
+        """Look at incoming/ and the due part of deferred/ now (released or requeued mail)."""
+        self._scan_incoming = True
+        self._scan_deferred = True
+        self._wake.set()
+
+    def flush_ids(self, queue_ids: Iterable[str]) -> None:
+        """postqueue -i: these deferred messages now."""
+        for queue_id in queue_ids:
+            self._incoming.append(queue_id)
+        self._wake.set()
+
+    def reload_pauses(self) -> None:
+        """relay queue pause/resume changed the pause file: mail of a resumed
+        destination is tried now."""
+        before = self.paused
+        self.paused = self.spool.pauses()
+        if before - self.paused:
+            self.flush()
+
+    def is_paused(self, domain: str, hop: NextHop) -> bool:
+        if not self.paused:
+            return False
+        return domain in self.paused or f"nexthop:{hop.host.lower()}" in self.paused
+
+    def reconfigure(self, settings: QmgrSettings, router: Router, resolver: Resolver) -> None:
+        self.settings = settings
+        self.router = router
+        self.resolver = resolver
+        self._wake.set()
+
+    # ---- main loop ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self._recover()
+        while not self._stopping:
+            await self._fill()
+            now = self.clock.time()
+            timeout = max(0.0, self._next_deferred_scan - now) if not self._scan_deferred else 0
+            if not self._incoming and not self._scan_incoming and not self._scan_deferred:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.01))
+                except TimeoutError:
+                    pass
+            if self.clock.time() >= self._next_deferred_scan:
+                self._scan_deferred = True
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop taking work; let transactions in flight finish for up to ``grace``."""
+        self._stopping = True
+        self._wake.set()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        await self.delivery.close()
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Wait until no message is in memory (tests and benchmarks)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while self.messages or self._incoming:
+            if loop.time() > end:
+                raise TimeoutError("scheduler did not drain")
+            await asyncio.sleep(0.01)
+
+    async def _recover(self) -> None:
+        """Messages left in active/ by a crash or kill are scheduled again."""
+        names = await asyncio.to_thread(lambda: [e.queue_id for e in self.spool.scan("active")])
+        for name in names:
+            await self._activate(name, "active")
+        await asyncio.to_thread(self._quarantine_strays)
+        removed = await asyncio.to_thread(self.spool.cleanup, self.clock.time())
+        for path in removed:
+            log.info("removed stale file %s", path)
+
+    def _quarantine_strays(self) -> None:
+        from spool.store import valid_queue_id
+
+        for queue in ("incoming", "deferred", "hold"):
+            for entry in self.spool.scan(queue):
+                if not valid_queue_id(entry.queue_id):
+                    self._quarantine(queue, entry.queue_id, "not a queue ID")
+
+    def _quarantine(self, queue: str, name: str, why: str) -> None:
+        try:
+            saved = self.spool.quarantine(queue, name, why)
+        except (EntryGone, OSError):
+            return
+        log.warning('saving corrupt file "%s" from queue "%s" to queue "corrupt" (%s)',
+                    saved, queue, why)
+
+    async def _fill(self) -> None:
+        """Bring messages into the active queue while there is room."""
+        room = self.settings.active_limit - len(self.messages)
+        while self._incoming and room > 0 and not self._stopping:
+            queue_id = self._incoming.popleft()
+            if queue_id in self.messages:
+                continue
+            if await self._activate(queue_id, None):
+                room -= 1
+        if room <= 0 or self._stopping:
+            return
+        if self._scan_incoming:
+            self._scan_incoming = False
+            names = await asyncio.to_thread(self._list_queue, "incoming", room, False)
+            for name in names:
+                if await self._activate(name, "incoming"):
+                    room -= 1
+            if room <= 0:
+                self._scan_incoming = True
+                return
+        if self._scan_deferred:
+            ignore = self._ignore_times
+            self._scan_deferred = self._ignore_times = False
+            self._next_deferred_scan = self.clock.time() + self.settings.queue_run_delay
+            names = await asyncio.to_thread(self._list_queue, "deferred", room, ignore)
+            for name in names:
+                if await self._activate(name, "deferred"):
+                    room -= 1
+            if room <= 0:
+                self._scan_deferred = True
+                self._ignore_times = ignore
+
+    def _list_queue(self, queue: str, limit: int, ignore_times: bool) -> list[str]:
+        """Up to ``limit`` names from a queue; for deferred/ only those due (mtime)."""
+        now = self.clock.time()
+        out: list[str] = []
+        for entry in self.spool.scan(queue):
+            if entry.queue_id in self.messages:
+                continue
+            if queue == "deferred" and not ignore_times and entry.mtime > now + 1:
+                continue
+            out.append(entry.queue_id)
+            if len(out) >= limit:
+                break
+        return out
+
+    # ---- one message ------------------------------------------------------------------
+
+    async def _activate(self, queue_id: str, from_queue: str | None) -> bool:
+        if queue_id in self.messages:
+            return False
+        try:
+            env = await asyncio.to_thread(self._move_to_active, queue_id, from_queue)
+        except EntryGone:
+            return False  # lost a race with postsuper or another scan
+        except CorruptEntry as exc:
+            queue = from_queue or self.spool.locate(queue_id) or "incoming"
+            await asyncio.to_thread(self._quarantine, queue, queue_id, str(exc))
+            return False
+        except SpoolError as exc:
+            log.warning("%s: cannot activate: %s", queue_id, exc)
+            return False
+        if env is None:
+            return False
+        now = self.clock.time()
+        message = Message(queue_id, env, active_since=now)
+        self.messages[queue_id] = message
+        self._idle.clear()
+        log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)",
+                 queue_id, env.sender, env.size, len(env.recipients))
+        self._plan(message)
+        return True
+
+    def _move_to_active(self, queue_id: str, from_queue: str | None) -> Envelope | None:
+        queues = (from_queue,) if from_queue else ("incoming", "deferred", "active")
+        with self.spool.locked(queue_id, queues) as entry:
+            env = entry.read()
+            self.spool.read_content_check(queue_id, env.size)
+            entry.move("active")
+            return env
+
+    def _plan(self, message: Message) -> None:
+        """Split the pending recipients into jobs per next hop (up to the recipient limit)."""
+        groups: dict[NextHop, list[str]] = {}
+        failures: list[RcptResult] = []
+        for rcpt in message.envelope.pending:
+            try:
+                hop = self.router.next_hop(rcpt.address)
+            except RouteError as exc:
+                failures.append(RcptResult(rcpt.address, RcptStatus.DEFER, "4.3.0",
+                                           f"mail transport unavailable: {exc}"))
+                continue
+            groups.setdefault(hop, []).append(rcpt.address)
+        jobs: list[Job] = []
+        limit = max(1, self.settings.recipient_limit)
+        for hop, addresses in groups.items():
+            for i in range(0, len(addresses), limit):
+                chunk = addresses[i:i + limit]
+                jobs.append(Job(message, hop, _domain(chunk[0]), chunk))
+        message.jobs_left = len(jobs) + (1 if failures else 0)
+        if failures:
+            self._spawn(self._finish_job(message, [Result(f, "none", (0, 0, 0, 0))
+                                                   for f in failures]))
+        if not jobs and not failures:
+            message.jobs_left = 1
+            self._spawn(self._finish_job(message, []))
+        for job in jobs:
+            key = job.hop.destination if job.hop.mx_lookup is False or job.hop.transport != "smtp" \
+                else job.domain
+            dest = self.destinations.get(key)
+            if dest is None:
+                dest = Destination(key, window=max(1, min(self.settings.initial_concurrency,
+                                                          self.settings.concurrency_limit)))
+                self.destinations[key] = dest
+            dest.waiting.append(job)
+            self._pump(dest)
+
+    def _pump(self, dest: Destination) -> None:
+        limit = max(1, min(dest.window, self.settings.concurrency_limit))
+        while dest.waiting and dest.busy < limit:
+            job = dest.waiting.popleft()
+            dest.busy += 1
+            self._spawn(self._run_job(dest, job))
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_job(self, dest: Destination, job: Job) -> None:
+        message = job.message
+        results: list[Result] = []
+        try:
+            async with self._global:
+                results = await self._attempt(dest, job)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must not lose the message: defer it
+            log.exception("%s: delivery job failed: %s", message.queue_id, exc)
+            results = [Result(RcptResult(a, RcptStatus.DEFER, "4.3.0", f"internal error: {exc}"),
+                              "none", (0, 0, 0, 0)) for a in job.recipients]
+        finally:
+            dest.busy -= 1
+            self._pump(dest)
+        await self._finish_job(message, results)
+
+    async def _attempt(self, dest: Destination, job: Job) -> list[Result]:
+        message, hop = job.message, job.hop
+        env = message.envelope
+        start = self.clock.time()
+        a = max(0.0, message.active_since - env.arrival_time)
+        b = max(0.0, start - message.active_since)
+
+        def all_(status: RcptStatus, dsn: str, reason: str, relay: str = "none",
+                 c: float = 0.0, d: float = 0.0) -> list[Result]:
+            return [Result(RcptResult(addr, status, dsn, reason), relay, (a, b, c, d))
+                    for addr in job.recipients]
+
+        if self.is_paused(job.domain, hop):
+            return all_(RcptStatus.DEFER, "4.0.0", "destination paused")
+        if dest.dead_until > start:
+            return all_(RcptStatus.DEFER, "4.4.1",
+                        f"delivery temporarily suspended: {dest.dead_reason}")
+        if hop.transport == "discard":
+            for addr in job.recipients:
+                discard_log.info("%s: to=<%s>, relay=none, delay=%s, delays=%s/%s/0/0, "
+                                 "dsn=2.0.0, status=sent (%s)", message.queue_id, addr,
+                                 outcome.format_delay(start - env.arrival_time),
+                                 outcome.format_delay(a), outcome.format_delay(b),
+                                 hop.text or "discarded")
+            return [Result(RcptResult(addr, RcptStatus.SENT, "2.0.0", hop.text or "discarded"),
+                           "none", (a, b, 0, 0), ) for addr in job.recipients]
+        if hop.transport == "error":
+            return all_(RcptStatus.BOUNCE, "5.0.0", hop.text or "unknown mail transport error")
+        resolution = await self.resolver.resolve(hop, job.domain)
+        if resolution.failure is not None:
+            f = resolution.failure
+            status = RcptStatus.BOUNCE if f.permanent else RcptStatus.DEFER
+            return all_(status, f.dsn, f.reason, c=self.clock.time() - start)
+        content = await asyncio.to_thread(self.spool.read_content, message.queue_id, env.size)
+        attempt: Attempt = await self.delivery.deliver(
+            resolution.targets, hop.label, env.sender, job.recipients, content,
+            self.settings.delivery,
+        )
+        self._feedback(dest, attempt)
+        return [Result(r, attempt.relay, (a, b, attempt.conn_setup_seconds, attempt.xfer_seconds))
+                for r in attempt.results]
+
+    def _feedback(self, dest: Destination, attempt: Attempt) -> None:
+        """Postfix's qmgr_queue_throttle/unthrottle: only connection failures count."""
+        if attempt.connection_failed:
+            dest.fail_cohorts += 1.0 / max(1, dest.window)
+            dest.window = max(1, dest.window - 1)
+            limit = self.settings.failed_cohort_limit
+            if limit > 0 and dest.fail_cohorts >= limit:
+                reason = attempt.results[0].reason if attempt.results else "connection failed"
+                dest.dead_until = self.clock.time() + self.settings.policy.minimal_backoff_time
+                dest.dead_reason = reason
+                dest.fail_cohorts = 0.0
+        else:
+            dest.fail_cohorts = 0.0
+            dest.dead_until = 0.0
+            dest.window = min(dest.window + 1, self.settings.concurrency_limit)
+
+    async def _finish_job(self, message: Message, results: list[Result]) -> None:
+        if results:
+            try:
+                await asyncio.to_thread(self._record, message, results)
+            except Exception:
+                log.exception("%s: cannot record delivery results", message.queue_id)
+        message.jobs_left -= 1
+        if message.jobs_left > 0:
+            return
+        try:
+            notices = await asyncio.to_thread(self._finalize, message)
+        except Exception:
+            log.exception("%s: cannot finish message; it stays in the active queue",
+                          message.queue_id)
+            notices = []
+            await asyncio.sleep(0)
+            self.messages.pop(message.queue_id, None)
+            return
+        self.messages.pop(message.queue_id, None)
+        if not self.messages:
+            self._idle.set()
+        for env in notices:
+            self.wakeup(env)
+        self._wake.set()
+
+    def _record(self, message: Message, results: list[Result]) -> None:
+        """Mark each recipient's fate durably, whatever queue the message is in now."""
+        now = self.clock.time()
+        by_addr = {r.rcpt.address: r for r in results}
+        try:
+            with self.spool.locked(message.queue_id) as entry:
+                env = entry.read()
+                rcpts: list[Recipient] = []
+                for rcpt in env.recipients:
+                    res = by_addr.get(rcpt.address)
+                    if res is None or rcpt.done:
+                        rcpts.append(rcpt)
+                        continue
+                    r = res.rcpt
+                    remote = res.relay.split("[")[0] if res.relay != "none" else ""
+                    if r.status is RcptStatus.SENT:
+                        rcpts.append(replace(rcpt, state=RcptState.SENT, reason=r.reason,
+                                             dsn=r.dsn, remote_mta=remote))
+                    elif r.status is RcptStatus.BOUNCE:
+                        rcpts.append(replace(rcpt, state=RcptState.BOUNCED, reason=r.reason,
+                                             dsn=r.dsn, remote_mta=remote, notified=False))
+                    else:
+                        rcpts.append(replace(rcpt, reason=r.reason, dsn=r.dsn,
+                                             remote_mta=remote))
+                entry.write(env.with_recipients(tuple(rcpts)))
+        except EntryGone:
+            log.info("%s: message was removed during delivery", message.queue_id)
+        for res in results:
+            r = res.rcpt
+            status = {RcptStatus.SENT: "sent", RcptStatus.BOUNCE: "bounced",
+                      RcptStatus.DEFER: "deferred"}[r.status]
+            a, b, c, d = res.delays
+            smtp_log.info(
+                "%s: to=<%s>, relay=%s, delay=%s, delays=%s/%s/%s/%s, dsn=%s, status=%s (%s)",
+                message.queue_id, r.address, res.relay,
+                outcome.format_delay(now - message.envelope.arrival_time),
+                *(outcome.format_delay(x) for x in (a, b, c, d)), r.dsn, status, r.reason,
+            )
+
+    def _finalize(self, message: Message) -> list[Envelope]:
+        """After every job of this message: remove, bounce, warn or defer it."""
+        now = self.clock.time()
+        notices: list[Envelope] = []
+        try:
+            with self.spool.locked(message.queue_id) as entry:
+                if entry.queue != "active":
+                    # postsuper moved it meanwhile: the operator's state wins.
+                    if entry.queue == "incoming":
+                        self._incoming.append(message.queue_id)
+                    return notices
+                env = entry.read()
+                decision = outcome.decide(env, now, self.settings.policy)
+                if decision.fate is Fate.EXPIRE:
+                    if env.sender:
+                        log.info("%s: from=<%s>, status=expired, returned to sender",
+                                 env.queue_id, env.sender)
+                    else:
+                        log.info("%s: from=<>, status=expired, dropped", env.queue_id)
+                    env = env.with_recipients(tuple(
+                        replace(r, state=RcptState.BOUNCED, notified=False,
+                                reason=r.reason or "message is administratively expired",
+                                dsn=r.dsn or "4.0.0")
+                        if r.state is RcptState.PENDING else r for r in env.recipients))
+                notice = self._bounce(env, now)
+                if notice is not None:
+                    notices.append(notice)
+                    env = env.with_recipients(tuple(
+                        replace(r, notified=True) if r.state is RcptState.BOUNCED else r
+                        for r in env.recipients))
+                if decision.fate in (Fate.DONE, Fate.EXPIRE):
+                    entry.remove()
+                    log.info("%s: removed", env.queue_id)
+                    return notices
+                if decision.warn:
+                    warning = self._delay_warning(env, now)
+                    if warning is not None:
+                        notices.append(warning)
+                    env = replace(env, warned=True)
+                env = replace(env, attempts=env.attempts + 1, last_attempt=now,
+                              next_attempt=decision.next_attempt)
+                entry.write_and_move(env, "deferred", mtime=decision.next_attempt)
+        except EntryGone:
+            pass
+        return notices
+
+    def _bounce(self, env: Envelope, now: float) -> Envelope | None:
+        """Queue one non-delivery notice for the bounced, not yet notified recipients."""
+        failed = [r for r in env.recipients if r.state is RcptState.BOUNCED and not r.notified]
+        if not failed or not env.sender:
+            return None  # the null sender never gets a notice: no loops, no backscatter
+        content = self.spool.read_content(env.queue_id)
+        body = bounce.make_notice(
+            kind=bounce.NoticeKind.FAILURE, queue_id=env.queue_id, sender=env.sender,
+            recipients=[bounce.FailedRecipient(r.address, r.dsn or "5.0.0", r.reason,
+                                               r.remote_mta, last_attempt=now)
+                        for r in failed],
+            original=content, arrival_time=env.arrival_time, now=now,
+            myhostname=self.settings.myhostname, mail_name=self.settings.mail_name,
+        )
+        notice = self._queue_notice(env, body, now)
+        bounce_log.info("%s: sender non-delivery notification: %s", env.queue_id,
+                        notice.queue_id)
+        return notice
+
+    def _delay_warning(self, env: Envelope, now: float) -> Envelope | None:
+        pending = env.pending
+        if not pending or not env.sender:
+            return None
+        content = self.spool.read_content(env.queue_id)
+        p = self.settings.policy
+        body = bounce.make_notice(
+            kind=bounce.NoticeKind.DELAY, queue_id=env.queue_id, sender=env.sender,
+            recipients=[bounce.FailedRecipient(r.address, r.dsn or "4.0.0", r.reason,
+                                               r.remote_mta, action="delayed",
+                                               last_attempt=now) for r in pending],
+            original=content, arrival_time=env.arrival_time, now=now,
+            myhostname=self.settings.myhostname, mail_name=self.settings.mail_name,
+            delay_warning_hours=p.delay_warning_time / 3600,
+            max_lifetime_days=p.maximal_queue_lifetime / 86400,
+        )
+        notice = self._queue_notice(env, body, now)
+        bounce_log.info("%s: sender delay notification: %s", env.queue_id, notice.queue_id)
+        return notice
+
+    def _queue_notice(self, env: Envelope, body: bytes, now: float) -> Envelope:
+        notice = Envelope(
+            queue_id="", sender="", recipients=(Recipient(env.sender),), arrival_time=now,
+            size=len(body), client_name="localhost", client_address="127.0.0.1",
+            protocol="local", message_id="",
+        )
+        return self.spool.enqueue(notice, body)
+

@@ -1,0 +1,121 @@
+"""The envelope of a queued message: frozen records and their versioned text format.
+
+An envelope holds everything about a message except its content: the sender, each
+recipient with its own delivery state and last reason, arrival time, client, size,
+attempt count and next attempt time.  It is small and rewritten whole (tmp file,
+fsync, rename) on every state change; the message content is written once and never
+touched again.
+
+Text format, version 1 (chosen so that parsing cannot go wrong):
+
+    relay-envelope 1
+    {one JSON object on one line}
+    end
+
+A file that lacks the first or the last line is incomplete and therefore corrupt.
+This module does no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from spool.errors import CorruptEntry
+
+MAGIC = "relay-envelope 1"
+END = "end"
+
+
+class RcptState(enum.Enum):
+    """A recipient is pending until it is sent or bounced; both are final."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    BOUNCED = "bounced"
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    address: str
+    state: RcptState = RcptState.PENDING
+    reason: str = ""  # the last delay or bounce reason, as Postfix logs it
+    dsn: str = ""  # the last enhanced status code, e.g. 4.4.1
+    remote_mta: str = ""  # host name of the last server that answered for it
+    orig_address: str = ""
+    notified: bool = False  # for BOUNCED: the sender's notice is safely queued
+
+    @property
+    def done(self) -> bool:
+        return self.state is not RcptState.PENDING
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    queue_id: str
+    sender: str  # "" is the null sender
+    recipients: tuple[Recipient, ...]
+    arrival_time: float
+    size: int = 0  # bytes of header + body, as Postfix's message_size
+    client_name: str = "localhost"
+    client_address: str = "127.0.0.1"
+    helo_name: str = ""
+    protocol: str = "ESMTP"
+    auth_user: str = ""
+    message_id: str = ""
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_attempt: float = 0.0
+    held_seconds: float = 0.0  # time spent on hold; does not count towards expiry
+    warned: bool = False  # delay warning already sent
+    forced_expire: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pending(self) -> tuple[Recipient, ...]:
+        return tuple(r for r in self.recipients if r.state is RcptState.PENDING)
+
+    @property
+    def finished(self) -> bool:
+        return all(r.done for r in self.recipients)
+
+    def age(self, now: float) -> float:
+        """Time in the queue that counts towards expiry (hold time excluded)."""
+        return max(0.0, now - self.arrival_time - self.held_seconds)
+
+    def with_recipients(self, recipients: tuple[Recipient, ...]) -> Envelope:
+        return replace(self, recipients=recipients)
+
+
+def dumps(env: Envelope) -> bytes:
+    """Serialise an envelope to its version 1 text form."""
+    data: dict[str, Any] = asdict(env)
+    data["recipients"] = [
+        {**asdict(r), "state": r.state.value} for r in env.recipients
+    ]
+    body = json.dumps(data, separators=(",", ":"), ensure_ascii=True)
+    return f"{MAGIC}\n{body}\n{END}\n".encode("ascii")
+
+
+def loads(raw: bytes) -> Envelope:
+    """Parse the version 1 text form; anything else raises CorruptEntry."""
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise CorruptEntry("envelope is not ASCII") from exc
+    lines = text.split("\n")
+    if len(lines) != 4 or lines[0] != MAGIC or lines[2] != END or lines[3] != "":
+        raise CorruptEntry("envelope has no valid header or end marker")
+    try:
+        data = json.loads(lines[1])
+        rcpts = tuple(
+            Recipient(**{**r, "state": RcptState(r["state"])}) for r in data.pop("recipients")
+        )
+        env = Envelope(recipients=rcpts, **data)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CorruptEntry(f"envelope does not parse: {exc}") from exc
+    if not isinstance(env.queue_id, str) or not isinstance(env.sender, str):
+        raise CorruptEntry("envelope fields have the wrong type")
+    return env

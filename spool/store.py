@@ -1,0 +1,587 @@
+"""The only code that touches spool files.
+
+Layout under the queue directory (Postfix's queue names, qmail's commit rule):
+
+    tmp/                      files being written; never acknowledged
+    data/ID                   message content, written once, never rewritten
+    incoming/ID active/ID deferred/ID hold/ID corrupt/ID
+                              the envelope; its directory is the message's state
+
+A message is accepted in five steps (qmail's table, one commit moment):
+
+    1. data/ID created with O_EXCL (this reserves the queue ID), written, fsync'ed
+    2. the envelope is written to tmp/ID and fsync'ed
+    3. data/ is fsync'ed (group commit: many sessions share one fsync)
+    4. tmp/ID is renamed to incoming/ID           <- the commit moment
+    5. incoming/ is fsync'ed (group commit); only now may the client see 250
+
+A crash before step 4 leaves a data file without an envelope and maybe a tmp file:
+never acknowledged, removed after a day by :meth:`Spool.cleanup`.  A crash after
+step 4 leaves a complete message that is delivered after restart (if the client
+never saw the 250 it may send it again: the protocol's unavoidable duplicate).
+
+Every other state change happens under an exclusive flock(2) on data/ID, which
+never moves, so the daemon and the admin commands exclude each other per message:
+
+    rewrite  tmp/ID -> QUEUE/ID (rename over), dir fsync
+    move     QUEUE/ID -> OTHER/ID (rename), dir fsync
+    defer    rewrite in place, then move to deferred/ with mtime = next attempt
+    remove   unlink QUEUE/ID, then data/ID
+
+A crash between two renames leaves the envelope in its old queue with its new
+content, never two envelopes.  The next attempt time of a deferred message is the
+mtime of deferred/ID (Postfix's trick) so a scan needs only stat().
+
+Readers (mailq, postcat) take no lock: an envelope file is always complete because
+it only ever appears by rename; a file that vanishes under a reader is a lost race.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+
+from spool import envelope as envfmt
+from spool.envelope import Envelope
+from spool.errors import CorruptEntry, EntryGone, SpoolError, SpoolFull
+
+QUEUES = ("incoming", "active", "deferred", "hold", "corrupt")
+# The order in which a queue ID is looked for, and in which showq lists queues.
+SEARCH_ORDER = ("active", "incoming", "deferred", "hold", "corrupt")
+TMP_MAX_AGE = 86400.0
+
+_QUEUE_ID = re.compile(r"^[A-Za-z0-9]{6,24}$")
+_BASE52 = "0123456789BCDFGHJKLMNPQRSTVWXYZbcdfghjklmnpqrstvwxyz"
+_BASE51 = _BASE52[:-1]
+
+FaultHook = Callable[[str], None]
+
+
+def valid_queue_id(name: str) -> bool:
+    """True for a name of Postfix's queue ID shape: letters and digits only."""
+    return bool(_QUEUE_ID.match(name))
+
+
+def _encode(n: int, alphabet: str, width: int = 0) -> str:
+    out = ""
+    base = len(alphabet)
+    while n:
+        n, d = divmod(n, base)
+        out = alphabet[d] + out
+    return out.rjust(width, alphabet[0]) if width else (out or alphabet[0])
+
+
+def make_queue_id(long_ids: bool, now: float | None = None) -> str:
+    """A candidate queue ID; uniqueness is enforced by O_EXCL on data/ID.
+
+    Short: 5 hex digits of microseconds + 6 random hex digits (Postfix uses the
+    inode number where we use randomness).  Long: base-52 seconds, 4 base-52
+    digits of microseconds, ``z``, then base-51 randomness, as enable_long_queue_ids.
+    """
+    t = time.time() if now is None else now
+    sec, usec = int(t), int((t % 1) * 1_000_000)
+    if not long_ids:
+        return f"{usec:05X}{secrets.randbelow(1 << 24):06X}"
+    return (
+        _encode(sec, _BASE52, 6)
+        + _encode(usec, _BASE52, 4)
+        + "z"
+        + _encode(secrets.randbelow(51**4), _BASE51, 4)
+    )
+
+
+class _DirSync:
+    """Group commit for one directory: callers that arrive while an fsync runs
+    share the next one, and nobody returns before an fsync that started after
+    their own rename has finished."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._cond = threading.Condition()
+        self._requested = 0
+        self._done = 0
+        self._running = False
+
+    def sync(self) -> None:
+        with self._cond:
+            self._requested += 1
+            mine = self._requested
+            while self._done < mine:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                target = self._requested
+                self._cond.release()
+                try:
+                    fd = os.open(self._path, os.O_RDONLY | os.O_DIRECTORY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._cond.notify_all()
+                self._done = max(self._done, target)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A queue ID reserved by creating data/ID; nothing is visible in a queue yet."""
+
+    queue_id: str
+    data_path: str
+
+
+@dataclass(frozen=True, slots=True)
+class ScanEntry:
+    queue_id: str
+    queue: str
+    mtime: float
+
+
+def fault_hook_from(spec: str) -> FaultHook | None:
+    """Build a fault-injection hook from ``step:action[:count][,step:action...]``.
+
+    Actions: ``exit`` (os._exit(99), which leaves files as a SIGKILL would),
+    ``enospc`` and ``eio`` (raise that OSError).  With a count the fault fires
+    that many times and then never again ("space is back").  Used by crash and
+    disk-full tests only; production runs have no hook.
+    """
+    plan: dict[str, list[str | int]] = {}
+    for item in filter(None, (p.strip() for p in spec.split(","))):
+        step, _, rest = item.partition(":")
+        action, _, count = rest.partition(":")
+        plan[step] = [action or "exit", int(count) if count else -1]
+    if not plan:
+        return None
+    lock = threading.Lock()
+
+    def hook(step: str) -> None:
+        entry = plan.get(step)
+        if entry is None:
+            return
+        with lock:
+            if entry[1] == 0:
+                return
+            if isinstance(entry[1], int) and entry[1] > 0:
+                entry[1] -= 1
+        action = entry[0]
+        if action == "exit":
+            os._exit(99)
+        if action == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if action == "eio":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    return hook
+
+
+class Spool:
+    """A queue directory.  Methods are blocking; the daemon calls them in threads."""
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        long_ids: bool = False,
+        fault: FaultHook | None = None,
+        create: bool = True,
+    ) -> None:
+        self.root = os.path.abspath(root)
+        self.long_ids = long_ids
+        self._fault = fault or (lambda step: None)
+        self._dirsync: dict[str, _DirSync] = {}
+        if create:
+            self.create_dirs()
+        for name in ("tmp", "data", *QUEUES):
+            self._dirsync[name] = _DirSync(os.path.join(self.root, name))
+
+    # ---- layout -------------------------------------------------------------
+
+    def create_dirs(self) -> None:
+        for name in ("tmp", "data", *QUEUES):
+            os.makedirs(os.path.join(self.root, name), mode=0o700, exist_ok=True)
+
+    def exists(self) -> bool:
+        return os.path.isdir(os.path.join(self.root, "incoming"))
+
+    def _env_path(self, queue: str, queue_id: str) -> str:
+        return os.path.join(self.root, queue, queue_id)
+
+    def _data_path(self, queue_id: str) -> str:
+        return os.path.join(self.root, "data", queue_id)
+
+    def _tmp_path(self, queue_id: str) -> str:
+        return os.path.join(self.root, "tmp", f"{queue_id}.{os.getpid()}.{threading.get_ident()}")
+
+    def relative_path(self, queue: str, queue_id: str) -> str:
+        return f"{queue}/{queue_id}"
+
+    # ---- accepting a message ---------------------------------------------------
+
+    def reserve(self) -> Reservation:
+        """Reserve a fresh queue ID by creating an empty data/ID (O_EXCL)."""
+        for _ in range(100):
+            queue_id = make_queue_id(self.long_ids)
+            path = self._data_path(queue_id)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise _spool_error(exc, "reserve queue ID") from exc
+            os.close(fd)
+            return Reservation(queue_id, path)
+        raise SpoolError("cannot find an unused queue ID")
+
+    def commit(self, res: Reservation, env: Envelope, content: Iterable[bytes]) -> Envelope:
+        """Write content and envelope durably into incoming/; see the module table.
+
+        On any error the reservation is released and nothing is visible in a queue.
+        """
+        env = replace(env, queue_id=res.queue_id)
+        tmp = self._tmp_path(res.queue_id)
+        try:
+            size = 0
+            with open(res.data_path, "wb") as f:
+                for chunk in content:
+                    f.write(chunk)
+                    size += len(chunk)
+                self._fault("enqueue.data_written")
+                f.flush()
+                os.fsync(f.fileno())
+            if env.size != size:
+                env = replace(env, size=size)
+            self._write_file(tmp, envfmt.dumps(env), "enqueue.envelope_written")
+            self._dirsync["data"].sync()
+            self._fault("enqueue.before_rename")
+            os.rename(tmp, self._env_path("incoming", res.queue_id))
+            self._fault("enqueue.renamed")
+            self._dirsync["incoming"].sync()
+            self._fault("enqueue.committed")
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if not os.path.exists(self._env_path("incoming", res.queue_id)):
+                with contextlib.suppress(OSError):
+                    os.unlink(res.data_path)
+            raise _spool_error(exc, "write queue file") from exc
+        return env
+
+    def abort(self, res: Reservation) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(res.data_path)
+
+    def enqueue(self, env: Envelope, content: bytes) -> Envelope:
+        """Reserve and commit in one call (bounces, sendmail, tests)."""
+        res = self.reserve()
+        return self.commit(res, env, [content])
+
+    def _write_file(self, path: str, payload: bytes, step: str, mtime: float | None = None) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(payload)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            self._fault(step)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if mtime is not None:
+            os.utime(path, (mtime, mtime))
+
+    # ---- reading --------------------------------------------------------------
+
+    def locate(self, queue_id: str, queues: Iterable[str] = SEARCH_ORDER) -> str | None:
+        """The queue that holds this ID's envelope, or None."""
+        for queue in queues:
+            if os.path.exists(self._env_path(queue, queue_id)):
+                return queue
+        return None
+
+    def read(self, queue: str, queue_id: str) -> Envelope:
+        """Read an envelope; EntryGone if it is not there, CorruptEntry if unreadable."""
+        try:
+            with open(self._env_path(queue, queue_id), "rb") as f:
+                raw = f.read()
+        except FileNotFoundError as exc:
+            raise EntryGone(f"{queue}/{queue_id}") from exc
+        except OSError as exc:
+            raise CorruptEntry(f"{queue}/{queue_id}: {exc.strerror}") from exc
+        env = envfmt.loads(raw)
+        if env.queue_id != queue_id:
+            raise CorruptEntry(f"{queue}/{queue_id}: envelope names queue ID {env.queue_id}")
+        return env
+
+    def read_content(self, queue_id: str, expected_size: int | None = None) -> bytes:
+        """The message content; CorruptEntry if missing or not of the recorded size."""
+        try:
+            with open(self._data_path(queue_id), "rb") as f:
+                data = f.read()
+        except FileNotFoundError as exc:
+            raise CorruptEntry(f"data/{queue_id}: message content is missing") from exc
+        except OSError as exc:
+            raise CorruptEntry(f"data/{queue_id}: {exc.strerror}") from exc
+        if expected_size is not None and len(data) != expected_size:
+            raise CorruptEntry(
+                f"data/{queue_id}: content is {len(data)} bytes, envelope says {expected_size}"
+            )
+        return data
+
+    def read_content_check(self, queue_id: str, expected_size: int) -> None:
+        """A cheap stat: CorruptEntry unless data/ID exists with the recorded size."""
+        try:
+            size = os.stat(self._data_path(queue_id)).st_size
+        except FileNotFoundError as exc:
+            raise CorruptEntry(f"data/{queue_id}: message content is missing") from exc
+        if size != expected_size:
+            raise CorruptEntry(
+                f"data/{queue_id}: content is {size} bytes, envelope says {expected_size}"
+            )
+
+    def content_path(self, queue_id: str) -> str:
+        return self._data_path(queue_id)
+
+    def mtime(self, queue: str, queue_id: str) -> float:
+        try:
+            return os.stat(self._env_path(queue, queue_id)).st_mtime
+        except FileNotFoundError as exc:
+            raise EntryGone(f"{queue}/{queue_id}") from exc
+
+    def scan(self, queue: str) -> Iterator[ScanEntry]:
+        """Stream the entries of one queue (directory order), with their mtime.
+
+        Names that are not queue IDs are yielded too (queue_id = the name) so the
+        daemon can quarantine them; commands should skip them with valid_queue_id().
+        """
+        path = os.path.join(self.root, queue)
+        try:
+            it = os.scandir(path)
+        except FileNotFoundError:
+            return
+        with it:
+            for entry in it:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # lost a race with a move or delete
+                yield ScanEntry(entry.name, queue, st.st_mtime)
+
+    def envelopes(self, queues: Iterable[str]) -> Iterator[tuple[str, Envelope]]:
+        """Stream (queue, envelope) for every readable entry; skips lost races and junk."""
+        for queue in queues:
+            for entry in self.scan(queue):
+                if not valid_queue_id(entry.queue_id):
+                    continue
+                try:
+                    yield queue, self.read(queue, entry.queue_id)
+                except (EntryGone, CorruptEntry):
+                    continue
+
+    # ---- changing state -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self, queue_id: str, queues: Iterable[str] = SEARCH_ORDER) -> Iterator[Entry]:
+        """Lock one message against every other process and yield its Entry.
+
+        Raises EntryGone when the message does not exist (or vanished while we
+        waited for the lock): callers treat that as a lost race.
+        """
+        if not valid_queue_id(queue_id):
+            raise EntryGone(queue_id)
+        path = self._data_path(queue_id)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError as exc:
+            raise EntryGone(queue_id) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                    raise EntryGone(queue_id)
+            except FileNotFoundError as exc:
+                raise EntryGone(queue_id) from exc
+            queue = self.locate(queue_id, queues)
+            if queue is None:
+                raise EntryGone(queue_id)
+            yield Entry(self, queue_id, queue)
+        finally:
+            os.close(fd)  # releases the flock
+
+    def quarantine(self, queue: str, name: str, why: str = "") -> str:
+        """Move an unreadable envelope (or a stray file) to corrupt/; never delete it."""
+        src = self._env_path(queue, name)
+        target = self._env_path("corrupt", name)
+        n = 0
+        while os.path.exists(target):
+            n += 1
+            target = self._env_path("corrupt", f"{name}.{n}")
+        try:
+            os.rename(src, target)
+        except FileNotFoundError as exc:
+            raise EntryGone(f"{queue}/{name}") from exc
+        self._dirsync["corrupt"].sync()
+        return os.path.basename(target)
+
+    def cleanup(self, now: float | None = None, max_age: float = TMP_MAX_AGE) -> list[str]:
+        """Remove tmp files and envelope-less data files older than max_age.
+
+        Both were never acknowledged to any client (the commit is the rename into
+        incoming/), so removing them loses nothing.  Returns what was removed.
+        """
+        now = time.time() if now is None else now
+        removed: list[str] = []
+        for entry in self.scan("tmp"):
+            if now - entry.mtime > max_age:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.root, "tmp", entry.queue_id))
+                    removed.append(f"tmp/{entry.queue_id}")
+        for entry in self.scan("data"):
+            if now - entry.mtime > max_age and self.locate(entry.queue_id, QUEUES) is None:
+                with contextlib.suppress(OSError, EntryGone), self.locked_data(entry.queue_id):
+                    if self.locate(entry.queue_id, QUEUES) is None:
+                        os.unlink(self._data_path(entry.queue_id))
+                        removed.append(f"data/{entry.queue_id}")
+        return removed
+
+    @contextlib.contextmanager
+    def locked_data(self, queue_id: str) -> Iterator[None]:
+        fd = os.open(self._data_path(queue_id), os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # ---- paused destinations (relay queue pause) ---------------------------------
+
+    def pauses(self) -> frozenset[str]:
+        """Paused destinations: recipient domains, or ``nexthop:HOST`` entries."""
+        try:
+            with open(os.path.join(self.root, "paused"), encoding="utf-8") as f:
+                return frozenset(line.strip() for line in f if line.strip())
+        except FileNotFoundError:
+            return frozenset()
+
+    def set_paused(self, name: str, paused: bool) -> bool:
+        """Add or remove one pause, atomically; True if anything changed."""
+        lock = os.open(os.path.join(self.root, "paused.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = set(self.pauses())
+            if (name in current) == paused:
+                return False
+            current = current | {name} if paused else current - {name}
+            tmp = os.path.join(self.root, "tmp", f"paused.{os.getpid()}")
+            self._write_file(tmp, "".join(f"{n}\n" for n in sorted(current)).encode(), "pause")
+            os.rename(tmp, os.path.join(self.root, "paused"))
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return True
+        finally:
+            os.close(lock)
+
+    # ---- used by Entry ------------------------------------------------------------
+
+    def _rewrite(self, queue: str, env: Envelope, mtime: float | None) -> None:
+        tmp = self._tmp_path(env.queue_id)
+        try:
+            self._write_file(tmp, envfmt.dumps(env), "update.tmp_written", mtime)
+            self._fault("update.before_rename")
+            os.rename(tmp, self._env_path(queue, env.queue_id))
+            self._fault("update.renamed")
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise _spool_error(exc, "update queue file") from exc
+        self._dirsync[queue].sync()
+
+    def _move(self, queue_id: str, src: str, dst: str, mtime: float | None) -> None:
+        path = self._env_path(src, queue_id)
+        try:
+            if mtime is not None:
+                os.utime(path, (mtime, mtime))
+            self._fault("move.before_rename")
+            os.rename(path, self._env_path(dst, queue_id))
+            self._fault("move.renamed")
+        except FileNotFoundError as exc:
+            raise EntryGone(f"{src}/{queue_id}") from exc
+        except OSError as exc:
+            raise _spool_error(exc, "move queue file") from exc
+        self._dirsync[dst].sync()
+
+    def _remove(self, queue_id: str, queue: str) -> None:
+        try:
+            os.unlink(self._env_path(queue, queue_id))
+        except FileNotFoundError as exc:
+            raise EntryGone(f"{queue}/{queue_id}") from exc
+        self._fault("remove.envelope_gone")
+        self._dirsync[queue].sync()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._data_path(queue_id))
+
+
+class Entry:
+    """A locked message: read it, rewrite it, move it or remove it.
+
+    Valid only inside ``with spool.locked(queue_id) as entry``.  ``queue`` follows
+    the moves made through this object.
+    """
+
+    __slots__ = ("_spool", "queue_id", "queue")
+
+    def __init__(self, spool: Spool, queue_id: str, queue: str) -> None:
+        self._spool = spool
+        self.queue_id = queue_id
+        self.queue = queue
+
+    def read(self) -> Envelope:
+        return self._spool.read(self.queue, self.queue_id)
+
+    def mtime(self) -> float:
+        return self._spool.mtime(self.queue, self.queue_id)
+
+    def write(self, env: Envelope, mtime: float | None = None) -> None:
+        """Replace the envelope in its current queue (atomic rename)."""
+        if env.queue_id != self.queue_id:
+            raise ValueError("envelope belongs to another queue ID")
+        self._spool._rewrite(self.queue, env, mtime)
+
+    def move(self, queue: str, mtime: float | None = None) -> None:
+        """Move to another queue; mtime (e.g. the next attempt) is set first."""
+        if queue not in QUEUES:
+            raise ValueError(f"unknown queue: {queue}")
+        if queue != self.queue:
+            self._spool._move(self.queue_id, self.queue, queue, mtime)
+            self.queue = queue
+        elif mtime is not None:
+            os.utime(self._spool._env_path(queue, self.queue_id), (mtime, mtime))
+
+    def write_and_move(self, env: Envelope, queue: str, mtime: float | None = None) -> None:
+        """Rewrite in place, then move: a crash in between leaves the new envelope
+        in the old queue, never two envelopes."""
+        self.write(env, mtime)
+        self.move(queue, mtime)
+
+    def remove(self) -> None:
+        self._spool._remove(self.queue_id, self.queue)
+
+
+def _spool_error(exc: OSError, what: str) -> SpoolError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SpoolFull(f"{what}: {exc.strerror}")
+    return SpoolError(f"{what}: {exc.strerror or exc}")
