@@ -353,8 +353,7 @@ class Scheduler:
             message.jobs_left = 1
             self._spawn(self._finish_job(message, []))
         for job in jobs:
-            key = job.hop.destination if job.hop.mx_lookup is False or job.hop.transport != "smtp" \
-                else job.domain
+            key = job.hop.destination
             dest = self.destinations.get(key)
             if dest is None:
                 dest = Destination(key, window=max(1, min(self.settings.initial_concurrency,
