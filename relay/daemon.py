@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from relay import config as config_mod
+from relay import clock as clock_mod
 from relay import control, log as maillog
 from relay.config import Config, ConfigError
 from relay.delivery import DeliverySettings, SMTPDelivery
@@ -41,7 +42,7 @@ def smtpd_settings(cfg: Config) -> SmtpdSettings:
     return SmtpdSettings(
         myhostname=cfg.str("myhostname"),
         banner=cfg.str("smtpd_banner"),
-        mynetworks=cfg.list("mynetworks"),
+        mynetworks=cfg.network_matcher("mynetworks"),
         relay_domains=cfg.list("relay_domains"),
         message_size_limit=cfg.int("message_size_limit"),
         recipient_limit=cfg.int("smtpd_recipient_limit"),
@@ -197,9 +198,10 @@ async def run(config_dir: str | None, cfg: Config) -> int:
         return 1
     _write_pid(spool.root)
 
+    clock = clock_mod.from_environ()
     scheduler = Scheduler(spool, qmgr_settings(cfg), router_for(cfg), resolver_for(cfg),
-                          SMTPDelivery())
-    listener = Listener(spool, smtpd_settings(cfg), on_queued=scheduler.wakeup)
+                          SMTPDelivery(), clock=clock)
+    listener = Listener(spool, smtpd_settings(cfg), on_queued=scheduler.wakeup, clock=clock)
     servers: list[asyncio.AbstractServer] = []
     try:
         for addr in cfg.listen_addresses():

@@ -22,13 +22,14 @@ import email.utils
 import ipaddress
 import logging
 import re
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope as SMTPEnvelope, Session
 
+from relay.clock import Clock, SystemClock
+from relay.config import NetworkMatcher, domain_in_list
 from spool import Spool, SpoolFull
 from spool.envelope import Envelope, Recipient
 
@@ -61,50 +62,15 @@ _TRANSLATE = {
 }
 
 
-class NetworkMatcher:
-    """Postfix's mynetworks: a list of CIDRs, first match wins, ``!`` negates."""
-
-    def __init__(self, entries: Sequence[str]) -> None:
-        self._rules: list[tuple[bool, ipaddress.IPv4Network | ipaddress.IPv6Network]] = []
-        for raw in entries:
-            neg = raw.startswith("!")
-            text = raw[1:] if neg else raw
-            text = text.replace("[", "").replace("]", "")
-            self._rules.append((not neg, ipaddress.ip_network(text, strict=False)))
-
-    def matches(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address.split("%")[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        for allow, net in self._rules:
-            if ip.version == net.version and ip in net:
-                return allow
-        return False
-
-
-def domain_in(domain: str, domains: Sequence[str]) -> bool:
-    """relay_domains matching: a listed domain matches itself and its subdomains."""
-    domain = domain.lower().rstrip(".")
-    for entry in domains:
-        entry = entry.lower().rstrip(".")
-        if entry.startswith("."):
-            if domain.endswith(entry):
-                return True
-        elif domain == entry or domain.endswith("." + entry):
-            return True
-    return False
-
-
 @dataclass(frozen=True, slots=True)
 class SmtpdSettings:
     """The listener's view of main.cf."""
 
     myhostname: str
     banner: str = ""
-    mynetworks: Sequence[str] = ("127.0.0.0/8", "::1/128")
+    mynetworks: NetworkMatcher = field(
+        default_factory=lambda: NetworkMatcher(((False, ipaddress.ip_network("127.0.0.0/8")),
+                                                (False, ipaddress.ip_network("::1/128")))))
     relay_domains: Sequence[str] = ()
     message_size_limit: int = 10240000
     recipient_limit: int = 1000
@@ -158,11 +124,12 @@ class Listener:
         spool: Spool,
         settings: SmtpdSettings,
         on_queued: Callable[[Envelope], None] = lambda env: None,
+        clock: Clock | None = None,
     ) -> None:
+        self.clock: Clock = clock or SystemClock()
         self.spool = spool
         self.settings = settings
         self.on_queued = on_queued
-        self.mynetworks = NetworkMatcher(settings.mynetworks)
         self.sessions: set[RelaySMTP] = set()
         self.per_client: dict[str, int] = {}
         self.committing = 0
@@ -170,7 +137,6 @@ class Listener:
 
     def reconfigure(self, settings: SmtpdSettings) -> None:
         self.settings = settings
-        self.mynetworks = NetworkMatcher(settings.mynetworks)
 
     def factory(self) -> RelaySMTP:
         s = self.settings
@@ -205,7 +171,9 @@ class Listener:
         if error:
             server.count_error()
             return error
-        envelope.mail_from = "" if address == "<>" else address
+        # Keep "<>" as given: aiosmtpd takes an empty mail_from for "no MAIL yet" and
+        # would answer the next RCPT with 503.  _sender() reads it back as "".
+        envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
 
@@ -230,7 +198,7 @@ class Listener:
             reply = f"554 5.7.1 <{address}>: Relay access denied"
             log.info(
                 "NOQUEUE: reject: RCPT from %s: %s; from=<%s> to=<%s> proto=%s helo=<%s>",
-                client, reply, envelope.mail_from or "", address,
+                client, reply, _sender(envelope), address,
                 "ESMTP" if session.extended_smtp else "SMTP", session.host_name or "",
             )
             server.count_error()
@@ -240,13 +208,20 @@ class Listener:
         return "250 2.1.5 Ok"
 
     def may_relay(self, server: RelaySMTP, address: str) -> bool:
-        if self.mynetworks.matches(server.client_address):
+        if self.trusted(server.client_address):
             return True
         if server.authenticated_user:
             return True
         if routing_trick(address):
             return False
-        return domain_in(split_address(address)[1], self.settings.relay_domains)
+        return domain_in_list(split_address(address)[1], self.settings.relay_domains)
+
+    def trusted(self, address: str) -> bool:
+        """The client is in mynetworks."""
+        try:
+            return self.settings.mynetworks.matches(address)
+        except ValueError:
+            return False
 
     async def handle_DATA(
         self, server: RelaySMTP, session: Session, envelope: SMTPEnvelope
@@ -287,10 +262,10 @@ class Listener:
         res = await asyncio.to_thread(self.spool.reserve)
         try:
             received = self.received_header(server, session, res.queue_id)
-            now = time.time()
+            now = self.clock.time()
             env = Envelope(
                 queue_id=res.queue_id,
-                sender=envelope.mail_from or "",
+                sender=_sender(envelope),
                 recipients=tuple(Recipient(a) for a in dict.fromkeys(envelope.rcpt_tos)),
                 arrival_time=now,
                 size=len(received) + len(content),
@@ -321,6 +296,11 @@ class Listener:
         text = "".join(_CTRL.sub("", ln).join(("\t" if i else "", "\r\n"))
                        for i, ln in enumerate(lines))
         return text.encode("utf-8", "surrogateescape")
+
+
+def _sender(envelope: SMTPEnvelope) -> str:
+    """The envelope sender, "" for the null sender <>."""
+    return "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
 
 
 def _ehlo_order(line: str) -> int:
@@ -380,7 +360,7 @@ class RelaySMTP(SMTP):
         lst.per_client[self.client_address] = n
         self._counted = True
         limit = lst.settings.connection_count_limit
-        if limit and n > limit and not lst.mynetworks.matches(self.client_address):
+        if limit and n > limit and not lst.trusted(self.client_address):
             log.warning("Connection concurrency limit exceeded: %d from %s for service smtp",
                         n, self.client_string())
             transport.write(f"421 4.7.0 {lst.settings.myhostname} Error: too many "
@@ -422,6 +402,16 @@ class RelaySMTP(SMTP):
 
     def count_error(self) -> None:
         self._errors += 1
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # The header parser reads "<a<b@c>" as address "a" followed by a parameter
+        # "<b@c>", and aiosmtpd then answers 501 without an enhanced status code.
+        # An address must be followed by SP or nothing: otherwise it is malformed
+        # (501 5.1.3 through _TRANSLATE).
+        address, rest = super()._getaddr(arg)
+        if address is not None and rest and not arg[: len(arg) - len(rest)][-1:].isspace():
+            return None, None
+        return address, rest
 
     # ---- I/O --------------------------------------------------------------------
 

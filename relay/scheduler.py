@@ -22,9 +22,9 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Protocol
 
 from relay import bounce, outcome
+from relay.clock import Clock, SystemClock
 from relay.delivery import Attempt, DeliverySettings, RcptResult, RcptStatus, SMTPDelivery
 from relay.outcome import Fate, Policy
 from relay.routing import NextHop, Resolver, RouteError, Router
@@ -35,15 +35,6 @@ smtp_log = logging.getLogger("relay.smtp")
 bounce_log = logging.getLogger("relay.bounce")
 discard_log = logging.getLogger("relay.discard")
 error_log = logging.getLogger("relay.error")
-
-
-class Clock(Protocol):
-    def time(self) -> float: ...
-
-
-class SystemClock:
-    def time(self) -> float:
-        return time.time()
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +124,7 @@ class Scheduler:
         self._idle.set()
         self._stopping = False
         self._next_deferred_scan = 0.0
+        self._next_scan_mono = 0.0
 
     # ---- triggers (in-process and from the control socket) ------------------------
 
@@ -188,15 +180,21 @@ class Scheduler:
         await self._recover()
         while not self._stopping:
             await self._fill()
-            now = self.clock.time()
-            timeout = max(0.0, self._next_deferred_scan - now) if not self._scan_deferred else 0
-            if not self._incoming and not self._scan_incoming and not self._scan_deferred:
+            timeout = max(0.0, self._next_scan_mono - time.monotonic())
+            full = len(self.messages) >= self.settings.active_limit
+            if full or not (self._incoming or self._scan_incoming or self._scan_deferred):
                 self._wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.01))
+                    # Sleep at most a second so an injected clock's jumps are noticed.
+                    await asyncio.wait_for(self._wake.wait(),
+                                           timeout=min(max(timeout, 0.01), 1.0))
                 except TimeoutError:
                     pass
-            if self.clock.time() >= self._next_deferred_scan:
+            # Scan deferred/ every queue_run_delay of real (monotonic) time, or
+            # sooner when the wall clock jumped forward past the next scan: a
+            # backwards jump must not stop the scans.
+            if (time.monotonic() >= self._next_scan_mono
+                    or self.clock.time() >= self._next_deferred_scan):
                 self._scan_deferred = True
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -270,6 +268,7 @@ class Scheduler:
             ignore = self._ignore_times
             self._scan_deferred = self._ignore_times = False
             self._next_deferred_scan = self.clock.time() + self.settings.queue_run_delay
+            self._next_scan_mono = time.monotonic() + self.settings.queue_run_delay
             names = await asyncio.to_thread(self._list_queue, "deferred", room, ignore)
             for name in names:
                 if await self._activate(name, "deferred"):
