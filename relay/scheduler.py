@@ -220,10 +220,10 @@ class Scheduler:
 
     async def _recover(self) -> None:
         """Messages left in active/ by a crash or kill are scheduled again."""
+        await asyncio.to_thread(self._quarantine_strays)
         names = await asyncio.to_thread(lambda: [e.queue_id for e in self.spool.scan("active")])
         for name in names:
             await self._activate(name, "active")
-        await asyncio.to_thread(self._quarantine_strays)
         removed = await asyncio.to_thread(self.spool.cleanup, self.clock.time())
         for path in removed:
             log.info("removed stale file %s", path)
@@ -231,7 +231,7 @@ class Scheduler:
     def _quarantine_strays(self) -> None:
         from spool.store import valid_queue_id
 
-        for queue in ("incoming", "deferred", "hold"):
+        for queue in ("incoming", "active", "deferred", "hold"):
             for entry in self.spool.scan(queue):
                 if not valid_queue_id(entry.queue_id):
                     self._quarantine(queue, entry.queue_id, "not a queue ID")
@@ -388,6 +388,10 @@ class Scheduler:
         finally:
             dest.busy -= 1
             self._pump(dest)
+            if (not dest.busy and not dest.waiting and not dest.fail_cohorts
+                    and dest.dead_until <= self.clock.time()):
+                # Forget idle destinations so memory stays bounded by what is queued.
+                self.destinations.pop(dest.name, None)
         await self._finish_job(message, results)
 
     async def _attempt(self, dest: Destination, job: Job) -> list[Result]:

@@ -401,9 +401,15 @@ class Spool:
         if not valid_queue_id(queue_id):
             raise EntryGone(queue_id)
         path = self._data_path(queue_id)
+        queues = tuple(queues)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError as exc:
+            queue = self.locate(queue_id, queues)
+            if queue is not None and not os.path.exists(path):
+                # An envelope without content: only damage does this (a delete
+                # unlinks the envelope first).  Let the caller quarantine it.
+                raise CorruptEntry(f"{queue}/{queue_id}: message content is missing") from exc
             raise EntryGone(queue_id) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

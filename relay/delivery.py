@@ -1,0 +1,938 @@
+"""Outbound SMTP: one mail transaction to one next hop, and the connection cache.
+
+Owns: the client side of an SMTP conversation (RFC 5321) with the servers of one next hop,
+tried in the order routing gave them: TCP connect, greeting, EHLO/HELO, STARTTLS (RFC 3207),
+AUTH PLAIN/LOGIN (RFC 4954), MAIL with SIZE/BODY/SMTPUTF8 (RFC 1870, 6152, 6531), RCPT,
+DATA, with command pipelining where offered (RFC 2920). The result is a value: an
+`Attempt` with one `RcptResult` per recipient (sent, defer or bounce, a DSN code per
+RFC 3463 and the reason text Postfix would log). Also owns the cache of idle connections
+(Postfix's `smtp_connection_cache_time_limit` / `smtp_connection_reuse_time_limit`).
+
+Never: reads or writes the spool, decides retry times or dead destinations (it only says
+whether the failure was a connection failure), logs maillog delivery lines (the scheduler
+does, from the Attempt), raises a delivery problem to its caller (refusals, timeouts, lost
+connections and even unexpected bugs inside one session become DEFER/BOUNCE results).
+
+Crash or cancellation: nothing on disk here. The one dangerous moment is between sending
+the final "." and reading its reply (RFC 1047): the server may have taken the message while
+the caller still records the recipients as pending, so the next attempt delivers a
+duplicate. Postfix accepts the same risk and says so in its reason text; so do we.
+
+Built on aiosmtplib's `SMTPProtocol` (framing, reply parsing, flow control) through a
+subclass that keeps every reply in order, which the stock protocol does not do when several
+commands are written at once (it drops replies that arrive before the next read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import ipaddress
+import logging
+import os
+import re
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NoReturn, Protocol, cast
+
+from aiosmtplib.auth import auth_login_encode, auth_plain_encode
+from aiosmtplib.errors import (
+    SMTPReadTimeoutError,
+    SMTPResponseException,
+    SMTPServerDisconnected,
+    SMTPTimeoutError,
+)
+from aiosmtplib.esmtp import parse_esmtp_extensions
+from aiosmtplib.protocol import MAX_RESPONSE_LENGTH, SMTPProtocol
+from aiosmtplib.response import SMTPResponse
+
+__all__ = (
+    "Attempt",
+    "DeliverySettings",
+    "RcptResult",
+    "RcptStatus",
+    "SMTPDelivery",
+    "Target",
+    "TargetLike",
+)
+
+log = logging.getLogger(__name__)
+
+TLS_LEVELS = frozenset({"none", "may", "encrypt"})
+
+# Body bytes handed to the transport between two flow-control waits.
+BODY_CHUNK = 64 * 1024
+
+# What we were doing when a conversation broke; Postfix's texts (smtp_proto.c), so that the
+# reasons read "lost connection with HOST[IP] while <stage>" exactly as Postfix logs them.
+GREETING = "receiving the initial server greeting"
+EHLO = "performing the EHLO handshake"
+HELO = "performing the HELO handshake"
+STARTTLS = "receiving the STARTTLS response"
+AUTH = "performing the AUTH handshake"
+RSET_PROBE = "sending RSET probe"
+MAIL = "sending MAIL FROM"
+RCPT = "sending RCPT TO"
+DATA = "sending DATA command"
+BODY = "sending message body"
+# Postfix's text for a failure after the final "." (smtp_proto.c, SMTP_STATE_DOT). The
+# server may have queued the message before the connection broke or the timer ran out;
+# we cannot know, so the recipients are deferred and a retry may deliver it twice
+# (RFC 1047). The text says so on purpose, for whoever reads the log.
+DOT = "sending end of data -- message may be sent more than once"
+FINAL_RSET = "sending final RSET"
+
+# Dot-stuffing after every LF, not only CRLF: the listener hands us CRLF lines, so this is
+# the same thing, but should a bare LF ever reach us, a receiver that ends lines at LF must
+# not see "\n.\r\n" as the end of the data (SMTP smuggling).
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+_ENHANCED_CODE = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+_COMMAND_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class TargetLike(Protocol):
+    """One server of a next hop, as routing describes it."""
+
+    @property
+    def hostname(self) -> str: ...
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A concrete TargetLike (routing has its own with the same fields)."""
+
+    hostname: str
+    address: str
+    port: int
+    preference: int = 0
+
+
+class RcptStatus(enum.Enum):
+    SENT = "sent"
+    DEFER = "defer"
+    BOUNCE = "bounce"
+
+
+@dataclass(frozen=True, slots=True)
+class RcptResult:
+    """The fate of one recipient in one attempt; `reason` is Postfix's parenthesised text."""
+
+    address: str
+    status: RcptStatus
+    dsn: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What one deliver() call did: results in the order of the recipients given."""
+
+    results: tuple[RcptResult, ...]
+    # "host[ip]:port" of the last server we held a TCP connection with, else "none"
+    # (Postfix logs relay=none only when no session was ever established).
+    relay: str
+    # True when no server got past connect/greeting/EHLO/TLS: feeds the dead-destination
+    # logic. A 4xx/5xx to MAIL/RCPT/DATA, or a failed AUTH, is not a connection failure.
+    connection_failed: bool
+    conn_setup_seconds: float
+    xfer_seconds: float
+    reused: bool
+
+
+SaslCredentials = Callable[[str, TargetLike], tuple[str, str] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverySettings:
+    """Plain values taken from main.cf by the caller (smtp_* parameters)."""
+
+    helo_name: str
+    connect_timeout: float = 30.0
+    helo_timeout: float = 300.0
+    mail_timeout: float = 300.0
+    rcpt_timeout: float = 300.0
+    data_init_timeout: float = 120.0
+    data_xfer_timeout: float = 180.0
+    data_done_timeout: float = 600.0
+    quit_timeout: float = 300.0
+    starttls_timeout: float = 300.0
+    rset_timeout: float = 20.0  # the RSET probe of a cached connection, and RSET to abort
+    tls_level: str = "none"
+    tls_ca_file: str = ""
+    sasl_enable: bool = False
+    sasl_credentials: SaslCredentials | None = None
+    connection_reuse_time_limit: float = 300.0
+    connection_cache_time_limit: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.tls_level not in TLS_LEVELS:
+            raise ValueError(f"unsupported TLS security level: {self.tls_level!r}")
+        if not self.helo_name or _COMMAND_UNSAFE.search(self.helo_name) or " " in self.helo_name:
+            raise ValueError(f"bad HELO name: {self.helo_name!r}")
+
+
+# --- the wire ------------------------------------------------------------------------------
+
+
+class _ClientProtocol(SMTPProtocol):
+    """aiosmtplib's protocol, keeping every reply in arrival order.
+
+    The stock protocol parses one reply per read_response() and ignores data that arrives
+    while no read is pending, which loses replies to pipelined commands. Here every complete
+    reply is queued as it arrives and read_response() takes them in order.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self._replies: collections.deque[SMTPResponse] = collections.deque()
+        self._failure: SMTPResponseException | SMTPServerDisconnected | None = None
+        self._wakeup: asyncio.Future[None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._failure is not None:
+            return
+        self._buffer.extend(data)
+        try:
+            while (response := self._read_response_from_buffer()) is not None:
+                self._replies.append(response)
+        except SMTPResponseException as exc:
+            self._failure = exc
+        else:
+            if len(self._buffer) > MAX_RESPONSE_LENGTH:
+                self._failure = SMTPResponseException(-1, "Response too long")
+        self._wake()
+
+    def eof_received(self) -> bool:
+        if self._failure is None:
+            self._failure = SMTPServerDisconnected("Unexpected EOF received")
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self._failure is None:
+            self._failure = SMTPServerDisconnected("Connection lost")
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    @property
+    def has_unread_replies(self) -> bool:
+        return bool(self._replies)
+
+    def take_unread_reply(self) -> SMTPResponse | None:
+        return self._replies.popleft() if self._replies else None
+
+    async def read_response(self, timeout: float | None = None) -> SMTPResponse:
+        deadline = None if timeout is None else self._loop.time() + timeout
+        while not self._replies:
+            if self._failure is not None:
+                raise self._failure
+            waiter: asyncio.Future[None] = self._loop.create_future()
+            self._wakeup = waiter
+            try:
+                remaining = None if deadline is None else max(0.0, deadline - self._loop.time())
+                await asyncio.wait_for(waiter, remaining)
+            except TimeoutError as exc:
+                raise SMTPReadTimeoutError("Timed out waiting for server response") from exc
+            finally:
+                self._wakeup = None
+        return self._replies.popleft()
+
+    async def drain(self) -> None:
+        await self._drain_helper()
+
+    async def upgrade_to_tls(
+        self, context: ssl.SSLContext, server_hostname: str | None, timeout: float
+    ) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise SMTPServerDisconnected("Connection lost")
+        # RFC 3207 4.2: bytes that arrived after the 220 and before the handshake are
+        # plaintext a man in the middle may have injected; never read them as TLS data.
+        del self._buffer[:]
+        self._replies.clear()
+        tls_transport = await self._loop.start_tls(
+            transport,  # type: ignore[arg-type]
+            self,
+            context,
+            server_side=False,
+            server_hostname=server_hostname,
+            ssl_handshake_timeout=timeout,
+        )
+        self.transport = tls_transport
+        self._over_ssl = True
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    code: int
+    text: str  # every line with its code, joined by spaces, as Postfix logs a reply
+    dsn: str  # the enhanced status code of the reply, or X.0.0 from the reply code
+    message: str  # aiosmtplib's text (codes stripped, lines joined by newlines)
+
+
+def _reply(response: SMTPResponse) -> _Reply:
+    lines = response.message.split("\n")
+    code = response.code
+    text = " ".join([f"{code}-{line}" for line in lines[:-1]] + [f"{code} {lines[-1]}".rstrip()])
+    match = _ENHANCED_CODE.match(lines[0])
+    if match is not None and match.group(1) == str(code)[0]:
+        dsn = match.group(0)
+    else:
+        dsn = f"{code // 100 if code // 100 in (2, 4, 5) else 4}.0.0"
+    return _Reply(code, text, dsn, response.message)
+
+
+def _with_class(dsn: str, klass: str) -> str:
+    # A deferred recipient carries a 4.x.x DSN even when the reply was a 5xx we chose to
+    # retry (a 5xx greeting, a failed AUTH), as Postfix rewrites it (smtp_trouble.c).
+    return klass + dsn[1:]
+
+
+def _namaddr(target: TargetLike) -> str:
+    return f"{target.hostname}[{target.address}]"
+
+
+class _Broken(Exception):
+    """The conversation with one server cannot go on (lost, timed out, garbled)."""
+
+    def __init__(self, dsn: str, reason: str) -> None:
+        super().__init__(reason)
+        self.dsn = dsn
+        self.reason = reason
+
+
+class _SetupFailed(Exception):
+    """A server could not be used for a transaction; the next one may be tried."""
+
+    def __init__(self, dsn: str, reason: str, *, relay: str, connection: bool) -> None:
+        super().__init__(reason)
+        self.dsn = dsn
+        self.reason = reason
+        self.relay = relay
+        self.connection = connection
+
+
+class _RetryPlaintext(Exception):
+    """TLS level "may" and the handshake failed: Postfix retries the same server in clear."""
+
+
+@dataclass(eq=False, slots=True)
+class _Session:
+    key: tuple[str, str, int]
+    protocol: _ClientProtocol
+    namaddr: str
+    relay: str
+    created: float
+    extensions: dict[str, str] = field(default_factory=dict)
+    auth_methods: list[str] = field(default_factory=list)
+    tls: bool = False
+    authenticated: bool = False
+    quit_timeout: float = 300.0
+    idle_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.protocol.is_connected and not self.protocol.has_unread_replies
+
+    def offers(self, keyword: str) -> bool:
+        return keyword in self.extensions
+
+    def send(self, *commands: bytes, where: str) -> None:
+        try:
+            self.protocol.write(b"".join(command + b"\r\n" for command in commands))
+        except SMTPServerDisconnected as exc:
+            raise self.lost(where) from exc
+
+    async def receive(self, timeout: float, where: str) -> _Reply:
+        try:
+            return _reply(await self.protocol.read_response(timeout))
+        except SMTPTimeoutError as exc:
+            raise _Broken(
+                "4.4.2", f"conversation with {self.namaddr} timed out while {where}"
+            ) from exc
+        except SMTPServerDisconnected as exc:
+            raise self.lost(where) from exc
+        except SMTPResponseException as exc:
+            raise _Broken(
+                "4.4.2", f"host {self.namaddr} sent a malformed reply while {where}: {exc.message}"
+            ) from exc
+
+    async def exchange(self, command: bytes, timeout: float, where: str) -> _Reply:
+        self.send(command, where=where)
+        return await self.receive(timeout, where)
+
+    def lost(self, where: str) -> _Broken:
+        return _Broken("4.4.2", f"lost connection with {self.namaddr} while {where}")
+
+    def abort(self) -> None:
+        transport = self.protocol.transport
+        if transport is not None and not transport.is_closing():
+            cast(asyncio.Transport, transport).abort()
+
+    def quit_nowait(self) -> None:
+        # Postfix skips the QUIT reply by default (smtp_skip_quit_response); close() still
+        # flushes the QUIT before the FIN.
+        transport = self.protocol.transport
+        if transport is not None and not transport.is_closing():
+            try:
+                self.protocol.write(b"QUIT\r\n")
+            except SMTPServerDisconnected:
+                pass
+            transport.close()
+
+    async def quit(self) -> None:
+        if self.protocol.is_connected:
+            try:
+                await self.exchange(b"QUIT", self.quit_timeout, "sending QUIT")
+            except _Broken:
+                pass
+        transport = self.protocol.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+
+
+def _failed_results(
+    recipients: Sequence[str], fates: list[RcptResult | None], dsn: str, reason: str
+) -> None:
+    """Give every recipient without a fate yet a DEFER with this reason."""
+    for index, fate in enumerate(fates):
+        if fate is None:
+            fates[index] = RcptResult(
+                recipients[index], RcptStatus.DEFER, _with_class(dsn, "4"), reason
+            )
+
+
+# --- the client ----------------------------------------------------------------------------
+
+
+class SMTPDelivery:
+    """Delivers to next hops over SMTP, keeping idle connections for reuse.
+
+    One instance per event loop. A cached connection is lent to one deliver() at a time.
+    After close(), deliveries still work but their connections are closed, not cached.
+    """
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[str, str, int], list[_Session]] = {}
+        self._quitting: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._tls_contexts: dict[str, ssl.SSLContext] = {}
+
+    async def deliver(
+        self,
+        targets: Sequence[TargetLike],
+        nexthop_label: str,
+        sender: str,
+        recipients: Sequence[str],
+        message: bytes,
+        settings: DeliverySettings,
+    ) -> Attempt:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        recipients = tuple(recipients)
+        if not recipients:
+            return Attempt((), "none", False, 0.0, 0.0, False)
+        last: _SetupFailed | None = None
+        every_failure_is_connection = True
+        for target in targets:
+            try:
+                session, reused = await self._session_for(target, nexthop_label, settings)
+            except _SetupFailed as failure:
+                log.info("%s (next hop %s)", failure.reason, nexthop_label)
+                last = failure
+                every_failure_is_connection &= failure.connection
+                continue
+            except Exception:
+                # Task boundary: a bug must not take the scheduler down with it.
+                log.exception("unexpected error while connecting to %s", _namaddr(target))
+                last = _SetupFailed(
+                    "4.3.0", "mail transport unavailable", relay="none", connection=False
+                )
+                every_failure_is_connection = False
+                continue
+            setup_done = loop.time()
+            fates: list[RcptResult | None] = [None] * len(recipients)
+            clean = False
+            try:
+                clean = await self._transaction(
+                    session, sender, recipients, message, settings, fates
+                )
+            except _Broken as broken:
+                _failed_results(recipients, fates, broken.dsn, broken.reason)
+            except Exception:
+                log.exception("unexpected error in SMTP session with %s", session.relay)
+                _failed_results(recipients, fates, "4.3.0", "mail transport unavailable")
+            finally:
+                # Also on cancellation: a half-used connection must never go back to the cache.
+                self._release(session, clean, settings)
+            done = loop.time()
+            # Every recipient has its fate by now; this only keeps a bug from losing one.
+            _failed_results(recipients, fates, "4.3.0", "mail transport unavailable")
+            results = tuple(fate for fate in fates if fate is not None)
+            return Attempt(
+                results, session.relay, False, setup_done - started, done - setup_done, reused
+            )
+
+        if last is None:
+            last = _SetupFailed(
+                "4.4.1",
+                f"no server address for next hop {nexthop_label}",
+                relay="none",
+                connection=False,
+            )
+            every_failure_is_connection = False
+        dsn = _with_class(last.dsn, "4")
+        results = tuple(
+            RcptResult(address, RcptStatus.DEFER, dsn, last.reason) for address in recipients
+        )
+        return Attempt(
+            results, last.relay, every_failure_is_connection, loop.time() - started, 0.0, False
+        )
+
+    async def close(self) -> None:
+        """QUIT and close every cached connection; later connections are not cached."""
+        self._closed = True
+        idle = [session for sessions in self._idle.values() for session in sessions]
+        self._idle.clear()
+        for session in idle:
+            if session.idle_timer is not None:
+                session.idle_timer.cancel()
+            self._quit_later(session)
+        if self._quitting:
+            await asyncio.gather(*self._quitting, return_exceptions=True)
+
+    # -- connection cache --
+
+    async def _session_for(
+        self, target: TargetLike, label: str, settings: DeliverySettings
+    ) -> tuple[_Session, bool]:
+        key = (label, target.address, target.port)
+        while (session := self._checkout(key, settings)) is not None:
+            try:
+                reply = await session.exchange(b"RSET", settings.rset_timeout, RSET_PROBE)
+            except _Broken as broken:
+                log.debug("cached connection to %s is gone: %s", session.relay, broken.reason)
+                session.abort()
+                continue
+            except BaseException:
+                session.abort()  # cancelled mid-probe: the connection is out of the cache
+                raise
+            if reply.code // 100 == 2:
+                return session, True
+            session.quit_nowait()
+        try:
+            return await self._open(target, label, settings, starttls=True), False
+        except _RetryPlaintext:
+            log.info("%s: TLS handshake failed, trying again without STARTTLS", _namaddr(target))
+            return await self._open(target, label, settings, starttls=False), False
+
+    def _checkout(self, key: tuple[str, str, int], settings: DeliverySettings) -> _Session | None:
+        sessions = self._idle.get(key, [])
+        now = asyncio.get_running_loop().time()
+        for session in list(sessions):
+            if not session.usable or now - session.created >= settings.connection_reuse_time_limit:
+                self._forget(session)
+                session.quit_nowait()
+        chosen = None
+        for session in reversed(sessions):  # the most recently used first
+            # A connection cached by a delivery with a weaker TLS policy is not good enough.
+            if settings.tls_level != "encrypt" or session.tls:
+                chosen = session
+                break
+        if chosen is not None:
+            self._forget(chosen)
+        return chosen
+
+    def _forget(self, session: _Session) -> None:
+        """Take an idle session out of the cache and stop its idle timer."""
+        if session.idle_timer is not None:
+            session.idle_timer.cancel()
+            session.idle_timer = None
+        sessions = self._idle.get(session.key, [])
+        if session in sessions:
+            sessions.remove(session)
+        if not sessions:
+            self._idle.pop(session.key, None)
+
+    def _release(self, session: _Session, clean: bool, settings: DeliverySettings) -> None:
+        age = asyncio.get_running_loop().time() - session.created
+        if (
+            not clean
+            or self._closed
+            or not session.usable
+            or settings.connection_cache_time_limit <= 0
+            or age >= settings.connection_reuse_time_limit
+        ):
+            if clean:
+                session.quit_nowait()
+            else:
+                session.abort()
+            return
+        session.quit_timeout = settings.quit_timeout
+        self._idle.setdefault(session.key, []).append(session)
+        self._arm_idle_timer(session, settings)
+
+    def _arm_idle_timer(self, session: _Session, settings: DeliverySettings) -> None:
+        loop = asyncio.get_running_loop()
+        session.idle_timer = loop.call_later(
+            settings.connection_cache_time_limit, self._expire, session
+        )
+
+    def _expire(self, session: _Session) -> None:
+        session.idle_timer = None
+        self._forget(session)
+        self._quit_later(session)
+
+    def _quit_later(self, session: _Session) -> None:
+        task = asyncio.get_running_loop().create_task(session.quit())
+        self._quitting.add(task)
+        task.add_done_callback(self._quitting.discard)
+
+    # -- session setup --
+
+    def _tls_context(self, settings: DeliverySettings) -> ssl.SSLContext:
+        context = self._tls_contexts.get(settings.tls_ca_file)
+        if context is None:
+            # Postfix's "may" and "encrypt" levels encrypt without authenticating the server.
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            if settings.tls_ca_file:
+                # Changes nothing at these levels; kept so a bad file is reported early.
+                try:
+                    context.load_verify_locations(cafile=settings.tls_ca_file)
+                except (OSError, ssl.SSLError) as exc:
+                    log.warning("cannot load CA file %s: %s", settings.tls_ca_file, exc)
+            self._tls_contexts[settings.tls_ca_file] = context
+        return context
+
+    async def _open(
+        self, target: TargetLike, label: str, settings: DeliverySettings, *, starttls: bool
+    ) -> _Session:
+        loop = asyncio.get_running_loop()
+        namaddr = _namaddr(target)
+        relay = f"{namaddr}:{target.port}"
+        try:
+            _, protocol = await asyncio.wait_for(
+                loop.create_connection(lambda: _ClientProtocol(loop), target.address, target.port),
+                settings.connect_timeout,
+            )
+        except TimeoutError:
+            raise _SetupFailed(
+                "4.4.1", f"connect to {relay}: Connection timed out", relay="none", connection=True
+            ) from None
+        except OSError as exc:
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise _SetupFailed(
+                "4.4.1", f"connect to {relay}: {why}", relay="none", connection=True
+            ) from None
+        session = _Session(
+            (label, target.address, target.port), protocol, namaddr, relay, loop.time()
+        )
+        try:
+            await self._handshake(session, target, label, settings, starttls=starttls)
+        except _Broken as broken:
+            session.abort()
+            raise _SetupFailed(broken.dsn, broken.reason, relay=relay, connection=True) from None
+        except BaseException:
+            session.abort()
+            raise
+        return session
+
+    async def _handshake(
+        self,
+        session: _Session,
+        target: TargetLike,
+        label: str,
+        settings: DeliverySettings,
+        *,
+        starttls: bool,
+    ) -> None:
+        greeting = await session.receive(settings.helo_timeout, GREETING)
+        if greeting.code // 100 != 2:
+            self._refused(session, greeting)
+        await self._ehlo(session, settings)
+
+        credentials = None
+        if settings.sasl_enable and settings.sasl_credentials is not None:
+            credentials = settings.sasl_credentials(label, target)
+
+        if starttls and settings.tls_level != "none" and session.offers("starttls"):
+            reply = await session.exchange(b"STARTTLS", settings.starttls_timeout, STARTTLS)
+            if reply.code // 100 == 2:
+                await self._start_tls(session, target, settings, credentials is not None)
+                await self._ehlo(session, settings)
+            elif settings.tls_level == "encrypt":
+                session.quit_nowait()
+                raise _SetupFailed(
+                    _with_class(reply.dsn, "4"),
+                    f"TLS is required, but host {session.namaddr} refused to start TLS: "
+                    f"{reply.text}",
+                    relay=session.relay,
+                    connection=True,
+                )
+            # else: level "may", the server changed its mind; carry on in plaintext.
+        if settings.tls_level == "encrypt" and not session.tls:
+            session.quit_nowait()
+            raise _SetupFailed(
+                "4.7.4",
+                f"TLS is required, but was not offered by host {session.namaddr}",
+                relay=session.relay,
+                connection=True,
+            )
+
+        if credentials is not None and session.offers("auth"):
+            await self._authenticate(session, credentials, settings)
+
+    def _refused(self, session: _Session, reply: _Reply) -> NoReturn:
+        session.quit_nowait()
+        # A 5xx greeting is retried later like a 4xx (Postfix's smtp_skip_5xx_greeting).
+        raise _SetupFailed(
+            _with_class(reply.dsn, "4"),
+            f"host {session.namaddr} refused to talk to me: {reply.text}",
+            relay=session.relay,
+            connection=True,
+        )
+
+    async def _ehlo(self, session: _Session, settings: DeliverySettings) -> None:
+        name = settings.helo_name.encode("ascii")
+        reply = await session.exchange(b"EHLO " + name, settings.helo_timeout, EHLO)
+        if reply.code // 100 == 2:
+            session.extensions, session.auth_methods = parse_esmtp_extensions(reply.message)
+            return
+        if reply.code == 421:
+            self._refused(session, reply)
+        reply = await session.exchange(b"HELO " + name, settings.helo_timeout, HELO)
+        if reply.code // 100 != 2:
+            self._refused(session, reply)
+        session.extensions, session.auth_methods = {}, []
+
+    async def _start_tls(
+        self,
+        session: _Session,
+        target: TargetLike,
+        settings: DeliverySettings,
+        has_credentials: bool,
+    ) -> None:
+        try:
+            ipaddress.ip_address(target.hostname)
+            server_hostname = None
+        except ValueError:
+            server_hostname = target.hostname or None
+        try:
+            await session.protocol.upgrade_to_tls(
+                self._tls_context(settings), server_hostname, settings.starttls_timeout
+            )
+        except (OSError, SMTPServerDisconnected) as exc:
+            log.info("%s: TLS handshake failed: %s", session.relay, exc)
+            session.abort()
+            # Postfix does not fall back to plaintext when it would authenticate: the server
+            # may offer AUTH only under TLS and the mail would fail with "relay access denied".
+            if settings.tls_level == "may" and not has_credentials:
+                raise _RetryPlaintext() from None
+            raise _SetupFailed(
+                "4.7.5", "Cannot start TLS: handshake failure", relay=session.relay, connection=True
+            ) from None
+        session.tls = True
+
+    async def _authenticate(
+        self, session: _Session, credentials: tuple[str, str], settings: DeliverySettings
+    ) -> None:
+        user, password = credentials
+        timeout = settings.helo_timeout
+        if "plain" in session.auth_methods:
+            reply = await session.exchange(
+                b"AUTH PLAIN " + auth_plain_encode(user, password), timeout, AUTH
+            )
+        elif "login" in session.auth_methods:
+            encoded_user, encoded_password = auth_login_encode(user, password)
+            reply = await session.exchange(b"AUTH LOGIN", timeout, AUTH)
+            if reply.code == 334:
+                reply = await session.exchange(encoded_user, timeout, AUTH)
+            if reply.code == 334:
+                reply = await session.exchange(encoded_password, timeout, AUTH)
+        else:
+            session.quit_nowait()
+            raise _SetupFailed(
+                "4.7.0",
+                f"SASL authentication failed; cannot authenticate to server {session.namaddr}: "
+                "no mechanism available",
+                relay=session.relay,
+                connection=False,
+            )
+        if reply.code != 235:
+            session.quit_nowait()
+            raise _SetupFailed(
+                _with_class(reply.dsn, "4"),
+                f"SASL authentication failed; server {session.namaddr} said: {reply.text}",
+                relay=session.relay,
+                connection=False,
+            )
+        session.authenticated = True
+
+    # -- the mail transaction --
+
+    async def _transaction(
+        self,
+        session: _Session,
+        sender: str,
+        recipients: tuple[str, ...],
+        message: bytes,
+        settings: DeliverySettings,
+        fates: list[RcptResult | None],
+    ) -> bool:
+        """Run MAIL/RCPT/DATA, filling `fates`; True when the connection may be reused."""
+        namaddr = session.namaddr
+
+        def said(reply: _Reply, request: str) -> str:
+            return f"host {namaddr} said: {reply.text} (in reply to {request})"
+
+        def fail(index: int, dsn: str, reason: str, bounce: bool) -> None:
+            status = RcptStatus.BOUNCE if bounce else RcptStatus.DEFER
+            fates[index] = RcptResult(
+                recipients[index], status, _with_class(dsn, "5" if bounce else "4"), reason
+            )
+
+        def fail_all(dsn: str, reason: str, bounce: bool) -> None:
+            for index, fate in enumerate(fates):
+                if fate is None:
+                    fail(index, dsn, reason, bounce)
+
+        def refused(reply: _Reply, request: str, indexes: Sequence[int] | None = None) -> None:
+            for index in range(len(recipients)) if indexes is None else indexes:
+                if fates[index] is None:
+                    fail(index, reply.dsn, said(reply, request), reply.code // 100 == 5)
+
+        limit = session.extensions.get("size", "")
+        if limit.isdigit() and 0 < int(limit) < len(message):
+            fail_all(
+                "5.3.4",
+                f"message size {len(message)} exceeds size limit {int(limit)} of server {namaddr}",
+                True,
+            )
+            return True
+        needs_utf8 = not (sender + "".join(recipients)).isascii()
+        if needs_utf8 and not session.offers("smtputf8"):
+            fail_all("5.6.7", f"SMTPUTF8 is required, but was not offered by host {namaddr}", True)
+            return True
+        if _COMMAND_UNSAFE.search(sender):
+            fail_all("5.1.7", "bad sender address syntax", True)
+            return True
+        for index, recipient in enumerate(recipients):
+            if _COMMAND_UNSAFE.search(recipient):
+                fail(index, "5.1.3", "bad recipient address syntax", True)
+        candidates = [index for index, fate in enumerate(fates) if fate is None]
+        if not candidates:
+            return True
+
+        encoding = "utf-8" if needs_utf8 else "ascii"
+        mail = b"MAIL FROM:<" + sender.encode(encoding) + b">"
+        if session.offers("size"):
+            mail += b" SIZE=%d" % len(message)
+        if session.offers("8bitmime") and not message.isascii():
+            mail += b" BODY=8BITMIME"
+        if needs_utf8:
+            mail += b" SMTPUTF8"
+        if session.authenticated:
+            # We authenticate ourselves, not the sender (RFC 4954 section 5; Postfix does this).
+            mail += b" AUTH=<>"
+        rcpts = [b"RCPT TO:<" + recipients[index].encode(encoding) + b">" for index in candidates]
+
+        # RFC 2920: with PIPELINING, MAIL, every RCPT and DATA go out in one write (DATA
+        # ends the group); the replies are then read in order, each deciding its own part.
+        pipelined = session.offers("pipelining")
+        if pipelined:
+            session.send(mail, *rcpts, b"DATA", where=MAIL)
+        else:
+            session.send(mail, where=MAIL)
+        mail_reply = await session.receive(settings.mail_timeout, MAIL)
+        mail_ok = mail_reply.code // 100 == 2
+        if not mail_ok:
+            refused(mail_reply, "MAIL FROM command")
+        accepted: list[int] = []
+        if pipelined or mail_ok:
+            for index, command in zip(candidates, rcpts):
+                if not pipelined:
+                    session.send(command, where=RCPT)
+                reply = await session.receive(settings.rcpt_timeout, RCPT)
+                if not mail_ok:
+                    continue  # replies to RCPTs after a refused MAIL mean nothing
+                if reply.code // 100 == 2:
+                    accepted.append(index)
+                else:
+                    refused(reply, "RCPT TO command", [index])
+        data_reply: _Reply | None = None
+        if pipelined:
+            data_reply = await session.receive(settings.data_init_timeout, DATA)
+
+        if not accepted:
+            if data_reply is not None and data_reply.code == 354:
+                # The server took DATA although nobody is left: an empty message ends it.
+                session.send(b".", where=DOT)
+                await session.receive(settings.data_done_timeout, DOT)
+            return await self._final_rset(session, settings)
+
+        if data_reply is None:
+            data_reply = await session.exchange(b"DATA", settings.data_init_timeout, DATA)
+        if data_reply.code != 354:
+            refused(data_reply, "DATA command", accepted)
+            return await self._final_rset(session, settings)
+
+        final = await self._send_body(session, message, settings)
+        if final is None:
+            final = await session.receive(settings.data_done_timeout, DOT)
+        if final.code // 100 == 2:
+            for index in accepted:
+                fates[index] = RcptResult(
+                    recipients[index], RcptStatus.SENT, _with_class(final.dsn, "2"), final.text
+                )
+        else:
+            refused(final, "end of DATA command", accepted)
+        return True
+
+    async def _send_body(
+        self, session: _Session, message: bytes, settings: DeliverySettings
+    ) -> _Reply | None:
+        """Send the content and the final dot; a reply here is one the server sent early."""
+        payload = _LEADING_DOT.sub(b"..", message)
+        if payload and not payload.endswith(b"\r\n"):
+            payload += b"\r\n"
+        protocol = session.protocol
+        try:
+            for start in range(0, len(payload), BODY_CHUNK):
+                protocol.write(payload[start : start + BODY_CHUNK])
+                # smtp_data_xfer_timeout is a no-progress limit per write, as in Postfix.
+                await asyncio.wait_for(protocol.drain(), settings.data_xfer_timeout)
+        except TimeoutError:
+            raise _Broken(
+                "4.4.2", f"conversation with {session.namaddr} timed out while {BODY}"
+            ) from None
+        except (SMTPServerDisconnected, ConnectionError):
+            # Postfix reads a reply the server may have sent before hanging up (a 5xx for
+            # a message too big, say); only without one is this a lost connection.
+            early = protocol.take_unread_reply()
+            if early is not None:
+                return _reply(early)
+            raise session.lost(BODY) from None
+        session.send(b".", where=BODY)
+        return None
+
+    async def _final_rset(self, session: _Session, settings: DeliverySettings) -> bool:
+        # The recipients' fates are settled: trouble here only costs the connection.
+        try:
+            reply = await session.exchange(b"RSET", settings.rset_timeout, FINAL_RSET)
+        except _Broken:
+            return False
+        return reply.code // 100 == 2
