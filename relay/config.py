@@ -285,6 +285,7 @@ _TABLE = (
     Parameter("smtpd_listen", "127.0.0.1:2525", _H, hostport=LISTENER),  # extension
     Parameter("smtpd_banner", "$myhostname ESMTP $mail_name", _S),
     Parameter("message_size_limit", "10240000", _SZ),
+    Parameter("queue_minfree", "0", _SZ),
     Parameter("smtpd_recipient_limit", "1000", _I),
     Parameter("smtpd_timeout", "300s", _T),
     Parameter("smtpd_client_connection_count_limit", "50", _I),

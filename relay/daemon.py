@@ -45,6 +45,7 @@ def smtpd_settings(cfg: Config) -> SmtpdSettings:
         mynetworks=cfg.network_matcher("mynetworks"),
         relay_domains=cfg.list("relay_domains"),
         message_size_limit=cfg.int("message_size_limit"),
+        queue_minfree=cfg.int("queue_minfree"),
         recipient_limit=cfg.int("smtpd_recipient_limit"),
         timeout=cfg.time("smtpd_timeout"),
         connection_count_limit=cfg.int("smtpd_client_connection_count_limit"),
@@ -195,6 +196,8 @@ async def run(config_dir: str | None, cfg: Config) -> int:
     lock_fd = _lock_spool(spool.root)
     if lock_fd is None:
         log.critical("the mail system is already running on %s", spool.root)
+        print(f"relay: fatal: the mail system is already running on {spool.root}",
+              file=sys.stderr)
         return 1
     _write_pid(spool.root)
 

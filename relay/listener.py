@@ -21,6 +21,7 @@ import asyncio
 import email.utils
 import ipaddress
 import logging
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -73,6 +74,7 @@ class SmtpdSettings:
                                                 (False, ipaddress.ip_network("::1/128")))))
     relay_domains: Sequence[str] = ()
     message_size_limit: int = 10240000
+    queue_minfree: int = 0
     recipient_limit: int = 1000
     timeout: float = 300.0
     connection_count_limit: int = 50
@@ -171,6 +173,10 @@ class Listener:
         if error:
             server.count_error()
             return error
+        if not self.enough_space(mail_options):
+            log.warning("%s: not enough free space in the queue file system",
+                        server.client_string())
+            return REPLY_STORAGE
         # Keep "<>" as given: aiosmtpd takes an empty mail_from for "no MAIL yet" and
         # would answer the next RCPT with 503.  _sender() reads it back as "".
         envelope.mail_from = address
@@ -206,6 +212,21 @@ class Listener:
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
+
+    def enough_space(self, mail_options: Sequence[str]) -> bool:
+        """Postfix's smtpd_check_size: keep room for 1.5 messages of the announced size
+        (or the size limit) above queue_minfree, so mail already queued can still
+        have its state recorded while new mail is refused with 452 4.3.1."""
+        s = self.settings
+        size = s.message_size_limit
+        for option in mail_options:
+            if option.upper().startswith("SIZE=") and option[5:].isdigit():
+                size = int(option[5:])
+        try:
+            st = os.statvfs(self.spool.root)
+        except OSError:
+            return True
+        return st.f_bavail * st.f_frsize / 1.5 >= size + s.queue_minfree
 
     def may_relay(self, server: RelaySMTP, address: str) -> bool:
         if self.trusted(server.client_address):

@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command == "serve":
         from relay import daemon
 
-        return daemon.serve(config_dir_from(ns.config_dir, None))
+        return daemon.serve(config_dir_from(ns.config_dir))
     parser.print_usage(sys.stderr)
     return 64
 
