@@ -58,7 +58,7 @@ __all__ = (
     "TargetLike",
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("relay.smtp")
 
 TLS_LEVELS = frozenset({"none", "may", "encrypt"})
 

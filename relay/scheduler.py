@@ -33,8 +33,7 @@ from spool import CorruptEntry, EntryGone, Envelope, RcptState, Recipient, Spool
 log = logging.getLogger("relay.qmgr")
 smtp_log = logging.getLogger("relay.smtp")
 bounce_log = logging.getLogger("relay.bounce")
-discard_log = logging.getLogger("relay.discard")
-error_log = logging.getLogger("relay.error")
+agent_log = {name: logging.getLogger(f"relay.{name}") for name in ("smtp", "discard", "error")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +87,7 @@ class Result:
     rcpt: RcptResult
     relay: str
     delays: tuple[float, float, float, float]
+    program: str = "smtp"  # the Postfix delivery agent that would log it
 
 
 def _domain(address: str) -> str:
@@ -412,16 +412,12 @@ class Scheduler:
             return all_(RcptStatus.DEFER, "4.4.1",
                         f"delivery temporarily suspended: {dest.dead_reason}")
         if hop.transport == "discard":
-            for addr in job.recipients:
-                discard_log.info("%s: to=<%s>, relay=none, delay=%s, delays=%s/%s/0/0, "
-                                 "dsn=2.0.0, status=sent (%s)", message.queue_id, addr,
-                                 outcome.format_delay(start - env.arrival_time),
-                                 outcome.format_delay(a), outcome.format_delay(b),
-                                 hop.text or "discarded")
             return [Result(RcptResult(addr, RcptStatus.SENT, "2.0.0", hop.text or "discarded"),
-                           "none", (a, b, 0, 0), ) for addr in job.recipients]
+                           "none", (a, b, 0, 0), "discard") for addr in job.recipients]
         if hop.transport == "error":
-            return all_(RcptStatus.BOUNCE, "5.0.0", hop.text or "unknown mail transport error")
+            return [Result(RcptResult(addr, RcptStatus.BOUNCE, hop.dsn or "5.0.0",
+                                      hop.reason or hop.text or "unknown mail transport error"),
+                           "none", (a, b, 0, 0), "error") for addr in job.recipients]
         resolution = await self.resolver.resolve(hop, job.domain)
         if resolution.failure is not None:
             f = resolution.failure
@@ -509,7 +505,7 @@ class Scheduler:
             status = {RcptStatus.SENT: "sent", RcptStatus.BOUNCE: "bounced",
                       RcptStatus.DEFER: "deferred"}[r.status]
             a, b, c, d = res.delays
-            smtp_log.info(
+            agent_log.get(res.program, smtp_log).info(
                 "%s: to=<%s>, relay=%s, delay=%s, delays=%s/%s/%s/%s, dsn=%s, status=%s (%s)",
                 message.queue_id, r.address, res.relay,
                 outcome.format_delay(now - message.envelope.arrival_time),
