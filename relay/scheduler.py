@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -88,6 +89,16 @@ class Result:
     relay: str
     delays: tuple[float, float, float, float]
     program: str = "smtp"  # the Postfix delivery agent that would log it
+
+
+_SAID = re.compile(r"^host \S+ said: (?P<reply>[2-5]\d\d[ -].*?)(?: \(in reply to [^)]*\))?$")
+
+
+def _diagnostic(reason: str) -> str:
+    """The remote reply as received, from Postfix's ``host X said: REPLY (in reply to
+    ...)`` reason text; a local reason stays as it is (RFC 3464 Diagnostic-Code)."""
+    m = _SAID.match(reason)
+    return m.group("reply") if m else reason
 
 
 def _domain(address: str) -> str:
@@ -566,8 +577,9 @@ class Scheduler:
         content = self.spool.read_content(env.queue_id)
         body = bounce.make_notice(
             kind=bounce.NoticeKind.FAILURE, queue_id=env.queue_id, sender=env.sender,
-            recipients=[bounce.FailedRecipient(r.address, r.dsn or "5.0.0", r.reason,
-                                               r.remote_mta, last_attempt=now)
+            recipients=[bounce.FailedRecipient(r.address, r.dsn or "5.0.0",
+                                               _diagnostic(r.reason), r.remote_mta,
+                                               last_attempt=now)
                         for r in failed],
             original=content, arrival_time=env.arrival_time, now=now,
             myhostname=self.settings.myhostname, mail_name=self.settings.mail_name,
@@ -585,8 +597,9 @@ class Scheduler:
         p = self.settings.policy
         body = bounce.make_notice(
             kind=bounce.NoticeKind.DELAY, queue_id=env.queue_id, sender=env.sender,
-            recipients=[bounce.FailedRecipient(r.address, r.dsn or "4.0.0", r.reason,
-                                               r.remote_mta, action="delayed",
+            recipients=[bounce.FailedRecipient(r.address, r.dsn or "4.0.0",
+                                               _diagnostic(r.reason), r.remote_mta,
+                                               action="delayed",
                                                last_attempt=now) for r in pending],
             original=content, arrival_time=env.arrival_time, now=now,
             myhostname=self.settings.myhostname, mail_name=self.settings.mail_name,

@@ -114,7 +114,7 @@ def loads(raw: bytes) -> Envelope:
             Recipient(**{**r, "state": RcptState(r["state"])}) for r in data.pop("recipients")
         )
         env = Envelope(recipients=rcpts, **data)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
         raise CorruptEntry(f"envelope does not parse: {exc}") from exc
     if not isinstance(env.queue_id, str) or not isinstance(env.sender, str):
         raise CorruptEntry("envelope fields have the wrong type")

@@ -94,6 +94,7 @@ EXPECTED_DEFAULTS = {
     "smtpd_soft_error_limit": "10",
     "smtpd_error_sleep_time": "1s",
     "hopcount_limit": "50",
+    "queue_minfree": "0",
     "smtpd_upstream_proxy_protocol": "",
     "smtpd_upstream_proxy_timeout": "5s",
     "smtpd_forbid_unauth_pipelining": "yes",
