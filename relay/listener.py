@@ -13,22 +13,37 @@ module adds Postfix's replies and limits on top of it: per-read timeouts,
 bare-newline handling (RFC 5321 §2.3.8, the SMTP smuggling class), the relay check
 (RFC 5321 §3.6, Postfix's allow_untrusted_routing = no), size and recipient limits,
 and never a 5xx for our own failures.
+
+The doors it locks: STARTTLS and implicit TLS (RFC 3207; bytes sent after STARTTLS in
+the same packet are dropped, never executed), SMTP AUTH PLAIN and LOGIN against
+relay.auth's scrypt file (RFC 4954, RFC 4616), smtpd_relay_restrictions, per-client
+limits counted by relay.anvil, pregreet and unauthorised pipelining (RFC 2920), session
+and error limits, line and NUL checks, the hop count, and the PROXY protocol for a relay
+behind HAProxy.  Any refusal that ends a session (421, 554 5.5.x) first drops whatever
+the client already sent, so nothing queued behind it is ever executed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import email.utils
+import functools
 import ipaddress
 import logging
 import os
 import re
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope as SMTPEnvelope, Session
+from aiosmtpd.proxy_protocol import get_proxy
+from aiosmtpd.smtp import MISSING, SMTP, Envelope as SMTPEnvelope, Session, TLSSetupException
 
+from relay.anvil import Anvil, Event
+from relay.auth import LoginThrottle, PasswordFile, PasswordFileError
 from relay.clock import Clock, SystemClock
 from relay.config import NetworkMatcher, domain_in_list
 from spool import Spool, SpoolFull
@@ -42,12 +57,44 @@ MAX_LOCAL_PART = 64
 MAX_PATH = 256
 _CTRL = re.compile(r"[\x00-\x1f\x7f]")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
+# RFC 5321 §4.5.3.1.6: 1000 octets with the CR LF.  Counted on unstuffed content up to
+# each LF, so a run of 1000 octets without one (the CR of a CR LF included) is too long.
+_LONG_LINE = re.compile(rb"[^\n]{1000}")
+_RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*?)\r?$", re.IGNORECASE | re.MULTILINE)
 
 REPLY_SIZE = "552 5.3.4 Message size exceeds fixed limit"
 REPLY_STORAGE = "452 4.3.1 Insufficient system storage"
 REPLY_TEMP = "451 4.3.0 Error: queue file write error"
 REPLY_BARE_LF = "521 5.5.2 Error: bare <LF> received"
+REPLY_LONG_LINE = "500 5.5.2 Error: text line too long"
+REPLY_NUL_CONTENT = "554 5.6.0 Error: NUL character in message content"
+REPLY_NUL_COMMAND = "500 5.5.2 Error: NUL character in command"
+REPLY_HOPS = "554 5.4.6 Too many hops"
+REPLY_UNKNOWN = "502 5.5.2 Error: command not recognized"
+REPLY_PREGREET = "554 5.5.1 Error: SMTP protocol synchronization"
+REPLY_PIPELINING = "554 5.5.0 Error: SMTP protocol synchronization"
+REPLY_AUTH_OK = "235 2.7.0 Authentication successful"
+REPLY_AUTH_FAILED = "535 5.7.8 Error: authentication failed: authentication failure"
+REPLY_AUTH_OFF = "503 5.5.1 Error: authentication not enabled"
+REPLY_AUTH_TEMP = "454 4.7.0 Temporary authentication failure"
+REPLY_CONFIG = "451 4.3.5 Server configuration error"
+
+DEFAULT_RELAY_RESTRICTIONS = (
+    "permit_mynetworks", "permit_sasl_authenticated", "reject_unauth_destination")
+# What smtpd_relay_restrictions understands, and the entries of which at least one must
+# be present, or the relay would be open (Postfix refuses to start without one, too).
+RELAY_RESTRICTIONS = frozenset({
+    "permit_mynetworks", "permit_sasl_authenticated", "permit_auth_destination",
+    "reject_unauth_destination", "defer_unauth_destination", "reject", "defer", "permit",
+    "reject_unauth_pipelining"})
+_RELAY_GATES = ("reject_unauth_destination", "defer_unauth_destination", "reject", "defer")
+
+# RFC 2920 §3.1 (and RFC 3207, RFC 4954): commands that must be the last in a group;
+# anything already waiting behind one of them is unauthorised pipelining.
+LAST_IN_GROUP = frozenset({"EHLO", "HELO", "DATA", "VRFY", "EXPN", "TURN", "QUIT", "NOOP",
+                           "STARTTLS", "AUTH", "HELP"})
 
 # aiosmtpd's own replies, said the way Postfix says them.
 _TRANSLATE = {
@@ -60,6 +107,21 @@ _TRANSLATE = {
     b"503 Error: need RCPT command": b"503 5.5.1 Error: need RCPT command",
     b"503 Error: nested MAIL command": b"503 5.5.1 Error: nested MAIL command",
     b"500 Error: bad syntax": b"500 5.5.2 Error: bad syntax",
+    b"530 Must issue a STARTTLS command first":
+        b"530 5.7.0 Must issue a STARTTLS command first",
+    b"220 Ready to start TLS": b"220 2.0.0 Ready to start TLS",
+    b"454 TLS not available": b"502 5.5.1 Error: command not implemented",
+    b"501 Syntax: STARTTLS": b"501 5.5.4 Syntax: STARTTLS",
+    b"503 Error: send EHLO first": b"503 5.5.1 Error: send HELO/EHLO first",
+    b"503 Error: send HELO first": b"503 5.5.1 Error: send HELO/EHLO first",
+    b"500 Error: command 'AUTH' not recognized": REPLY_AUTH_OFF.encode(),
+    b"501 Not enough value": b"501 5.5.4 Syntax: AUTH mechanism",
+    b"501 Too many values": b"501 5.5.4 Syntax: AUTH mechanism",
+    b"501 5.7.0 Auth aborted": b"501 5.7.0 Authentication aborted",
+    b"501 5.5.2 Can't decode base64": b"501 5.5.2 Error: malformed authentication response",
+    b"501 Syntax: EHLO hostname": b"501 5.5.4 Syntax: EHLO hostname",
+    b"501 Syntax: HELO hostname": b"501 5.5.4 Syntax: HELO hostname",
+    b"502 EXPN not implemented": b"502 5.5.1 Error: command not implemented",
 }
 
 
@@ -81,6 +143,40 @@ class SmtpdSettings:
     bare_newline: str = "normalize"  # normalize | reject | no
     mail_name: str = "relay"
     extra: dict[str, Any] = field(default_factory=dict)
+    # TLS and SMTP AUTH
+    tls_context: ssl.SSLContext | None = None  # offered with STARTTLS unless level none
+    tls_security_level: str = "none"  # none | may | encrypt
+    tls_auth_only: bool = True
+    sasl_auth_enable: bool = False
+    passwords: PasswordFile | None = None
+    auth_failure_delay: float = 1.0
+    auth_failure_limit: int = 10  # failed logins per client per anvil time unit
+    # relay control
+    relay_restrictions: tuple[str, ...] = DEFAULT_RELAY_RESTRICTIONS
+    allow_untrusted_routing: bool = False
+    # abuse limits (0 = off)
+    connection_rate_limit: int = 0
+    message_rate_limit: int = 0
+    recipient_rate_limit: int = 0
+    anvil_rate_time_unit: float = 60.0
+    event_limit_exceptions: NetworkMatcher | None = None  # None: mynetworks
+    hard_error_limit: int = 20
+    hopcount_limit: int = 50
+    session_time_limit: float = 3600.0
+    greet_wait: float = 0.0  # postscreen_greet_wait: silence before the banner
+    forbid_unauth_pipelining: bool = True
+    proxy_protocol: str = ""  # "" | haproxy
+    proxy_timeout: float = 5.0
+
+
+def check_relay_restrictions(restrictions: Sequence[str]) -> None:
+    """ValueError unless every entry is known and one of them can refuse relaying."""
+    for word in restrictions:
+        if word.lower() not in RELAY_RESTRICTIONS:
+            raise ValueError(f'unknown smtpd_relay_restrictions entry: "{word}"')
+    if not any(word.lower() in _RELAY_GATES for word in restrictions):
+        raise ValueError("in parameter smtpd_relay_restrictions, specify at least one "
+                         "working instance of: " + ", ".join(_RELAY_GATES))
 
 
 def split_address(address: str) -> tuple[str, str]:

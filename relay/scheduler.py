@@ -71,6 +71,9 @@ class Message:
     envelope: Envelope
     active_since: float
     jobs_left: int = 0
+    # Requeued or released by postsuper while we delivered it: take it again as soon
+    # as it is out of self.messages (a scan meanwhile skipped it as ours).
+    again: bool = False
 
 
 @dataclass
@@ -478,6 +481,8 @@ class Scheduler:
             self.messages.pop(message.queue_id, None)
             return
         self.messages.pop(message.queue_id, None)
+        if message.again:
+            self._incoming.append(message.queue_id)
         if not self.messages:
             self._idle.set()
         for env in notices:
@@ -531,8 +536,7 @@ class Scheduler:
             with self.spool.locked(message.queue_id) as entry:
                 if entry.queue != "active":
                     # postsuper moved it meanwhile: the operator's state wins.
-                    if entry.queue == "incoming":
-                        self._incoming.append(message.queue_id)
+                    message.again = entry.queue in ("incoming", "deferred")
                     return notices
                 env = entry.read()
                 decision = outcome.decide(env, now, self.settings.policy)

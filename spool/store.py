@@ -305,6 +305,8 @@ class Spool:
 
     def locate(self, queue_id: str, queues: Iterable[str] = SEARCH_ORDER) -> str | None:
         """The queue that holds this ID's envelope, or None."""
+        if not valid_queue_id(queue_id):
+            return None
         for queue in queues:
             if os.path.exists(self._env_path(queue, queue_id)):
                 return queue
@@ -312,6 +314,8 @@ class Spool:
 
     def read(self, queue: str, queue_id: str) -> Envelope:
         """Read an envelope; EntryGone if it is not there, CorruptEntry if unreadable."""
+        if not valid_queue_id(queue_id) or queue not in QUEUES:
+            raise EntryGone(f"{queue}/{queue_id}")
         try:
             with open(self._env_path(queue, queue_id), "rb") as f:
                 raw = f.read()
