@@ -11,22 +11,27 @@ file and control socket, both replaced at the next start.
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from relay import config as config_mod
 from relay import clock as clock_mod
 from relay import control, log as maillog
+from relay.auth import PasswordFile, PasswordFileError, password_file_path
 from relay.config import Config, ConfigError
 from relay.delivery import DeliverySettings, SMTPDelivery
-from relay.listener import Listener, SmtpdSettings
+from relay.listener import Listener, SmtpdSettings, check_relay_restrictions
 from relay.outcome import Policy
 from relay.routing import Resolver, Router, open_table
 from relay.scheduler import QmgrSettings, Scheduler
@@ -36,6 +41,7 @@ from spool.store import fault_hook_from
 log = logging.getLogger("relay.master")
 
 SHUTDOWN_GRACE = 5.0
+SPOOL_THREADS = 32
 
 
 def smtpd_settings(cfg: Config) -> SmtpdSettings:
@@ -51,7 +57,69 @@ def smtpd_settings(cfg: Config) -> SmtpdSettings:
         connection_count_limit=cfg.int("smtpd_client_connection_count_limit"),
         bare_newline=_bare_newline(cfg.str("smtpd_forbid_bare_newline")),
         mail_name=cfg.str("mail_name"),
+        **_smtpd_security(cfg),
     )
+
+
+def _smtpd_security(cfg: Config) -> dict[str, Any]:
+    """The listener's TLS, AUTH, relay-control and abuse-limit settings.  ValueError for
+    a configuration that must not run: an unloadable certificate, TLS required without
+    one, AUTH without a readable password file, relay restrictions that cannot refuse."""
+    restrictions = cfg.list("smtpd_relay_restrictions")
+    check_relay_restrictions(restrictions)
+    level = cfg.str("smtpd_tls_security_level") or "none"
+    tls = smtpd_tls_context(cfg)
+    if tls is None and (level != "none" or any(a.tls for a in cfg.listen_addresses())):
+        raise ValueError("TLS is required (smtpd_tls_security_level or a /tls listener) "
+                         "but smtpd_tls_cert_file is not set")
+    passwords = None
+    if cfg.bool("smtpd_sasl_auth_enable"):
+        path = password_file_path(cfg.str("smtpd_sasl_password_file"), cfg.path)
+        if not path:
+            raise ValueError("smtpd_sasl_auth_enable = yes needs smtpd_sasl_password_file")
+        passwords = PasswordFile(path)
+        try:
+            passwords.load()
+        except PasswordFileError as exc:
+            raise ValueError(f"smtpd_sasl_password_file: {exc}") from None
+    return {
+        "tls_context": tls,
+        "tls_security_level": level,
+        "tls_auth_only": cfg.bool("smtpd_tls_auth_only"),
+        "sasl_auth_enable": passwords is not None,
+        "passwords": passwords,
+        "auth_failure_delay": cfg.time("smtpd_auth_failure_delay"),
+        "relay_restrictions": restrictions,
+        "allow_untrusted_routing": cfg.bool("allow_untrusted_routing"),
+        "connection_rate_limit": cfg.int("smtpd_client_connection_rate_limit"),
+        "message_rate_limit": cfg.int("smtpd_client_message_rate_limit"),
+        "recipient_rate_limit": cfg.int("smtpd_client_recipient_rate_limit"),
+        "anvil_rate_time_unit": cfg.time("anvil_rate_time_unit"),
+        "event_limit_exceptions": cfg.network_matcher("smtpd_client_event_limit_exceptions"),
+        "hard_error_limit": cfg.int("smtpd_hard_error_limit"),
+        "hopcount_limit": cfg.int("hopcount_limit"),
+        "session_time_limit": cfg.time("smtpd_session_time_limit"),
+        "greet_wait": cfg.time("postscreen_greet_wait"),
+        "forbid_unauth_pipelining": cfg.bool("smtpd_forbid_unauth_pipelining"),
+        "proxy_protocol": cfg.str("smtpd_upstream_proxy_protocol"),
+        "proxy_timeout": cfg.time("smtpd_upstream_proxy_timeout"),
+    }
+
+
+def smtpd_tls_context(cfg: Config) -> ssl.SSLContext | None:
+    """The server TLS context from smtpd_tls_cert_file and smtpd_tls_key_file (the key
+    may be in the certificate file, as Postfix allows); None if no certificate is set."""
+    cert = cfg.str("smtpd_tls_cert_file")
+    if not cert:
+        return None
+    key = cfg.str("smtpd_tls_key_file") or cert
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load certificate {cert} and key {key}: {exc}") from None
+    return context
 
 
 def _bare_newline(value: str) -> str:
@@ -152,11 +220,12 @@ class Daemon:
             router = router_for(cfg)
             resolver = resolver_for(cfg)
             qmgr = qmgr_settings(cfg)
+            smtpd = smtpd_settings(cfg)
         except (ConfigError, ValueError) as exc:
             log.warning("reload failed, keeping the old configuration: %s", exc)
             return
         self.cfg = cfg
-        self.listener.reconfigure(smtpd_settings(cfg))
+        self.listener.reconfigure(smtpd)
         self.scheduler.reconfigure(qmgr, router, resolver)
         log.info("reload -- configuration %s", cfg.path or "(built-in defaults)")
 
@@ -190,6 +259,13 @@ class Daemon:
 
 async def run(config_dir: str | None, cfg: Config) -> int:
     loop = asyncio.get_running_loop()
+    # Spool calls block in fsync(); enough threads let many sessions share one
+    # directory fsync (group commit) instead of queueing behind each other.
+    # A thread back from fsync() waits for the GIL up to the switch interval
+    # (5 ms by default) at every hop of the accept path: make the hops short.
+    sys.setswitchinterval(0.0005)
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=SPOOL_THREADS,
+                                                 thread_name_prefix="spool"))
     fault = fault_hook_from(os.environ.get("RELAY_FAULT", "") or cfg.str("fault_injection"))
     spool = Spool(cfg.str("queue_directory"), long_ids=cfg.bool("enable_long_queue_ids"),
                   fault=fault)
@@ -209,7 +285,13 @@ async def run(config_dir: str | None, cfg: Config) -> int:
     try:
         for addr in cfg.listen_addresses():
             sock = _bind(addr.host, addr.port)
-            server = await loop.create_server(listener.factory, sock=sock)
+            if addr.tls:  # implicit TLS (port 465 style): the handshake comes first
+                server = await loop.create_server(
+                    functools.partial(listener.factory, implicit_tls=True), sock=sock,
+                    ssl=listener.settings.tls_context,
+                    ssl_handshake_timeout=listener.settings.timeout)
+            else:
+                server = await loop.create_server(listener.factory, sock=sock)
             servers.append(server)
             log.info("listening on %s:%d", addr.host, addr.port)
     except OSError as exc:
@@ -311,6 +393,7 @@ def serve(config_dir: str | None) -> int:
         router_for(cfg)
         resolver_for(cfg)
         sasl_credentials(cfg)
+        smtpd_settings(cfg)
     except ValueError as exc:
         print(f"relay: fatal: {exc}", file=sys.stderr)
         return 1

@@ -74,6 +74,8 @@ class Message:
     # Requeued or released by postsuper while we delivered it: take it again as soon
     # as it is out of self.messages (a scan meanwhile skipped it as ours).
     again: bool = False
+    # Fates of finished jobs being written while other jobs still run.
+    recording: list[asyncio.Future[None]] = field(default_factory=list)
 
 
 @dataclass
@@ -337,7 +339,7 @@ class Scheduler:
         with self.spool.locked(queue_id, queues) as entry:
             env = entry.read()
             self.spool.read_content_check(queue_id, env.size)
-            entry.move("active")
+            entry.move("active", durable=False)  # a crash leaves it where it was: fine
             return env
 
     def _plan(self, message: Message) -> None:
@@ -463,23 +465,28 @@ class Scheduler:
             dest.window = min(dest.window + 1, self.settings.concurrency_limit)
 
     async def _finish_job(self, message: Message, results: list[Result]) -> None:
-        if results:
-            try:
-                await asyncio.to_thread(self._record, message, results)
-            except Exception:
-                log.exception("%s: cannot record delivery results", message.queue_id)
         message.jobs_left -= 1
         if message.jobs_left > 0:
+            # More jobs of this message are running: record this one's fates now.
+            if results:
+                recording = asyncio.ensure_future(
+                    asyncio.to_thread(self._record, message, results))
+                message.recording.append(recording)
+                try:
+                    await recording
+                except Exception:
+                    log.exception("%s: cannot record delivery results", message.queue_id)
             return
+        # The last job: the other jobs' fates must be on disk before the message is judged.
+        await asyncio.gather(*message.recording, return_exceptions=True)
         try:
-            notices = await asyncio.to_thread(self._finalize, message)
+            notices = await asyncio.to_thread(self._complete, message, results)
         except Exception:
+            # The message stays in active/ as far as it was recorded; a restart
+            # schedules it again.
             log.exception("%s: cannot finish message; it stays in the active queue",
                           message.queue_id)
             notices = []
-            await asyncio.sleep(0)
-            self.messages.pop(message.queue_id, None)
-            return
         self.messages.pop(message.queue_id, None)
         if message.again:
             self._incoming.append(message.queue_id)
@@ -489,33 +496,30 @@ class Scheduler:
             self.wakeup(env)
         self._wake.set()
 
-    def _record(self, message: Message, results: list[Result]) -> None:
-        """Mark each recipient's fate durably, whatever queue the message is in now."""
-        now = self.clock.time()
+    @staticmethod
+    def _merge(env: Envelope, results: list[Result]) -> Envelope:
+        """The envelope with each recipient's new fate (final ones never change)."""
         by_addr = {r.rcpt.address: r for r in results}
-        try:
-            with self.spool.locked(message.queue_id) as entry:
-                env = entry.read()
-                rcpts: list[Recipient] = []
-                for rcpt in env.recipients:
-                    res = by_addr.get(rcpt.address)
-                    if res is None or rcpt.done:
-                        rcpts.append(rcpt)
-                        continue
-                    r = res.rcpt
-                    remote = res.relay.split("[")[0] if res.relay != "none" else ""
-                    if r.status is RcptStatus.SENT:
-                        rcpts.append(replace(rcpt, state=RcptState.SENT, reason=r.reason,
-                                             dsn=r.dsn, remote_mta=remote))
-                    elif r.status is RcptStatus.BOUNCE:
-                        rcpts.append(replace(rcpt, state=RcptState.BOUNCED, reason=r.reason,
-                                             dsn=r.dsn, remote_mta=remote, notified=False))
-                    else:
-                        rcpts.append(replace(rcpt, reason=r.reason, dsn=r.dsn,
-                                             remote_mta=remote))
-                entry.write(env.with_recipients(tuple(rcpts)))
-        except EntryGone:
-            log.info("%s: message was removed during delivery", message.queue_id)
+        rcpts: list[Recipient] = []
+        for rcpt in env.recipients:
+            res = by_addr.get(rcpt.address)
+            if res is None or rcpt.done:
+                rcpts.append(rcpt)
+                continue
+            r = res.rcpt
+            remote = res.relay.split("[")[0] if res.relay != "none" else ""
+            if r.status is RcptStatus.SENT:
+                rcpts.append(replace(rcpt, state=RcptState.SENT, reason=r.reason,
+                                     dsn=r.dsn, remote_mta=remote))
+            elif r.status is RcptStatus.BOUNCE:
+                rcpts.append(replace(rcpt, state=RcptState.BOUNCED, reason=r.reason,
+                                     dsn=r.dsn, remote_mta=remote, notified=False))
+            else:
+                rcpts.append(replace(rcpt, reason=r.reason, dsn=r.dsn, remote_mta=remote))
+        return env.with_recipients(tuple(rcpts))
+
+    def _log_results(self, message: Message, results: list[Result]) -> None:
+        now = self.clock.time()
         for res in results:
             r = res.rcpt
             status = {RcptStatus.SENT: "sent", RcptStatus.BOUNCE: "bounced",
@@ -528,19 +532,36 @@ class Scheduler:
                 *(outcome.format_delay(x) for x in (a, b, c, d)), r.dsn, status, r.reason,
             )
 
-    def _finalize(self, message: Message) -> list[Envelope]:
-        """After every job of this message: remove, bounce, warn or defer it."""
+    def _record(self, message: Message, results: list[Result]) -> None:
+        """Mark each recipient's fate durably, whatever queue the message is in now."""
+        try:
+            with self.spool.locked(message.queue_id) as entry:
+                entry.write(self._merge(entry.read(), results))
+        except EntryGone:
+            log.info("%s: message was removed during delivery", message.queue_id)
+        self._log_results(message, results)
+
+    def _complete(self, message: Message, results: list[Result]) -> list[Envelope]:
+        """The last job of a message: record its fates and remove, bounce, warn or defer
+        it, in as few durable writes as the promise allows (the removal of a finished
+        message is itself the durable mark that its recipients were delivered)."""
         now = self.clock.time()
         notices: list[Envelope] = []
         try:
             with self.spool.locked(message.queue_id) as entry:
+                env = self._merge(entry.read(), results)
                 if entry.queue != "active":
-                    # postsuper moved it meanwhile: the operator's state wins.
+                    # postsuper moved it meanwhile: the operator's state wins, and
+                    # what was delivered stays delivered.
+                    if results:
+                        entry.write(env)
                     message.again = entry.queue in ("incoming", "deferred")
+                    self._log_results(message, results)
                     return notices
-                env = entry.read()
                 decision = outcome.decide(env, now, self.settings.policy)
                 if decision.fate is Fate.EXPIRE:
+                    self._log_results(message, results)
+                    results = []
                     if env.sender:
                         log.info("%s: from=<%s>, status=expired, returned to sender",
                                  env.queue_id, env.sender)
@@ -559,6 +580,7 @@ class Scheduler:
                         for r in env.recipients))
                 if decision.fate in (Fate.DONE, Fate.EXPIRE):
                     entry.remove()
+                    self._log_results(message, results)
                     log.info("%s: removed", env.queue_id)
                     return notices
                 if decision.warn:
@@ -568,9 +590,14 @@ class Scheduler:
                     env = replace(env, warned=True)
                 env = replace(env, attempts=env.attempts + 1, last_attempt=now,
                               next_attempt=decision.next_attempt)
-                entry.write_and_move(env, "deferred", mtime=decision.next_attempt)
+                # The rewrite is durable; the move to deferred/ need not be (a crash
+                # leaves it in active/, and it is scheduled again at start).
+                entry.write_and_move(env, "deferred", mtime=decision.next_attempt,
+                                     durable_move=False)
+                self._log_results(message, results)
         except EntryGone:
-            pass
+            log.info("%s: message was removed during delivery", message.queue_id)
+            self._log_results(message, results)
         return notices
 
     def _bounce(self, env: Envelope, now: float) -> Envelope | None:

@@ -520,7 +520,8 @@ class Spool:
             raise _spool_error(exc, "update queue file") from exc
         self._dirsync[queue].sync()
 
-    def _move(self, queue_id: str, src: str, dst: str, mtime: float | None) -> None:
+    def _move(self, queue_id: str, src: str, dst: str, mtime: float | None,
+              durable: bool = True) -> None:
         path = self._env_path(src, queue_id)
         try:
             if mtime is not None:
@@ -532,7 +533,8 @@ class Spool:
             raise EntryGone(f"{src}/{queue_id}") from exc
         except OSError as exc:
             raise _spool_error(exc, "move queue file") from exc
-        self._dirsync[dst].sync()
+        if durable:
+            self._dirsync[dst].sync()
 
     def _remove(self, queue_id: str, queue: str) -> None:
         try:
@@ -571,21 +573,27 @@ class Entry:
             raise ValueError("envelope belongs to another queue ID")
         self._spool._rewrite(self.queue, env, mtime)
 
-    def move(self, queue: str, mtime: float | None = None) -> None:
-        """Move to another queue; mtime (e.g. the next attempt) is set first."""
+    def move(self, queue: str, mtime: float | None = None, durable: bool = True) -> None:
+        """Move to another queue; mtime (e.g. the next attempt) is set first.
+
+        ``durable=False`` skips the directory fsync, for moves that a crash may
+        undo harmlessly (the queue manager's active <-> deferred: after a restart
+        the message is simply scheduled again); an operator's move is durable.
+        """
         if queue not in QUEUES:
             raise ValueError(f"unknown queue: {queue}")
         if queue != self.queue:
-            self._spool._move(self.queue_id, self.queue, queue, mtime)
+            self._spool._move(self.queue_id, self.queue, queue, mtime, durable)
             self.queue = queue
         elif mtime is not None:
             os.utime(self._spool._env_path(queue, self.queue_id), (mtime, mtime))
 
-    def write_and_move(self, env: Envelope, queue: str, mtime: float | None = None) -> None:
-        """Rewrite in place, then move: a crash in between leaves the new envelope
-        in the old queue, never two envelopes."""
+    def write_and_move(self, env: Envelope, queue: str, mtime: float | None = None,
+                       durable_move: bool = True) -> None:
+        """Rewrite in place (always durable), then move: a crash in between leaves the
+        new envelope in the old queue, never two envelopes."""
         self.write(env, mtime)
-        self.move(queue, mtime)
+        self.move(queue, mtime, durable_move)
 
     def remove(self) -> None:
         self._spool._remove(self.queue_id, self.queue)

@@ -1,0 +1,277 @@
+"""postcat: show a queued message -- envelope, header, body -- as Postfix's postcat(1).
+
+    postcat [-behv] [-c config_dir] -q queue_id ...
+    postcat [-behv] [-c config_dir] QUEUE_DIRECTORY/QUEUE/queue_id ...
+
+Output, in Postfix's sections (``src/postcat/postcat.c``; FORMATS.md 1.5)::
+
+    *** ENVELOPE RECORDS deferred/4F2A31C0D2 ***
+    message_size:             332               0               1               0             332               0
+    message_arrival_time: Sun Jan 21 13:32:59 2007
+    create_time: Sun Jan 21 13:32:59 2007
+    named_attribute: log_ident=4F2A31C0D2
+    sender: me@example.org
+    named_attribute: client_name=localhost
+    ...
+    original_recipient: you@example.com      (when the original address is known)
+    recipient: you@example.com               (done_recipient: once sent or bounced)
+    *** MESSAGE CONTENTS deferred/4F2A31C0D2 ***
+    ...header lines, the empty line, the body...
+    *** HEADER EXTRACTED deferred/4F2A31C0D2 ***
+    *** MESSAGE FILE END deferred/4F2A31C0D2 ***
+
+Our queue has no hashed subdirectories, so the path is ``QUEUE/ID``.  ``-e``, ``-h``
+and ``-b`` select the envelope, the primary header and the body (default: all three);
+the section markers are printed only with the envelope, and the header ends at the
+first line that is neither a header nor a continuation line (so ``-b`` starts with the
+empty separator line), exactly as postcat's state machine does.  Message lines are
+printed with LF endings.  The content is streamed from the data file in blocks, never
+held whole.
+
+``-q`` looks for the ID in incoming, active, deferred, hold, corrupt, twice (the
+message may move while we look).  This command only reads: it takes no lock and
+changes nothing, so a crash leaves nothing behind.  Errors: ``postcat: fatal: bad
+mail queue ID: X``, ``postcat: fatal: open queue file X: No such file or directory``
+(exit 1, as Postfix's msg_fatal), a usage error exits 64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import BinaryIO, NoReturn, TextIO
+
+from relay import config
+from spool import CorruptEntry, EntryGone, Envelope, RcptState, Spool
+from spool.store import valid_queue_id
+
+EX_OK = 0
+EX_FATAL = 1
+EX_USAGE = 64
+
+USAGE = ("usage: postcat [-b (body text)] [-c config_dir] [-e (envelope records)]"
+         " [-h (header text)] [-q (access queue)] [-v] [file(s)...]")
+
+# postcat -q's search order (maildrop and saved are Postfix's; corrupt is our saved).
+SEARCH_QUEUES = ("incoming", "active", "deferred", "hold", "corrupt")
+BLOCK = 65536
+
+# is_header_buf(): printable ASCII except ':' and space, optional blanks, then ':'.
+_HEADER = re.compile(rb"[!-9;-~]+[ \t]*:")
+
+
+class _Fatal(Exception):
+    def __init__(self, message: str, status: int = EX_FATAL) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _Fatal(USAGE, EX_USAGE)
+
+
+def _parser() -> _Parser:
+    # add_help=False: -h is "header", as in Postfix.
+    p = _Parser(prog="postcat", add_help=False)
+    p.add_argument("-b", dest="body", action="store_true")
+    p.add_argument("-c", dest="config_dir", metavar="config_dir")
+    p.add_argument("-e", dest="envelope", action="store_true")
+    p.add_argument("-h", dest="header", action="store_true")
+    p.add_argument("-q", dest="queue", action="store_true")
+    p.add_argument("-v", dest="verbose", action="count", default=0)
+    p.add_argument("names", nargs="*")
+    return p
+
+
+def _asctime(when: float) -> str:
+    return time.asctime(time.localtime(when))
+
+
+def envelope_records(env: Envelope) -> Iterator[str]:
+    """The envelope as postcat's ``name: value`` lines, in Postfix's record order."""
+    fields = (env.size, 0, len(env.recipients), 0, env.size, 0)
+    # REC_TYPE_SIZE_FORMAT: content size, data offset (our content starts a file of its
+    # own), recipient count, qmgr flags, content length, smtputf8 flags.
+    yield "message_size: " + " ".join(f"{n:15d}" for n in fields)
+    yield f"message_arrival_time: {_asctime(env.arrival_time)}"
+    yield f"create_time: {_asctime(env.arrival_time)}"
+    yield f"named_attribute: log_ident={env.queue_id}"
+    yield f"sender: {env.sender}"
+    attributes = [
+        ("client_name", env.client_name),
+        ("client_address", env.client_address),
+        ("helo_name", env.helo_name),
+        ("protocol_name", env.protocol),
+        ("sasl_username", env.auth_user),
+        *sorted(env.extra.items()),
+    ]
+    for name, value in attributes:
+        if value:
+            yield f"named_attribute: {name}={value}"
+    for rcpt in env.recipients:
+        if rcpt.orig_address:
+            yield f"named_attribute: dsn_orig_rcpt=rfc822;{rcpt.orig_address}"
+            yield f"original_recipient: {rcpt.orig_address}"
+        kind = "recipient" if rcpt.state is RcptState.PENDING else "done_recipient"
+        yield f"{kind}: {rcpt.address}"
+
+
+def content_lines(f: BinaryIO) -> Iterator[tuple[bytes, bool]]:
+    """(piece, starts_line) of the content, each line ending in LF instead of CRLF.
+
+    A line longer than BLOCK comes in several pieces (only the first starts the line);
+    the first piece of a line is never shorter than a line or BLOCK, so it is enough
+    to tell a header from the body.
+    """
+    at_start = True
+    tail = b""
+    while block := f.read(BLOCK):
+        data = tail + block if tail else block
+        start = 0
+        while (nl := data.find(b"\n", start)) >= 0:
+            end = nl - 1 if nl > start and data[nl - 1] == 0x0D else nl
+            yield data[start:end] + b"\n", at_start
+            at_start = True
+            start = nl + 1
+        tail = data[start:]
+        if len(tail) >= BLOCK:
+            # Keep a last CR back: it may be the first half of a CRLF.
+            cut = len(tail) - 1 if tail.endswith(b"\r") else len(tail)
+            yield tail[:cut], at_start
+            at_start = False
+            tail = tail[cut:]
+    if tail or not at_start:
+        yield tail + b"\n", at_start  # an unterminated last line is still a line
+
+
+def _write_content(f: BinaryIO, out: BinaryIO, header: bool, body: bool) -> None:
+    """Header and/or body, split where postcat splits them."""
+    in_header = True
+    printing = header
+    for piece, starts_line in content_lines(f):
+        if in_header and starts_line and not (_HEADER.match(piece) or piece[:1] in b" \t"):
+            in_header = False
+            printing = body
+            if not printing:
+                return
+        if printing:
+            out.write(piece)
+
+
+class _Postcat:
+    def __init__(self, out: BinaryIO, err: TextIO, envelope: bool, header: bool,
+                 body: bool) -> None:
+        self.out = out
+        self.err = err
+        self.envelope = envelope
+        self.header = header
+        self.body = body
+
+    def _line(self, text: str) -> None:
+        self.out.write(text.encode("utf-8", "surrogateescape") + b"\n")
+
+    def show(self, spool: Spool, queue: str, env: Envelope, label: str) -> None:
+        if self.envelope:
+            self._line(f"*** ENVELOPE RECORDS {label} ***")
+            for record in envelope_records(env):
+                self._line(record)
+            self._line(f"*** MESSAGE CONTENTS {label} ***")
+        if self.header or self.body:
+            try:
+                f = open(spool.content_path(env.queue_id), "rb")  # noqa: SIM115
+            except OSError as exc:
+                # An envelope without content: show what there is, as postcat shows
+                # a truncated queue file up to the damage.
+                self.out.flush()
+                print(f"postcat: warning: {label}: open message content: {exc.strerror}",
+                      file=self.err)
+            else:
+                with f:
+                    _write_content(f, self.out, self.header, self.body)
+        if self.envelope:
+            self._line(f"*** HEADER EXTRACTED {label} ***")
+            self._line(f"*** MESSAGE FILE END {label} ***")
+        self.out.flush()
+
+
+def _find(spool: Spool, queue_id: str) -> tuple[str, Envelope]:
+    for _ in range(2):  # the message may move between two queues while we look
+        for queue in SEARCH_QUEUES:
+            try:
+                return queue, spool.read(queue, queue_id)
+            except EntryGone:
+                continue
+            except CorruptEntry as exc:
+                raise _Fatal(f"{queue}/{queue_id}: input is not a valid queue file: {exc}") \
+                    from None
+    raise _Fatal(f"open queue file {queue_id}: No such file or directory")
+
+
+def _by_queue_id(ns: argparse.Namespace, shower: _Postcat) -> None:
+    try:
+        cfg = config.load(config.config_dir_from(ns.config_dir, os.environ),
+                          warn=lambda message: None)
+    except config.ConfigError as exc:
+        raise _Fatal(str(exc)) from None
+    spool = Spool(cfg.str("queue_directory"), long_ids=cfg.bool("enable_long_queue_ids"),
+                  create=False)
+    if not os.path.isdir(spool.root):
+        raise _Fatal(f"chdir {spool.root}: No such file or directory")
+    for queue_id in ns.names:
+        if not valid_queue_id(queue_id):
+            raise _Fatal(f"bad mail queue ID: {queue_id}")
+        queue, env = _find(spool, queue_id)
+        shower.show(spool, queue, env, spool.relative_path(queue, queue_id))
+
+
+def _by_path(ns: argparse.Namespace, shower: _Postcat) -> None:
+    for path in ns.names:
+        # QUEUE_DIRECTORY/QUEUE/ID: the spool is two levels up, the content in its data/.
+        full = os.path.abspath(path)
+        queue_dir, queue_id = os.path.split(full)
+        root, queue = os.path.split(queue_dir)
+        if not os.path.isfile(full):
+            raise _Fatal(f"open {path}: No such file or directory")
+        spool = Spool(root, create=False)
+        try:
+            env = spool.read(queue, queue_id)
+        except (EntryGone, CorruptEntry) as exc:
+            raise _Fatal(f"{path}: input is not a valid queue file: {exc}") from None
+        shower.show(spool, queue, env, path)
+
+
+def main(argv: Sequence[str] | None = None, *, stdout: BinaryIO | None = None,
+         stderr: TextIO | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    out = sys.stdout.buffer if stdout is None else stdout
+    err = sys.stderr if stderr is None else stderr
+    try:
+        ns = _parser().parse_args(args)
+        if not ns.names:
+            # Postfix's postcat would read a queue file on stdin; ours are two files.
+            raise _Fatal(USAGE, EX_USAGE)
+        everything = not (ns.envelope or ns.header or ns.body)
+        shower = _Postcat(out, err, ns.envelope or everything, ns.header or everything,
+                          ns.body or everything)
+        if ns.queue:
+            _by_queue_id(ns, shower)
+        else:
+            _by_path(ns, shower)
+    except _Fatal as exc:
+        out.flush()
+        print(f"postcat: fatal: {exc}", file=err)
+        return exc.status
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EX_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

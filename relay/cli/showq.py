@@ -1,0 +1,213 @@
+"""The queue listing: what postqueue -p/-j, mailq, sendmail -bp and relay queue ls print.
+
+This module owns Postfix's two listing formats, byte for byte (FORMATS.md 1.1, 1.2):
+
+* the sendmail-style listing of ``src/postqueue/showq_compat.c`` -- header, one block
+  per message (ID with ``*`` for active, ``!`` for hold, ``#`` when force-expired; size;
+  arrival time; sender), the delay reason right-aligned to column 78 whenever it changes,
+  the recipients still to be delivered, a blank line between messages, and the
+  ``-- N Kbytes in M Requests.`` trailer or ``Mail queue is empty``;
+* the JSON listing of ``src/postqueue/showq_json.c`` -- one object per message per line,
+  members in Postfix's order, ``": "`` and ``", "`` separators, non-printable characters
+  replaced by ``?``.
+
+Everything streams: envelopes are read one at a time in directory order (Postfix's
+showq order: active, incoming, deferred, hold) and each message's text is yielded as
+soon as it is formatted, so 100,000 queued messages cost the memory of one.  Only
+recipients in the pending state are listed, each address once per message.
+
+It never writes the spool, never takes a lock and never talks to the daemon: a listing
+is a snapshot that may show a message twice or miss one that moves while we read
+(postqueue(1) says the same of Postfix).  A crash leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TextIO
+
+from relay.config import Config
+from spool import Envelope, RcptState, Spool
+
+# showq.c scans maildrop, active, incoming, deferred, hold; we have no maildrop, and
+# corrupt/ is for inspection, not delivery, so Postfix's showq never lists it either.
+LISTED_QUEUES = ("active", "incoming", "deferred", "hold")
+
+EMPTY_SENDER = "MAILER-DAEMON"  # Postfix's empty_address_recipient
+REASON_UNAVAILABLE = "reason unavailable"
+_MARKERS = {"active": "*", "hold": "!"}
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Column widths of the sendmail-style listing (showq_compat.c S_* / L_* formats)."""
+
+    id_width: int
+    size_width: int
+    time_width: int
+    headings: tuple[str, str, str, str]
+
+    @property
+    def indent(self) -> str:
+        """A recipient line's three empty fields: ``"%-11s %7s %-20s "`` of nothing."""
+        return " " * (self.id_width + self.size_width + self.time_width + 3)
+
+    def heading(self) -> str:
+        q, s, t, r = self.headings
+        return f"{q:<{self.id_width}} {s:>{self.size_width}} {t:<{self.time_width}} {r}\n"
+
+
+SHORT = Layout(11, 7, 20, ("-Queue ID-", "--Size--", "----Arrival Time----",
+                           "-Sender/Recipient-------"))
+LONG = Layout(17, 8, 19, ("----Queue ID-----", "--Size--", "---Arrival Time----",
+                          "--Sender/Recipient------"))
+
+
+def layout_for(long_ids: bool) -> Layout:
+    """The layout for ``enable_long_queue_ids``: the field count is the same in both."""
+    return LONG if long_ids else SHORT
+
+
+def printable(text: str) -> str:
+    """Postfix's printable(text, '?'): keeps a listing one line per field on a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+class NoQueueDirectory(Exception):
+    """queue_directory does not exist: the mail system was never started there."""
+
+
+def open_spool(cfg: Config) -> Spool:
+    """The spool named by main.cf, for reading; never creates a directory."""
+    spool = Spool(cfg.str("queue_directory"), long_ids=cfg.bool("enable_long_queue_ids"),
+                  create=False)
+    if not os.path.isdir(spool.root):
+        # Postfix's commands chdir(queue_directory) first and say so when they cannot.
+        raise NoQueueDirectory(f"chdir {spool.root}: No such file or directory")
+    return spool
+
+
+def entries(spool: Spool, queues: Iterable[str] = LISTED_QUEUES) -> Iterator[tuple[str, Envelope]]:
+    """Stream (queue, envelope) in showq order; lost races and corrupt files are skipped."""
+    return spool.envelopes(queues)
+
+
+def _pending(env: Envelope) -> Iterator[tuple[str, str]]:
+    """(address, reason) of each recipient still to be delivered, duplicates dropped."""
+    seen: set[str] = set()
+    for rcpt in env.recipients:
+        if rcpt.state is not RcptState.PENDING or rcpt.address in seen:
+            continue
+        seen.add(rcpt.address)
+        yield rcpt.address, rcpt.reason
+
+
+def _c_len(text: str) -> int:
+    # C's strlen() counts bytes; the reason is aligned as Postfix aligns it.
+    return len(text) if text.isascii() else len(text.encode("utf-8", "replace"))
+
+
+def format_message(queue: str, env: Envelope, layout: Layout = SHORT) -> str:
+    """One message's block of the sendmail-style listing, without the separating blank line."""
+    status = env.queue_id + _MARKERS.get(queue, "") + ("#" if env.forced_expire else "")
+    # asctime() is 24 characters; "%20.20s" keeps "Mon Nov 23 18:08:53 " and "%19.19s"
+    # drops the trailing space; the year is never shown.
+    when = time.asctime(time.localtime(env.arrival_time))
+    sender = printable(env.sender) if env.sender else EMPTY_SENDER
+    tw = layout.time_width
+    parts = [(f"{status:<{layout.id_width}} {env.size:>{layout.size_width}} "
+              f"{when:>{tw}.{tw}} {sender}\n")]
+    indent = layout.indent
+    last_reason = ""
+    for address, reason in _pending(env):
+        if reason != last_reason:
+            shown = printable(reason) if reason else REASON_UNAVAILABLE
+            parts.append(" " * max(0, 76 - _c_len(shown)) + f"({shown})\n")
+            last_reason = reason
+        parts.append(indent + printable(address) + "\n")
+    return "".join(parts)
+
+
+def sendmail_listing(items: Iterable[tuple[str, Envelope]], *, long_ids: bool = False
+                     ) -> Iterator[str]:
+    """The whole ``mailq`` text, yielded a message at a time."""
+    layout = layout_for(long_ids)
+    count = 0
+    total_size = 0
+    for queue, env in items:
+        if count == 0:
+            yield layout.heading()
+        else:
+            yield "\n"
+        count += 1
+        total_size += env.size
+        yield format_message(queue, env, layout)
+    if count == 0:
+        yield "Mail queue is empty\n"
+    else:
+        plural = "" if count == 1 else "s"
+        yield f"\n-- {total_size // 1024} Kbytes in {count} Request{plural}.\n"
+
+
+def json_string(text: str) -> str:
+    """showq_json.c's quoting: non-printables become ``?``, then ``"`` and ``\\`` are escaped."""
+    text = printable(text)
+    if "\\" in text or '"' in text:
+        text = text.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def format_json(queue: str, env: Envelope) -> str:
+    """One message as Postfix 3.5-3.10's ``postqueue -j`` prints it, newline included."""
+    rcpts = []
+    for address, reason in _pending(env):
+        item = '{"address": ' + json_string(address)
+        if reason:
+            item += ', "delay_reason": ' + json_string(reason)
+        rcpts.append(item + "}")
+    return (
+        f'{{"queue_name": {json_string(queue)}, "queue_id": {json_string(env.queue_id)}, '
+        f'"arrival_time": {int(env.arrival_time)}, "message_size": {env.size}, '
+        f'"forced_expire": {"true" if env.forced_expire else "false"}, '
+        f'"sender": {json_string(env.sender or EMPTY_SENDER)}, '
+        f'"recipients": [{", ".join(rcpts)}]}}\n'
+    )
+
+
+def json_listing(items: Iterable[tuple[str, Envelope]]) -> Iterator[str]:
+    """The whole ``postqueue -j`` text, a line per message; nothing for an empty queue."""
+    for queue, env in items:
+        yield format_json(queue, env)
+
+
+def utf8_stdout() -> TextIO:
+    """sys.stdout writing UTF-8 whatever the locale says (Postfix writes the bytes it has)."""
+    out = sys.stdout
+    if isinstance(out, io.TextIOWrapper):
+        out.reconfigure(encoding="utf-8", errors="replace")
+    return out
+
+
+def write(chunks: Iterable[str], out: TextIO) -> None:
+    """Write a listing as it is produced; a reader that went away (``mailq | head``)
+    ends the listing quietly, as SIGPIPE ends Postfix's."""
+    try:
+        out.writelines(chunks)
+        out.flush()
+    except BrokenPipeError:
+        _silence_stdout(out)
+
+
+def _silence_stdout(out: TextIO) -> None:
+    # Python would complain again when it flushes stdout at exit.
+    if out is sys.stdout:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)

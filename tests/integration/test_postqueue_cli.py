@@ -1,0 +1,219 @@
+"""postqueue, mailq, postcat and qshape as subprocesses against a running daemon.
+
+The daemon relays everything to 127.0.0.1:1, where nothing listens, with backoff and
+queue run delay of an hour: a message is tried once, deferred with Postfix's
+``connect to 127.0.0.1[127.0.0.1]:1: Connection refused``, and then stays put until a
+flush asks for another attempt, which shows as one more ``status=deferred`` line in
+the maillog.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import smtplib
+import subprocess
+import time
+from collections.abc import Callable
+
+import pytest
+
+from spool import Spool
+from tests.support.daemon import RelayDaemon
+
+REASON = "connect to 127.0.0.1[127.0.0.1]:1: Connection refused"
+PARAMS = {
+    "transport_maps": "inline:{ * = smtp:[127.0.0.1]:1 }",
+    "minimal_backoff_time": "1h",
+    "maximal_backoff_time": "1h",
+    "queue_run_delay": "1h",
+}
+DOWN = "postqueue: fatal: Cannot flush mail queue - mail system is down\n"
+
+MakeDaemon = Callable[..., RelayDaemon]
+
+
+def send(d: RelayDaemon, sender: str, recipients: list[str], body: bytes) -> str:
+    """One SMTP transaction; returns the queue ID from the 250 reply."""
+    with smtplib.SMTP(d.host, d.port, timeout=10) as smtp:
+        smtp.ehlo("client.test")
+        code, reply = smtp.mail(sender)
+        assert code == 250, reply
+        for rcpt in recipients:
+            assert smtp.rcpt(rcpt)[0] == 250
+        code, reply = smtp.data(body)
+    assert code == 250, reply
+    m = re.search(rb"queued as (\S+)", reply)
+    assert m is not None, reply
+    return m.group(1).decode()
+
+
+def deferred(d: RelayDaemon, queue_id: str, recipients: list[str], count: int = 1) -> None:
+    """Wait until every recipient was deferred ``count`` times and the file is in deferred/."""
+    for rcpt in recipients:
+        d.wait_log(f"{queue_id}: to=<{rcpt}>, relay=none", count=count)
+    d.wait_log(f"status=deferred ({REASON})", count=count)
+    end = time.monotonic() + 10
+    while queue_id not in d.queue_files("deferred"):
+        assert time.monotonic() < end, d.log()[-2000:]
+        time.sleep(0.05)
+
+
+def deferral_count(d: RelayDaemon, queue_id: str) -> int:
+    return sum(1 for line in d.log().splitlines()
+               if f"{queue_id}: to=<" in line and "status=deferred" in line)
+
+
+def out(result: subprocess.CompletedProcess[bytes]) -> str:
+    return result.stdout.decode()
+
+
+@pytest.fixture
+def queued(relay_daemon: MakeDaemon) -> tuple[RelayDaemon, str]:
+    d = relay_daemon(PARAMS)
+    qid = send(d, "alice@example.org", ["bob@example.net", "carol@example.com"],
+               b"Subject: hello\r\nFrom: alice@example.org\r\n\r\nHi there\r\n")
+    deferred(d, qid, ["bob@example.net", "carol@example.com"])
+    return d, qid
+
+
+def test_listings_show_the_deferred_message(queued: tuple[RelayDaemon, str]) -> None:
+    d, qid = queued
+    env = Spool(str(d.queue_directory), create=False).read("deferred", qid)
+    when = time.asctime(time.localtime(env.arrival_time))[:20]
+    expected = (
+        "-Queue ID-  --Size-- ----Arrival Time---- -Sender/Recipient-------\n"
+        f"{qid:<11} {env.size:>7} {when} alice@example.org\n"
+        + " " * (76 - len(REASON)) + f"({REASON})\n"
+        + " " * 41 + "bob@example.net\n"
+        + " " * 41 + "carol@example.com\n"
+        "\n"
+        f"-- {env.size // 1024} Kbytes in 1 Request.\n"
+    )
+
+    for argv in (["mailq"], ["postqueue", "-p"]):
+        result = d.run_cmd(*argv)
+        assert (result.returncode, result.stderr) == (0, b"")
+        assert out(result) == expected
+
+    result = d.run_cmd("postqueue", "-j")
+    assert result.returncode == 0
+    assert out(result).count("\n") == 1
+    record = json.loads(out(result))
+    assert list(record) == ["queue_name", "queue_id", "arrival_time", "message_size",
+                            "forced_expire", "sender", "recipients"]
+    assert record == {
+        "queue_name": "deferred", "queue_id": qid, "arrival_time": int(env.arrival_time),
+        "message_size": env.size, "forced_expire": False, "sender": "alice@example.org",
+        "recipients": [{"address": "bob@example.net", "delay_reason": REASON},
+                       {"address": "carol@example.com", "delay_reason": REASON}],
+    }
+
+
+def test_postcat_shows_envelope_and_content(queued: tuple[RelayDaemon, str]) -> None:
+    d, qid = queued
+
+    result = d.run_cmd("postcat", "-q", qid)
+
+    assert (result.returncode, result.stderr) == (0, b"")
+    lines = out(result).split("\n")
+    label = f"deferred/{qid}"
+    markers = [line for line in lines if line.startswith("*** ")]
+    assert markers == [f"*** ENVELOPE RECORDS {label} ***", f"*** MESSAGE CONTENTS {label} ***",
+                       f"*** HEADER EXTRACTED {label} ***", f"*** MESSAGE FILE END {label} ***"]
+    assert re.fullmatch(r"message_size: +\d+ +0 +2 +0 +\d+ +0", lines[1])
+    assert "sender: alice@example.org" in lines
+    assert "recipient: bob@example.net" in lines and "recipient: carol@example.com" in lines
+    assert "named_attribute: helo_name=client.test" in lines
+    content = lines[lines.index(f"*** MESSAGE CONTENTS {label} ***") + 1:
+                    lines.index(f"*** HEADER EXTRACTED {label} ***")]
+    assert content[0].startswith("Received: from client.test (localhost [127.0.0.1])")
+    assert content[-4:] == ["Subject: hello", "From: alice@example.org", "", "Hi there"]
+    assert "\r" not in out(result)
+
+    body = d.run_cmd("postcat", "-b", "-q", qid)
+    assert out(body) == "\nHi there\n"
+    missing = d.run_cmd("postcat", "-q", "ABCDEF12345")
+    assert missing.returncode == 1
+    assert missing.stderr == (b"postcat: fatal: open queue file ABCDEF12345: "
+                              b"No such file or directory\n")
+
+
+def test_qshape_deferred(queued: tuple[RelayDaemon, str]) -> None:
+    d, _ = queued
+
+    result = d.run_cmd("qshape", "deferred")
+    senders = d.run_cmd("qshape", "-s", "deferred")
+    default = d.run_cmd("qshape")
+
+    assert out(result) == (
+        "                                         T  5 10 20 40 80 160 320 640 1280 1280+\n"
+        "                                  TOTAL  2  2  0  0  0  0   0   0   0    0     0\n"
+        "                            example.com  1  1  0  0  0  0   0   0   0    0     0\n"
+        "                            example.net  1  1  0  0  0  0   0   0   0    0     0\n"
+    )
+    assert out(senders).splitlines()[2] == " " * 28 + "example.org  1  1" + (
+        "  0" * 4 + "   0" * 3 + "    0" + "     0")
+    # incoming and active are empty by now.
+    assert out(default).splitlines()[1].split() == ["TOTAL"] + ["0"] * 11
+
+
+def test_flush_tries_deferred_mail_again(queued: tuple[RelayDaemon, str]) -> None:
+    d, qid = queued
+    rcpts = ["bob@example.net", "carol@example.com"]
+    assert deferral_count(d, qid) == 2
+
+    result = d.run_cmd("postqueue", "-f")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+    deferred(d, qid, rcpts, count=2)
+
+    result = d.run_cmd("postqueue", "-i", qid)
+    assert (result.returncode, result.stderr) == (0, b"")
+    deferred(d, qid, rcpts, count=3)
+
+    result = d.run_cmd("postqueue", "-s", "example.net")
+    assert (result.returncode, result.stderr) == (0, b"")
+    deferred(d, qid, rcpts, count=4)
+
+    # Nothing else asked for an attempt: the backoff is an hour.
+    time.sleep(0.5)
+    assert deferral_count(d, qid) == 8
+
+
+def test_flush_site_leaves_other_destinations_alone(relay_daemon: MakeDaemon) -> None:
+    d = relay_daemon(PARAMS)
+    net = send(d, "alice@example.org", ["bob@example.net"], b"Subject: 1\r\n\r\nx\r\n")
+    com = send(d, "alice@example.org", ["carol@example.com"], b"Subject: 2\r\n\r\nx\r\n")
+    deferred(d, net, ["bob@example.net"])
+    deferred(d, com, ["carol@example.com"])
+
+    assert d.run_cmd("postqueue", "-s", "example.com").returncode == 0
+    deferred(d, com, ["carol@example.com"], count=2)
+
+    time.sleep(0.5)
+    assert deferral_count(d, net) == 1
+
+
+def test_mail_system_down(relay_daemon: MakeDaemon) -> None:
+    d = relay_daemon(PARAMS)
+    qid = send(d, "erin@example.org", ["bob@example.net"], b"Subject: x\r\n\r\nx\r\n")
+    deferred(d, qid, ["bob@example.net"])
+    assert d.stop() == 0
+
+    for argv in (["-f"], ["-i", qid], ["-s", "example.net"]):
+        result = d.run_cmd("postqueue", *argv)
+        assert (result.returncode, result.stdout, result.stderr) == (69, b"", DOWN.encode())
+
+    # The listings read the spool directly: no daemon needed, no warning printed.
+    listing = d.run_cmd("mailq")
+    assert (listing.returncode, listing.stderr) == (0, b"")
+    assert out(listing).splitlines()[1].startswith(qid)
+    assert out(listing).splitlines()[1].endswith("  erin@example.org")
+    assert json.loads(out(d.run_cmd("postqueue", "-j")))["queue_id"] == qid
+
+    usage = d.run_cmd("postqueue")
+    assert usage.returncode == 64
+    assert usage.stderr.startswith(b"postqueue: fatal: usage: postqueue -f | ")
+    bad = d.run_cmd("postqueue", "-i", "no/such")
+    assert (bad.returncode, bad.stderr) == (
+        64, b'postqueue: fatal: Cannot flush queue ID - invalid name: "no/such"\n')
