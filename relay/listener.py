@@ -546,6 +546,7 @@ class Listener:
             env = await asyncio.shield(task)
         except SpoolFull as exc:
             log.warning("%s: %s", server.client_string(), exc)
+            self._statvfs_at = -1.0  # look at the free space again at the next MAIL
             return REPLY_STORAGE
         except asyncio.CancelledError:
             raise

@@ -287,6 +287,7 @@ def test_disk_full_while_receiving(relay_daemon, tmp_path: Path, small_fs: Path)
         d.wait_log("status=deferred")
         data_before = sorted(os.listdir(small_fs / "spool" / "data"))
         filler = _fill(small_fs, leave=120_000)  # below 1.5 x message_size_limit
+        time.sleep(0.3)  # the listener looks at the free space at most every 0.2 s
         with smtplib.SMTP(d.host, d.port, timeout=10) as s:
             s.ehlo("client.test")
             code, reply = s.mail("carol@example.org")
