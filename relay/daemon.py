@@ -1,11 +1,15 @@
-"""``relay serve``: one process running the listener, the scheduler and the control socket.
+"""``relay serve``: the listener in this process, the queue manager in a second one.
 
 It owns start-up (configuration, logging, the spool lock), signals (SIGTERM and
-SIGINT stop gracefully within 10 seconds, SIGHUP reloads main.cf) and wiring: the
-listener hands committed queue IDs to the scheduler in-process.  It holds an
-exclusive lock on ``QUEUE_DIR/master.lock`` for its lifetime so two daemons never
-share a spool.  A crash leaves the spool as spool.store describes and a stale pid
-file and control socket, both replaced at the next start.
+SIGINT stop gracefully within 10 seconds, SIGHUP reloads main.cf, both passed on
+to the queue manager) and wiring: the listener hands each committed queue ID to
+the queue manager process (relay.qmgrd) over a datagram socket at once, as
+Postfix's cleanup triggers qmgr; two processes use two CPUs.  Both stay in one
+process group; the queue manager dies with this process, and this process exits
+with the queue manager's status when it dies.  It holds an exclusive lock on
+``QUEUE_DIR/master.lock`` for its lifetime so two daemons never share a spool.  A
+crash leaves the spool as spool.store describes and a stale pid file and control
+socket, both replaced at the next start.
 """
 
 from __future__ import annotations
@@ -27,21 +31,21 @@ from typing import Any
 
 from relay import config as config_mod
 from relay import clock as clock_mod
-from relay import control, log as maillog
+from relay import log as maillog
 from relay.auth import PasswordFile, PasswordFileError, password_file_path
 from relay.config import Config, ConfigError
-from relay.delivery import DeliverySettings, SMTPDelivery
+from relay.delivery import DeliverySettings
 from relay.listener import Listener, SmtpdSettings, check_relay_restrictions
 from relay.outcome import Policy
 from relay.routing import Resolver, Router, open_table
-from relay.scheduler import QmgrSettings, Scheduler
-from spool import Spool
+from relay.scheduler import QmgrSettings
+from spool import Envelope, Spool
 from spool.store import fault_hook_from
 
 log = logging.getLogger("relay.master")
 
 SHUTDOWN_GRACE = 5.0
-SPOOL_THREADS = 32
+SPOOL_THREADS = 16
 
 
 def smtpd_settings(cfg: Config) -> SmtpdSettings:
@@ -205,70 +209,94 @@ def resolver_for(cfg: Config) -> Resolver:
     )
 
 
+class QmgrLink:
+    """The listener's end of the trigger socket to the queue manager process."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lost = False  # a trigger did not fit: send "scan" when there is room
+
+    def queued(self, env: Envelope) -> None:
+        self.send(env.queue_id.encode("ascii"))
+
+    def send(self, data: bytes) -> None:
+        try:
+            if self.lost:
+                self.sock.send(b"scan")
+                self.lost = False
+            self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            self.lost = True
+            asyncio.get_running_loop().call_later(0.1, self.retry)
+        except OSError:
+            pass  # the qmgr is gone; the daemon is stopping
+
+    def retry(self) -> None:
+        if self.lost:
+            self.send(b"scan")
+
+
 @dataclass
 class Daemon:
     config_dir: str | None
     cfg: Config
     spool: Spool
     listener: Listener
-    scheduler: Scheduler
     servers: list[asyncio.AbstractServer]
+    qmgr: asyncio.subprocess.Process | None = None
 
     def reload(self) -> None:
         try:
             cfg = config_mod.load(self.config_dir)
-            router = router_for(cfg)
-            resolver = resolver_for(cfg)
-            qmgr = qmgr_settings(cfg)
+            router_for(cfg)
+            resolver_for(cfg)
+            qmgr_settings(cfg)
             smtpd = smtpd_settings(cfg)
         except (ConfigError, ValueError) as exc:
             log.warning("reload failed, keeping the old configuration: %s", exc)
             return
         self.cfg = cfg
         self.listener.reconfigure(smtpd)
-        self.scheduler.reconfigure(qmgr, router, resolver)
+        if self.qmgr is not None and self.qmgr.returncode is None:
+            self.qmgr.send_signal(signal.SIGHUP)
         log.info("reload -- configuration %s", cfg.path or "(built-in defaults)")
 
-    async def on_control(self, verb: str, args: list[str]) -> str:
-        sched = self.scheduler
-        if verb == "flush":
-            sched.flush()
-        elif verb == "scan":
-            sched.scan()
-        elif verb == "flush-id":
-            sched.flush_ids(args)
-        elif verb == "flush-site":
-            return self.flush_site(args[0] if args else "")
-        elif verb == "pauses":
-            sched.reload_pauses()
-        elif verb == "ping":
-            pass
-        else:
-            return f"error unknown request: {verb}"
-        return "ok"
 
-    def flush_site(self, site: str) -> str:
-        site = site.lower().strip("[]")
-        if not site:
-            return "error empty site"
-        ids = [env.queue_id for _, env in self.spool.envelopes(("deferred",))
-               if any(r.address.rpartition("@")[2].lower() == site for r in env.pending)]
-        self.scheduler.flush_ids(ids)
-        return "ok"
+async def _start_qmgr(config_dir: str | None, sock: socket.socket) -> asyncio.subprocess.Process:
+    """Start the queue manager process and wait until it serves its control socket."""
+    # Not "-m": that would put the working directory first on sys.path, where a
+    # directory named spool/ (a queue directory, say) would shadow the package.
+    bootstrap = ("import sys; del sys.path[0]; from relay.cli.main import main; "
+                 "sys.exit(main(sys.argv[1:]))")
+    args = [sys.executable, "-c", bootstrap, "qmgr",
+            "--trigger-fd", str(sock.fileno()), "--parent", str(os.getpid())]
+    if config_dir is not None:
+        args += ["-c", config_dir]
+    return await asyncio.create_subprocess_exec(*args, pass_fds=(sock.fileno(),))
+
+
+async def _wait_ready(sock: socket.socket, proc: asyncio.subprocess.Process,
+                      timeout: float = 60.0) -> bool:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while loop.time() < end and proc.returncode is None:
+        try:
+            if sock.recv(64) == b"ready":
+                return True
+        except (BlockingIOError, InterruptedError):
+            await asyncio.sleep(0.01)
+    return False
 
 
 async def run(config_dir: str | None, cfg: Config) -> int:
     loop = asyncio.get_running_loop()
     # Spool calls block in fsync(); enough threads let many sessions share one
     # directory fsync (group commit) instead of queueing behind each other.
-    # A thread back from fsync() waits for the GIL up to the switch interval
-    # (5 ms by default) at every hop of the accept path: make the hops short.
-    sys.setswitchinterval(0.0005)
     loop.set_default_executor(ThreadPoolExecutor(max_workers=SPOOL_THREADS,
                                                  thread_name_prefix="spool"))
     fault = fault_hook_from(os.environ.get("RELAY_FAULT", "") or cfg.str("fault_injection"))
     spool = Spool(cfg.str("queue_directory"), long_ids=cfg.bool("enable_long_queue_ids"),
-                  fault=fault)
+                  fault=fault, reuse_free=True)
     lock_fd = _lock_spool(spool.root)
     if lock_fd is None:
         log.critical("the mail system is already running on %s", spool.root)
@@ -276,31 +304,44 @@ async def run(config_dir: str | None, cfg: Config) -> int:
               file=sys.stderr)
         return 1
     _write_pid(spool.root)
+    await asyncio.to_thread(spool.forget_linked_spares)
 
-    clock = clock_mod.from_environ()
-    scheduler = Scheduler(spool, qmgr_settings(cfg), router_for(cfg), resolver_for(cfg),
-                          SMTPDelivery(), clock=clock)
-    listener = Listener(spool, smtpd_settings(cfg), on_queued=scheduler.wakeup, clock=clock)
-    servers: list[asyncio.AbstractServer] = []
+    socks: list[tuple[Any, socket.socket]] = []
     try:
         for addr in cfg.listen_addresses():
-            sock = _bind(addr.host, addr.port)
-            if addr.tls:  # implicit TLS (port 465 style): the handshake comes first
-                server = await loop.create_server(
-                    functools.partial(listener.factory, implicit_tls=True), sock=sock,
-                    ssl=listener.settings.tls_context,
-                    ssl_handshake_timeout=listener.settings.timeout)
-            else:
-                server = await loop.create_server(listener.factory, sock=sock)
-            servers.append(server)
-            log.info("listening on %s:%d", addr.host, addr.port)
+            socks.append((addr, _bind(addr.host, addr.port)))
     except OSError as exc:
         log.critical("bind %s port %s: %s", addr.host, addr.port, exc.strerror)
-        for server in servers:
-            server.close()
+        for _, sock in socks:
+            sock.close()
         return 1
-    daemon = Daemon(config_dir, cfg, spool, listener, scheduler, servers)
-    ctl = await control.serve(spool.root, daemon.on_control)
+
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    mine.setblocking(False)
+    qmgr = await _start_qmgr(config_dir, theirs)
+    theirs.close()
+    if not await _wait_ready(mine, qmgr):
+        log.critical("the queue manager did not start")
+        with contextlib.suppress(ProcessLookupError):
+            qmgr.kill()
+        return 1
+    link = QmgrLink(mine)
+
+    clock = clock_mod.from_environ()
+    listener = Listener(spool, smtpd_settings(cfg), on_queued=link.queued, clock=clock)
+    servers: list[asyncio.AbstractServer] = []
+    for addr, sock in socks:
+        sock.listen(512)
+        if addr.tls:  # implicit TLS (port 465 style): the handshake comes first
+            server = await loop.create_server(
+                functools.partial(listener.factory, implicit_tls=True), sock=sock,
+                ssl=listener.settings.tls_context,
+                ssl_handshake_timeout=listener.settings.timeout)
+        else:
+            server = await loop.create_server(listener.factory, sock=sock)
+        servers.append(server)
+        log.info("listening on %s:%d", addr.host, addr.port)
+    daemon = Daemon(config_dir, cfg, spool, listener, servers, qmgr)
 
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -308,41 +349,48 @@ async def run(config_dir: str | None, cfg: Config) -> int:
     loop.add_signal_handler(signal.SIGHUP, daemon.reload)
     log.info("daemon started -- version %s, configuration %s", _version(),
              cfg.path or "(built-in defaults)")
-    sched_task = loop.create_task(scheduler.run())
+    qmgr_task = loop.create_task(qmgr.wait())
     stop_task = loop.create_task(stop.wait())
-    done, _ = await asyncio.wait({sched_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-    if sched_task in done and sched_task.exception():
-        log.critical("scheduler failed: %r", sched_task.exception())
-
-    log.info("terminating on signal")
-    await _shutdown(listener, scheduler, servers, ctl)
-    sched_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await sched_task
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(spool.root, control.SOCKET_NAME))
+    done, _ = await asyncio.wait({qmgr_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    status = 0
+    if qmgr_task in done:
+        # The queue manager died: stop taking mail that nobody would deliver.  A
+        # supervisor restarts the daemon; what was in active/ is scheduled again.
+        status = qmgr.returncode or 1
+        log.critical("the queue manager exited with status %s", qmgr.returncode)
+    else:
+        log.info("terminating on signal")
+    await _shutdown(listener, servers, qmgr)
+    stop_task.cancel()
     os.close(lock_fd)
-    return 0
+    return status
 
 
-async def _shutdown(listener: Listener, scheduler: Scheduler,
-                    servers: Sequence[asyncio.AbstractServer],
-                    ctl: asyncio.AbstractServer) -> None:
+async def _shutdown(listener: Listener, servers: Sequence[asyncio.AbstractServer],
+                    qmgr: asyncio.subprocess.Process) -> None:
     """Stop listening, let commits in progress finish, 421 the rest, stop the qmgr."""
     listener.shutting_down = True
     for server in servers:
         server.close()
-    ctl.close()
     loop = asyncio.get_running_loop()
     end = loop.time() + 3.0
     while listener.committing and loop.time() < end:
         await asyncio.sleep(0.02)
     for session in list(listener.sessions):
         await session.shutdown()
-    await scheduler.stop(grace=SHUTDOWN_GRACE)
+    if qmgr.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            qmgr.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(qmgr.wait(), timeout=SHUTDOWN_GRACE + 1.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                qmgr.kill()
+            await qmgr.wait()
 
 
 def _bind(host: str, port: int) -> socket.socket:
+    """A bound socket; the caller listens once the queue manager is up."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -350,7 +398,6 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     try:
         sock.bind((host, port))
-        sock.listen(512)
     except OSError:
         sock.close()
         raise

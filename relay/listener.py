@@ -572,8 +572,13 @@ class Listener:
     async def _commit(
         self, server: RelaySMTP, session: Session, envelope: SMTPEnvelope, content: bytes
     ) -> Envelope:
-        s = self.settings
-        res = await asyncio.to_thread(self.spool.reserve)
+        # One thread hop for the whole store: reserve the ID, build the envelope and
+        # the Received: header that name it, write and commit.
+        return await asyncio.to_thread(self._store, server, session, envelope, content)
+
+    def _store(self, server: RelaySMTP, session: Session, envelope: SMTPEnvelope,
+               content: bytes) -> Envelope:
+        res = self.spool.reserve()
         try:
             received = self.received_header(server, session, res.queue_id)
             now = self.clock.time()
@@ -595,11 +600,11 @@ class Listener:
                          server.client_string(), server.sasl_method, server.authenticated_user)
             else:
                 log.info("%s: client=%s", res.queue_id, server.client_string())
-            env = await asyncio.to_thread(self.spool.commit, res, env, (received, content))
+            env = self.spool.commit(res, env, (received, content))
         except BaseException:
-            await asyncio.to_thread(self.spool.abort, res)
+            self.spool.abort(res)
             raise
-        cleanup_log.info("%s: message-id=%s", env.queue_id, env.message_id)
+        cleanup_log.info("%s: message-id=%s", env.queue_id, env.message_id or "<>")  # Postfix: <> when missing
         return env
 
     def received_header(self, server: RelaySMTP, session: Session, queue_id: str) -> bytes:

@@ -31,6 +31,10 @@ from relay.outcome import Fate, Policy
 from relay.routing import NextHop, Resolver, RouteError, Router
 from spool import CorruptEntry, EntryGone, Envelope, RcptState, Recipient, Spool, SpoolError
 
+# Messages up to this size keep their content in memory while active (at most
+# qmgr_message_active_limit of them); bigger ones are read from disk per attempt.
+CONTENT_CACHE_MAX = 16 * 1024
+
 log = logging.getLogger("relay.qmgr")
 smtp_log = logging.getLogger("relay.smtp")
 bounce_log = logging.getLogger("relay.bounce")
@@ -76,6 +80,8 @@ class Message:
     again: bool = False
     # Fates of finished jobs being written while other jobs still run.
     recording: list[asyncio.Future[None]] = field(default_factory=list)
+    # The content of a small message, read when it was activated.
+    content: bytes | None = None
 
 
 @dataclass
@@ -147,6 +153,11 @@ class Scheduler:
     def wakeup(self, env: Envelope) -> None:
         """A message was committed to incoming/: pick it up now (no directory poll)."""
         self._incoming.append(env.queue_id)
+        self._wake.set()
+
+    def wakeup_id(self, queue_id: str) -> None:
+        """The listener (another process) committed this message to incoming/."""
+        self._incoming.append(queue_id)
         self._wake.set()
 
     def flush(self) -> None:
@@ -313,7 +324,7 @@ class Scheduler:
         if queue_id in self.messages:
             return False
         try:
-            env = await asyncio.to_thread(self._move_to_active, queue_id, from_queue)
+            env, content = await asyncio.to_thread(self._move_to_active, queue_id, from_queue)
         except EntryGone:
             return False  # lost a race with postsuper or another scan
         except CorruptEntry as exc:
@@ -323,10 +334,8 @@ class Scheduler:
         except SpoolError as exc:
             log.warning("%s: cannot activate: %s", queue_id, exc)
             return False
-        if env is None:
-            return False
         now = self.clock.time()
-        message = Message(queue_id, env, active_since=now)
+        message = Message(queue_id, env, active_since=now, content=content)
         self.messages[queue_id] = message
         self._idle.clear()
         log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)",
@@ -334,13 +343,20 @@ class Scheduler:
         self._plan(message)
         return True
 
-    def _move_to_active(self, queue_id: str, from_queue: str | None) -> Envelope | None:
+    def _move_to_active(self, queue_id: str,
+                        from_queue: str | None) -> tuple[Envelope, bytes | None]:
+        """Move to active/; also read a small message's content now (one thread hop
+        fewer per delivery); a big one is read at each attempt."""
         queues = (from_queue,) if from_queue else ("incoming", "deferred", "active")
         with self.spool.locked(queue_id, queues) as entry:
             env = entry.read()
-            self.spool.read_content_check(queue_id, env.size)
+            content = None
+            if env.size <= CONTENT_CACHE_MAX:
+                content = self.spool.read_content(queue_id, env.size)
+            else:
+                self.spool.read_content_check(queue_id, env.size)
             entry.move("active", durable=False)  # a crash leaves it where it was: fine
-            return env
+            return env, content
 
     def _plan(self, message: Message) -> None:
         """Split the pending recipients into jobs per next hop (up to the recipient limit)."""
@@ -439,7 +455,10 @@ class Scheduler:
             f = resolution.failure
             status = RcptStatus.BOUNCE if f.permanent else RcptStatus.DEFER
             return all_(status, f.dsn, f.reason, c=self.clock.time() - start)
-        content = await asyncio.to_thread(self.spool.read_content, message.queue_id, env.size)
+        content = message.content
+        if content is None:
+            content = await asyncio.to_thread(self.spool.read_content, message.queue_id,
+                                              env.size)
         attempt: Attempt = await self.delivery.deliver(
             resolution.targets, hop.label, env.sender, job.recipients, content,
             self.settings.delivery,

@@ -26,6 +26,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from relay.cli import queue
 
         return queue.main(args[1:])
+    if args and args[0] == "qmgr":  # internal: the queue manager process of relay serve
+        from relay import qmgrd
+
+        return qmgrd.main(args[1:])
     if args and args[0] == "passwd":
         from relay.cli import passwd
 

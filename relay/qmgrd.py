@@ -1,0 +1,193 @@
+"""The queue manager process (Postfix's qmgr with its smtp clients), started by
+``relay serve``: the scheduler, the control socket, and the trigger from the listener.
+
+``relay serve`` runs the listener in one process and this in a second one, so that
+accepting and delivering use two CPUs, as Postfix's smtpd and qmgr do.  The
+listener writes each committed queue ID to a datagram socket (Postfix's qmgr
+trigger fifo); a lost trigger costs nothing but latency, because a ``scan`` trigger
+follows and the scheduler scans incoming/ at start and on every scan.
+
+The process dies with its parent (PR_SET_PDEATHSIG): a supervisor's SIGKILL of the
+daemon stops deliveries too.  SIGHUP reloads main.cf, SIGTERM stops gracefully.
+A crash leaves the spool as relay.scheduler describes; the parent exits with the
+same status, and the next start schedules what was in active/ again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from relay import clock as clock_mod
+from relay import config as config_mod
+from relay import control
+from relay import log as maillog
+from relay.config import Config, ConfigError
+from relay.delivery import SMTPDelivery
+from relay.scheduler import Scheduler
+from spool import Spool
+from spool.store import fault_hook_from
+
+log = logging.getLogger("relay.qmgr")
+
+SHUTDOWN_GRACE = 5.0
+THREADS = 8
+PR_SET_PDEATHSIG = 1
+
+
+class Qmgr:
+    def __init__(self, config_dir: str | None, cfg: Config, spool: Spool,
+                 scheduler: Scheduler) -> None:
+        self.config_dir = config_dir
+        self.cfg = cfg
+        self.spool = spool
+        self.scheduler = scheduler
+
+    def reload(self) -> None:
+        from relay.daemon import qmgr_settings, resolver_for, router_for
+
+        try:
+            cfg = config_mod.load(self.config_dir)
+            router, resolver, settings = router_for(cfg), resolver_for(cfg), qmgr_settings(cfg)
+        except (ConfigError, ValueError) as exc:
+            log.warning("reload failed, keeping the old configuration: %s", exc)
+            return
+        self.cfg = cfg
+        self.scheduler.reconfigure(settings, router, resolver)
+
+    async def on_control(self, verb: str, args: list[str]) -> str:
+        sched = self.scheduler
+        if verb == "flush":
+            sched.flush()
+        elif verb == "scan":
+            sched.scan()
+        elif verb == "flush-id":
+            sched.flush_ids(args)
+        elif verb == "flush-site":
+            return await asyncio.to_thread(self.flush_site, args[0] if args else "")
+        elif verb == "pauses":
+            sched.reload_pauses()
+        elif verb == "ping":
+            pass
+        else:
+            return f"error unknown request: {verb}"
+        return "ok"
+
+    def flush_site(self, site: str) -> str:
+        site = site.lower().strip("[]")
+        if not site:
+            return "error empty site"
+        ids = [env.queue_id for _, env in self.spool.envelopes(("deferred",))
+               if any(r.address.rpartition("@")[2].lower() == site for r in env.pending)]
+        self.scheduler.flush_ids(ids)
+        return "ok"
+
+    def on_trigger(self, sock: socket.socket) -> None:
+        """Queue IDs from the listener, one datagram per message; ``scan`` after a
+        trigger was lost."""
+        while True:
+            try:
+                data = sock.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if not data:
+                return
+            for word in data.decode("ascii", "replace").split():
+                if word == "scan":
+                    self.scheduler.scan()
+                else:
+                    self.scheduler.wakeup_id(word)
+
+
+def _die_with_parent(parent: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+async def run(config_dir: str | None, cfg: Config, trigger_fd: int) -> int:
+    from relay.daemon import qmgr_settings, resolver_for, router_for
+
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=THREADS,
+                                                 thread_name_prefix="qmgr"))
+    fault = fault_hook_from(os.environ.get("RELAY_FAULT", "") or cfg.str("fault_injection"))
+    spool = Spool(cfg.str("queue_directory"), long_ids=cfg.bool("enable_long_queue_ids"),
+                  fault=fault, retire_to_free=True)
+    # One queue manager per spool, even for the moment an old one takes to die.
+    lock_fd = os.open(os.path.join(spool.root, "qmgr.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    await asyncio.to_thread(fcntl.flock, lock_fd, fcntl.LOCK_EX)
+    clock = clock_mod.from_environ()
+    scheduler = Scheduler(spool, qmgr_settings(cfg), router_for(cfg), resolver_for(cfg),
+                          SMTPDelivery(), clock=clock)
+    qmgr = Qmgr(config_dir, cfg, spool, scheduler)
+    ctl = await control.serve(spool.root, qmgr.on_control)
+    trigger = socket.socket(fileno=trigger_fd)
+    trigger.setblocking(False)
+    loop.add_reader(trigger.fileno(), qmgr.on_trigger, trigger)
+
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, lambda: None)  # the parent decides
+    loop.add_signal_handler(signal.SIGHUP, qmgr.reload)
+    sched_task = loop.create_task(scheduler.run())
+    with contextlib.suppress(OSError):
+        trigger.send(b"ready")
+    stop_task = loop.create_task(stop.wait())
+    done, _ = await asyncio.wait({sched_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    status = 0
+    if sched_task in done and sched_task.exception():
+        log.critical("scheduler failed: %r", sched_task.exception())
+        status = 1
+    loop.remove_reader(trigger.fileno())
+    ctl.close()
+    await scheduler.stop(grace=SHUTDOWN_GRACE)
+    sched_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await sched_task
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(spool.root, control.SOCKET_NAME))
+    os.close(lock_fd)
+    return status
+
+
+def main(argv: list[str]) -> int:
+    """``relay qmgr --trigger-fd N --parent PID [-c DIR]``: internal, run by relay serve."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="relay qmgr")
+    parser.add_argument("-c", dest="config_dir")
+    parser.add_argument("--trigger-fd", type=int, required=True)
+    parser.add_argument("--parent", type=int, required=True)
+    ns = parser.parse_args(argv)
+    _die_with_parent(ns.parent)
+    try:
+        cfg = config_mod.load(ns.config_dir)
+    except ConfigError as exc:
+        print(f"relay: fatal: {exc}", file=sys.stderr)
+        return 1
+    maillog.setup(cfg.str("myhostname"), cfg.str("syslog_name"), cfg.str("maillog_file"))
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    try:
+        return int(runner(run(ns.config_dir, cfg, ns.trigger_fd)))
+    except KeyboardInterrupt:
+        return 0
