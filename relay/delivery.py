@@ -910,6 +910,16 @@ class SMTPDelivery:
         if payload and not payload.endswith(b"\r\n"):
             payload += b"\r\n"
         protocol = session.protocol
+        if len(payload) <= BODY_CHUNK:
+            # A small message and its final dot go out in one write.
+            try:
+                protocol.write(payload + b".\r\n")
+            except (SMTPServerDisconnected, ConnectionError):
+                early = protocol.take_unread_reply()
+                if early is not None:
+                    return _reply(early)
+                raise session.lost(BODY) from None
+            return None
         try:
             for start in range(0, len(payload), BODY_CHUNK):
                 protocol.write(payload[start : start + BODY_CHUNK])

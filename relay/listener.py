@@ -699,6 +699,7 @@ class RelaySMTP(SMTP):
         self._errors = 0
         self._counted = False
         self._closing = False
+        self._unsent: list[bytes] = []
         self._phase = "connect"  # proxy (PROXY header) -> connect (pregreet wait) -> smtp
         self._command = "CONNECT"
         self._session_timer: asyncio.TimerHandle | None = None
@@ -860,9 +861,18 @@ class RelaySMTP(SMTP):
         if transport is not None and not transport.is_closing():
             transport.write(reply.encode() + b"\r\n")
 
+    def _send(self, line: bytes) -> None:
+        """Write the replies held back for a pipelined group, then this one."""
+        if self._unsent:
+            line = b"".join(self._unsent) + line
+            self._unsent.clear()
+        self._writer.write(line)
+
     def _drop(self) -> None:
         """End the session now.  Input not yet read is forgotten first, so nothing the
         client sent behind the reply that ends the session is ever executed."""
+        if self._unsent and self.transport is not None:
+            self._send(b"")
         self._closing = True
         self._reader._buffer.clear()  # type: ignore[attr-defined]
         if self._session_timer is not None:
@@ -985,7 +995,15 @@ class RelaySMTP(SMTP):
         except ValueError:
             code = 0
         self._last_code = code
-        await super().push(raw)
+        line = raw + b"\r\n"
+        if (b"\n" in self._reader._buffer  # type: ignore[attr-defined]
+                and code not in (220, 221, 421) and not self.close_after_reply):
+            # More pipelined commands are already here: answer them all in one write
+            # once they are done (Postfix's smtpd flushes before it waits for input).
+            self._unsent.append(line)
+        else:
+            self._send(line)
+            await self._writer.drain()
         if code == 421 or self.close_after_reply:
             self.close_after_reply = False
             self._drop()
@@ -996,7 +1014,7 @@ class RelaySMTP(SMTP):
             if s.hard_error_limit and self._errors >= s.hard_error_limit:
                 log.info("too many errors after %s from %s", self._command,
                          self.client_string())
-                await super().push(f"421 4.7.0 {s.myhostname} Error: too many errors".encode())
+                self._send(f"421 4.7.0 {s.myhostname} Error: too many errors\r\n".encode())
                 self._drop()
 
     async def handle_exception(self, error: Exception) -> str:
