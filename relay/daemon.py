@@ -15,7 +15,6 @@ socket, both replaced at the next start.
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 import contextlib
 import fcntl
 import functools
@@ -26,11 +25,12 @@ import socket
 import ssl
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from relay import config as config_mod
 from relay import clock as clock_mod
+from relay import config as config_mod
 from relay import log as maillog
 from relay.auth import PasswordFile, PasswordFileError, password_file_path
 from relay.config import Config, ConfigError
@@ -447,7 +447,7 @@ def serve(config_dir: str | None) -> int:
     try:
         import uvloop
 
-        runner = uvloop.run
+        runner: Any = uvloop.run
     except ImportError:
         runner = asyncio.run
     try:

@@ -29,6 +29,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import contextlib
 import email.utils
 import functools
 import ipaddress
@@ -1026,19 +1027,18 @@ class RelaySMTP(SMTP):
         # aiosmtpd would answer 500 and make the sender give up: never a 5xx for
         # our own failure.  Reset the transaction so the session can go on.
         log.error("%s: internal error: %r", self.client_string(), error, exc_info=error)
-        self._set_rset_state()
+        self._set_rset_state()  # type: ignore[no-untyped-call]
         if isinstance(error, SpoolFull):
             return REPLY_STORAGE
         return "451 4.3.0 Error: internal error"
 
     async def shutdown(self) -> None:
         """Tell the client we are going away (421) and close."""
-        if self.transport is not None and not self.transport.is_closing():
-            try:
-                self.transport.write(b"421 4.3.2 Service shutting down\r\n")
-            except Exception:
-                pass
-            self.transport.close()
+        transport = cast(asyncio.WriteTransport | None, self.transport)
+        if transport is not None and not transport.is_closing():
+            with contextlib.suppress(OSError, RuntimeError):
+                self._send(b"421 4.3.2 Service shutting down\r\n")
+            transport.close()
 
 
 def _is_loopback(address: str) -> bool:

@@ -44,9 +44,9 @@ class MaillogFormatter(logging.Formatter):
 def setup(hostname: str, syslog_name: str, maillog_file: str = "", debug: bool = False) -> None:
     """Route the ``relay`` logger tree to the maillog (or stderr), replacing any old handler."""
     root = logging.getLogger("relay")
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+        old.close()
     handler: logging.Handler
     if maillog_file:
         os.makedirs(os.path.dirname(os.path.abspath(maillog_file)), exist_ok=True)

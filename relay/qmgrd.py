@@ -25,6 +25,7 @@ import signal
 import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from relay import clock as clock_mod
 from relay import config as config_mod
@@ -184,7 +185,7 @@ def main(argv: list[str]) -> int:
     try:
         import uvloop
 
-        runner = uvloop.run
+        runner: Any = uvloop.run
     except ImportError:
         runner = asyncio.run
     try:

@@ -707,7 +707,7 @@ class Entry:
     the moves made through this object.
     """
 
-    __slots__ = ("_spool", "queue_id", "queue")
+    __slots__ = ("_spool", "queue", "queue_id")
 
     def __init__(self, spool: Spool, queue_id: str, queue: str) -> None:
         self._spool = spool
