@@ -35,6 +35,8 @@ from spool import CorruptEntry, EntryGone, Envelope, RcptState, Recipient, Spool
 # Messages up to this size keep their content in memory while active (at most
 # qmgr_message_active_limit of them); bigger ones are read from disk per attempt.
 CONTENT_CACHE_MAX = 16 * 1024
+# Messages moved to active/ in one thread hop.
+ACTIVATE_BATCH = 64
 
 log = logging.getLogger("relay.qmgr")
 smtp_log = logging.getLogger("relay.smtp")
@@ -250,8 +252,8 @@ class Scheduler:
         """Messages left in active/ by a crash or kill are scheduled again."""
         await asyncio.to_thread(self._quarantine_strays)
         names = await asyncio.to_thread(lambda: [e.queue_id for e in self.spool.scan("active")])
-        for name in names:
-            await self._activate(name, "active")
+        for i in range(0, len(names), ACTIVATE_BATCH):
+            await self._activate(names[i:i + ACTIVATE_BATCH], "active")
         removed = await asyncio.to_thread(self.spool.cleanup, self.clock.time())
         for path in removed:
             log.info("removed stale file %s", path)
@@ -276,19 +278,19 @@ class Scheduler:
         """Bring messages into the active queue while there is room."""
         room = self.settings.active_limit - len(self.messages)
         while self._incoming and room > 0 and not self._stopping:
-            queue_id = self._incoming.popleft()
-            if queue_id in self.messages:
-                continue
-            if await self._activate(queue_id, None):
-                room -= 1
+            batch: list[str] = []
+            while self._incoming and len(batch) < min(room, ACTIVATE_BATCH):
+                queue_id = self._incoming.popleft()
+                if queue_id not in self.messages and queue_id not in batch:
+                    batch.append(queue_id)
+            room -= await self._activate(batch, None)
         if room <= 0 or self._stopping:
             return
         if self._scan_incoming:
             self._scan_incoming = False
             names = await asyncio.to_thread(self._list_queue, "incoming", room, False)
-            for name in names:
-                if await self._activate(name, "incoming"):
-                    room -= 1
+            for i in range(0, len(names), ACTIVATE_BATCH):
+                room -= await self._activate(names[i:i + ACTIVATE_BATCH], "incoming")
             if room <= 0:
                 self._scan_incoming = True
                 return
@@ -298,9 +300,8 @@ class Scheduler:
             self._next_deferred_scan = self.clock.time() + self.settings.queue_run_delay
             self._next_scan_mono = time.monotonic() + self.settings.queue_run_delay
             names = await asyncio.to_thread(self._list_queue, "deferred", room, ignore)
-            for name in names:
-                if await self._activate(name, "deferred"):
-                    room -= 1
+            for i in range(0, len(names), ACTIVATE_BATCH):
+                room -= await self._activate(names[i:i + ACTIVATE_BATCH], "deferred")
             if room <= 0:
                 self._scan_deferred = True
                 self._ignore_times = ignore
@@ -321,28 +322,42 @@ class Scheduler:
 
     # ---- one message ------------------------------------------------------------------
 
-    async def _activate(self, queue_id: str, from_queue: str | None) -> bool:
-        if queue_id in self.messages:
-            return False
-        try:
-            env, content = await asyncio.to_thread(self._move_to_active, queue_id, from_queue)
-        except EntryGone:
-            return False  # lost a race with postsuper or another scan
-        except CorruptEntry as exc:
-            queue = from_queue or self.spool.locate(queue_id) or "incoming"
-            await asyncio.to_thread(self._quarantine, queue, queue_id, str(exc))
-            return False
-        except SpoolError as exc:
-            log.warning("%s: cannot activate: %s", queue_id, exc)
-            return False
+    async def _activate(self, names: list[str], from_queue: str | None) -> int:
+        """Move these messages to active/ (one thread hop for the lot) and plan their
+        deliveries; returns how many were activated."""
+        names = [n for n in names if n not in self.messages]
+        if not names:
+            return 0
+        moved = await asyncio.to_thread(self._move_batch, names, from_queue)
         now = self.clock.time()
-        message = Message(queue_id, env, active_since=now, content=content)
-        self.messages[queue_id] = message
-        self._idle.clear()
-        log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)",
-                 queue_id, env.sender, env.size, len(env.recipients))
-        self._plan(message)
-        return True
+        for queue_id, env, content in moved:
+            if queue_id in self.messages:
+                continue
+            message = Message(queue_id, env, active_since=now, content=content)
+            self.messages[queue_id] = message
+            self._idle.clear()
+            log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)",
+                     queue_id, env.sender, env.size, len(env.recipients))
+            self._plan(message)
+        return len(moved)
+
+    def _move_batch(self, names: list[str], from_queue: str | None
+                    ) -> list[tuple[str, Envelope, bytes | None]]:
+        moved: list[tuple[str, Envelope, bytes | None]] = []
+        for queue_id in names:
+            try:
+                env, content = self._move_to_active(queue_id, from_queue)
+            except EntryGone:
+                continue  # lost a race with postsuper or another scan
+            except CorruptEntry as exc:
+                queue = from_queue or self.spool.locate(queue_id) or "incoming"
+                self._quarantine(queue, queue_id, str(exc))
+                continue
+            except SpoolError as exc:
+                log.warning("%s: cannot activate: %s", queue_id, exc)
+                continue
+            moved.append((queue_id, env, content))
+        return moved
 
     def _move_to_active(self, queue_id: str,
                         from_queue: str | None) -> tuple[Envelope, bytes | None]:
