@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from spool.errors import CorruptEntry
@@ -89,12 +89,22 @@ class Envelope:
         return replace(self, recipients=recipients)
 
 
+_ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
+_RECIPIENT_FIELDS = tuple(f.name for f in fields(Recipient))
+
+
+def _recipient_dict(r: Recipient) -> dict[str, Any]:
+    data = {name: getattr(r, name) for name in _RECIPIENT_FIELDS}
+    data["state"] = r.state.value
+    return data
+
+
 def dumps(env: Envelope) -> bytes:
-    """Serialise an envelope to its version 1 text form."""
-    data: dict[str, Any] = asdict(env)
-    data["recipients"] = [
-        {**asdict(r), "state": r.state.value} for r in env.recipients
-    ]
+    """Serialise an envelope to its version 1 text form (asdict's layout, without
+    its deep copies: this runs on every accept and every state change)."""
+    data: dict[str, Any] = {name: getattr(env, name) for name in _ENVELOPE_FIELDS}
+    data["recipients"] = [_recipient_dict(r) for r in env.recipients]
+    data["extra"] = dict(env.extra)
     body = json.dumps(data, separators=(",", ":"), ensure_ascii=True)
     return f"{MAGIC}\n{body}\n{END}\n".encode("ascii")
 
@@ -119,3 +129,62 @@ def loads(raw: bytes) -> Envelope:
     if not isinstance(env.queue_id, str) or not isinstance(env.sender, str):
         raise CorruptEntry("envelope fields have the wrong type")
     return env
+
+
+# ---- the plain field form, for commands that list many envelopes ----------------------
+
+ENVELOPE_FIELDS = frozenset(Envelope.__dataclass_fields__)
+RECIPIENT_FIELDS = frozenset(Recipient.__dataclass_fields__)
+_STATES = tuple(s.value for s in RcptState)
+_DECODER = json.JSONDecoder()  # what json.loads() uses, minus its white-space skipping
+_HEAD = MAGIC + "\n"
+_TAIL = "\n" + END + "\n"
+
+Fields = dict[str, Any]
+
+
+def fields(env: Envelope) -> Fields:
+    """The plain dict that dumps() writes: every field, each recipient a dict whose
+    ``state`` is the RcptState value string."""
+    data: Fields = asdict(env)
+    data["recipients"] = [{**asdict(r), "state": r.state.value} for r in env.recipients]
+    return data
+
+
+def loads_fields(raw: bytes) -> Fields:
+    """``fields(loads(raw))`` without building the records: for mailq and its kin.
+
+    Raises CorruptEntry exactly when loads() does.  An envelope as dumps() writes it
+    (every field of both records present, no other, known recipient states) is checked
+    and returned as json.loads() parsed it, at a fraction of loads()' cost: the records
+    would hold the very same values.  Anything else (an older file lacking a field, a
+    damaged one) goes through loads() itself, so the two can never disagree.
+    """
+    if raw.isascii():
+        text = raw.decode("ascii")
+        if text.startswith(_HEAD) and text.endswith(_TAIL) and len(text) > len(_HEAD + _TAIL):
+            body = text[len(_HEAD):-len(_TAIL)]
+            data = None
+            if "\n" not in body:
+                try:
+                    data, end = _DECODER.raw_decode(body)
+                except (ValueError, RecursionError):
+                    pass
+                else:
+                    if end != len(body):  # trailing text, maybe white space: loads() decides
+                        data = None
+                if (type(data) is dict and data.keys() == ENVELOPE_FIELDS
+                        and type(data["queue_id"]) is str and type(data["sender"]) is str
+                        and _plain_recipients(data["recipients"])):
+                    return data
+    return fields(loads(raw))
+
+
+def _plain_recipients(rcpts: object) -> bool:
+    if type(rcpts) is not list:
+        return False
+    for r in rcpts:
+        # ``in`` a tuple compares with ==, so an unhashable state is just "not known".
+        if type(r) is not dict or r.keys() != RECIPIENT_FIELDS or r["state"] not in _STATES:
+            return False
+    return True
