@@ -356,7 +356,9 @@ async def run(config_dir: str | None, cfg: Config) -> int:
     if qmgr_task in done:
         # The queue manager died: stop taking mail that nobody would deliver.  A
         # supervisor restarts the daemon; what was in active/ is scheduled again.
-        status = qmgr.returncode or 1
+        # Killed by a signal (a negative returncode): exit as a shell reports it.
+        code = qmgr.returncode if qmgr.returncode is not None else 1
+        status = code if code > 0 else (128 - code if code < 0 else 1)
         log.critical("the queue manager exited with status %s", qmgr.returncode)
     else:
         log.info("terminating on signal")

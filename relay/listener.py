@@ -2,8 +2,8 @@
 
 It owns the SMTP dialogue and the relay policy, and replies ``250 ... queued as ID``
 only after the spool has committed the message durably.  It never delivers and
-never reads the queue; after a commit it hands the queue ID to the scheduler
-in-process (``on_queued``).
+never reads the queue; after a commit it hands the queue ID to ``on_queued``,
+which relay.daemon wires to the trigger socket of the queue manager process.
 
 What a crash leaves: a session that had not seen 250 left nothing visible in a
 queue (see spool.store); a session that had seen 250 left a complete message.
