@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from spool.errors import CorruptEntry
@@ -133,8 +133,8 @@ def loads(raw: bytes) -> Envelope:
 
 # ---- the plain field form, for commands that list many envelopes ----------------------
 
-ENVELOPE_FIELDS = frozenset(Envelope.__dataclass_fields__)
-RECIPIENT_FIELDS = frozenset(Recipient.__dataclass_fields__)
+ENVELOPE_FIELDS = frozenset(_ENVELOPE_FIELDS)
+RECIPIENT_FIELDS = frozenset(_RECIPIENT_FIELDS)
 _STATES = tuple(s.value for s in RcptState)
 _DECODER = json.JSONDecoder()  # what json.loads() uses, minus its white-space skipping
 _HEAD = MAGIC + "\n"
@@ -143,16 +143,17 @@ _TAIL = "\n" + END + "\n"
 Fields = dict[str, Any]
 
 
-def fields(env: Envelope) -> Fields:
+def as_fields(env: Envelope) -> Fields:
     """The plain dict that dumps() writes: every field, each recipient a dict whose
     ``state`` is the RcptState value string."""
-    data: Fields = asdict(env)
-    data["recipients"] = [{**asdict(r), "state": r.state.value} for r in env.recipients]
+    data: Fields = {name: getattr(env, name) for name in _ENVELOPE_FIELDS}
+    data["recipients"] = [_recipient_dict(r) for r in env.recipients]
+    data["extra"] = dict(env.extra)
     return data
 
 
 def loads_fields(raw: bytes) -> Fields:
-    """``fields(loads(raw))`` without building the records: for mailq and its kin.
+    """``as_fields(loads(raw))`` without building the records: for mailq and its kin.
 
     Raises CorruptEntry exactly when loads() does.  An envelope as dumps() writes it
     (every field of both records present, no other, known recipient states) is checked
@@ -177,7 +178,7 @@ def loads_fields(raw: bytes) -> Fields:
                         and type(data["queue_id"]) is str and type(data["sender"]) is str
                         and _plain_recipients(data["recipients"])):
                     return data
-    return fields(loads(raw))
+    return as_fields(loads(raw))
 
 
 def _plain_recipients(rcpts: object) -> bool:

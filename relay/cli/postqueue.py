@@ -31,7 +31,6 @@ from typing import NoReturn, TextIO
 
 from relay import config
 from relay.cli import showq
-from relay.control import MailSystemDown, request
 from spool.store import valid_queue_id
 
 EX_OK = 0
@@ -124,11 +123,11 @@ def _load(config_dir: str | None) -> config.Config:
 def _list(cfg: config.Config, json_format: bool, out: TextIO) -> int:
     try:
         spool = showq.open_spool(cfg)
-        items = showq.entries(spool)
+        items = showq.records(spool)
         if json_format:
-            showq.write(showq.json_listing(items), out)
+            showq.write(showq.json_records(items), out)
         else:
-            showq.write(showq.sendmail_listing(items, long_ids=spool.long_ids), out)
+            showq.write(showq.sendmail_records(items, long_ids=spool.long_ids), out)
     except showq.NoQueueDirectory as exc:
         raise _Fatal(str(exc), EX_FATAL) from None
     except OSError as exc:
@@ -139,6 +138,10 @@ def _list(cfg: config.Config, json_format: bool, out: TextIO) -> int:
 
 def _flush(cfg: config.Config, verb: str, *args: str) -> int:
     """Send one flush request; the daemon answers ``ok`` or ``error TEXT``."""
+    # Imported here: asyncio, which the control client needs, would double the start-up
+    # time of the listings.
+    from relay.control import MailSystemDown, request
+
     try:
         reply = request(cfg.str("queue_directory"), verb, *args)
     except MailSystemDown:

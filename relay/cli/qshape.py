@@ -40,7 +40,9 @@ from typing import NoReturn, TextIO
 
 from relay import config
 from relay.cli import showq
-from spool import Envelope, RcptState
+from spool import Envelope
+from spool import envelope as envfmt
+from spool.envelope import Fields
 
 EX_OK = 0
 EX_FATAL = 1
@@ -141,11 +143,15 @@ class Counts:
         self.subdomains: dict[str, int] = {}
 
     def add(self, env: Envelope, now: float) -> None:
-        b = self.shape.bucket(now - int(env.arrival_time))
+        self.add_fields(envfmt.as_fields(env), now)
+
+    def add_fields(self, rec: Fields, now: float) -> None:
+        """Count one message, given as its plain fields (spool.envelope.loads_fields)."""
+        b = self.shape.bucket(now - int(rec["arrival_time"]))
         if self.shape.senders:
-            addresses: Iterable[str] = (env.sender,)
+            addresses: Iterable[str] = (rec["sender"],)
         else:
-            addresses = (r.address for r in env.recipients if r.state is RcptState.PENDING)
+            addresses = (r["address"] for r in rec["recipients"] if r["state"] == "pending")
         for address in addresses:
             self.total[0] += 1
             self.total[b] += 1
@@ -240,8 +246,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
             top = ns.top_domains if ns.top_domains is not None else 20
         counts = Counts(shape)
         when = int(time.time() if now is None else now)
-        for _queue, env in showq.entries(spool, [q for q in queues if q != "maildrop"]):
-            counts.add(env, when)
+        for _queue, rec in showq.records(spool, [q for q in queues if q != "maildrop"]):
+            counts.add_fields(rec, when)
         showq.write([render(counts, width, top)], out)
     except _Fatal as exc:
         print(f"qshape: fatal: {exc}", file=err)

@@ -38,7 +38,11 @@ names one domain exactly: pausing example.com does not pause sub.example.com.  T
 pause file outlives daemon restarts; telling the daemon (``pauses``) is best effort.
 
 It never talks SMTP and never builds a spool path.  A crash leaves what postsuper's
-functions leave: each message is in its old or its new queue, never two.
+functions leave: each message is in its old or its new queue, never two.  The actions
+are mass operations as postsuper's ``ALL``: the per-message directory fsyncs are left
+out and each changed queue directory is fsync'ed once at the end, so a crash before
+that may undo some of them (a deleted message comes back whole, a held one is back in
+its old queue).  Listings and selections stream: memory does not grow with the queue.
 """
 
 from __future__ import annotations
@@ -54,11 +58,10 @@ from dataclasses import dataclass
 from typing import NoReturn, TextIO
 
 from relay import config as config_mod
-from relay import control
 from relay.cli import postsuper, showq
 from relay.cli.postsuper import Action, Counter
 from spool import CorruptEntry, EntryGone, Envelope, Spool, SpoolError
-from spool.store import valid_queue_id
+from spool.envelope import Fields
 
 EX_USAGE = 64
 EX_TEMPFAIL = 75
@@ -118,21 +121,32 @@ class Filter:
 
     def matches(self, env: Envelope, now: float) -> bool:
         """Whether a message passes every filter (the queue is checked by the caller)."""
-        if self.senders and env.sender.lower() not in self.senders:
+        return self._matches(env.sender, env.arrival_time,
+                             ((r.address, r.reason) for r in env.pending), now)
+
+    def matches_fields(self, rec: Fields, now: float) -> bool:
+        """matches() of a message's plain fields (spool.envelope.loads_fields)."""
+        return self._matches(rec["sender"], rec["arrival_time"],
+                             ((r["address"], r["reason"]) for r in rec["recipients"]
+                              if r["state"] == "pending"), now)
+
+    def _matches(self, sender: str, arrival_time: float,
+                 pending: Iterable[tuple[str, str]], now: float) -> bool:
+        if self.senders and sender.lower() not in self.senders:
             return False
-        age = now - env.arrival_time
+        age = now - arrival_time
         if self.age_min is not None and age < self.age_min:
             return False
         if self.age_max is not None and age > self.age_max:
             return False
         if not (self.domains or self.rcpts or self.reasons):
             return True
-        for rcpt in env.pending:
-            if self.domains and not self._domain_ok(_domain(rcpt.address)):
+        for address, reason in pending:
+            if self.domains and not self._domain_ok(_domain(address)):
                 continue
-            if self.rcpts and rcpt.address.lower() not in self.rcpts:
+            if self.rcpts and address.lower() not in self.rcpts:
                 continue
-            if self.reasons and not any(r in rcpt.reason.lower() for r in self.reasons):
+            if self.reasons and not any(r in reason.lower() for r in self.reasons):
                 continue
             return True
         return False
@@ -146,22 +160,19 @@ def select(spool: Spool, filt: Filter, queues: Iterable[str], now: float
             yield queue, env
 
 
+def select_records(spool: Spool, filt: Filter, queues: Iterable[str], now: float
+                   ) -> Iterator[tuple[str, Fields]]:
+    """select() as plain field dicts (Spool.envelope_fields): the same messages, cheaper."""
+    for queue, rec in spool.envelope_fields(queues):
+        if filt.matches_fields(rec, now):
+            yield queue, rec
+
+
 def _queues(filt: Filter, default: Sequence[str]) -> tuple[str, ...]:
     """The default queues, limited by --queue; corrupt/ only when named."""
     if not filt.queues:
         return tuple(q for q in default if q != "corrupt")
     return tuple(q for q in default if q in filt.queues)
-
-
-def _pending_unique(env: Envelope) -> list[tuple[str, str]]:
-    """(address, reason) of each pending recipient, each address once (as showq)."""
-    seen: set[str] = set()
-    out = []
-    for rcpt in env.pending:
-        if rcpt.address not in seen:
-            seen.add(rcpt.address)
-            out.append((rcpt.address, rcpt.reason))
-    return out
 
 
 # ---- summary ------------------------------------------------------------------------------
@@ -200,12 +211,12 @@ def summarize(spool: Spool, filt: Filter, now: float
                 st.messages += 1
                 st.oldest = entry.mtime if st.oldest is None else min(st.oldest, entry.mtime)
             continue
-        for _, env in select(spool, filt, (queue,), now):
-            pending = _pending_unique(env)
+        for _, rec in select_records(spool, filt, (queue,), now):
+            pending = showq.pending(rec)
+            arrival = rec["arrival_time"]
             st.messages += 1
             st.recipients += len(pending)
-            st.oldest = env.arrival_time if st.oldest is None else min(st.oldest,
-                                                                         env.arrival_time)
+            st.oldest = arrival if st.oldest is None else min(st.oldest, arrival)
             per_msg: dict[str, int] = {}
             for address, _ in pending:
                 d = _domain(address)
@@ -290,40 +301,56 @@ def act(spool: Spool, verb: str, filt: Filter, out: TextIO, err: TextIO,
     def accept(env: Envelope) -> bool:
         return filt.matches(env, t)
 
-    done: list[str] = []
-    candidates: list[tuple[str, str]] = []
-    for queue in queues:
-        if queue == "corrupt":
-            if corrupt_ok:
-                candidates += [(queue, e.queue_id) for e in spool.scan(queue)
-                               if valid_queue_id(e.queue_id)]
-        else:
-            candidates += [(queue, env.queue_id) for _, env in select(spool, filt, (queue,), t)]
-    seen: set[str] = set()
-    for queue, queue_id in candidates:
-        if queue_id in seen:
-            continue
-        seen.add(queue_id)
+    def one(item: tuple[str, str]) -> tuple[bool, str]:
+        """Act on one message (in any thread): whether it was done, and a warning."""
+        queue, queue_id = item
         try:
             if action is None:
-                ok = retry(spool, queue_id, now=t, accept=accept)
-            elif queue == "corrupt":
-                ok = bool(postsuper.apply(spool, action, queue_id, ("corrupt",), now=t))
-            else:
-                ok = bool(postsuper.apply(spool, action, queue_id, queues, now=t,
-                                          accept=accept))
+                return retry(spool, queue_id, now=t, accept=accept), ""
+            if queue == "corrupt":
+                return bool(postsuper.apply(spool, action, queue_id, ("corrupt",), now=t,
+                                            durable=False)), ""
+            return bool(postsuper.apply(spool, action, queue_id, queues, now=t,
+                                        accept=accept, durable=False)), ""
         except CorruptEntry as exc:
-            err.write(f"relay queue: warning: {exc}\n")
-            continue
-        if ok:
-            done.append(queue_id)
-            out.write(f"{queue_id}: {text}\n")
+            return False, str(exc)
+
+    done: list[str] = []
+    try:
+        for (_, queue_id), (ok, warning) in postsuper.in_parallel(
+                one, _candidates(spool, filt, queues, corrupt_ok, t)):
+            if warning:
+                err.write(f"relay queue: warning: {warning}\n")
+            if ok:
+                done.append(queue_id)
+                out.write(f"{queue_id}: {text}\n")
+    finally:
+        # retry only changes mtimes in place; the others rename or unlink.
+        spool.sync_queues(postsuper.synced_queues(action, queues) if action else ())
     n = len(done)
     out.write(f"{counter.value}: {n} message{'' if n == 1 else 's'}\n")
     return done
 
 
+def _candidates(spool: Spool, filt: Filter, queues: Iterable[str], corrupt_ok: bool,
+                now: float) -> Iterator[tuple[str, str]]:
+    """(queue, queue_id) of the messages that match now, streamed queue by queue, each
+    once; the action re-checks the filter under the message's lock."""
+    seen: set[str] = set()
+    for queue in queues:
+        if queue == "corrupt":
+            ids: Iterable[str] = spool.queue_ids(queue) if corrupt_ok else ()
+        else:
+            ids = (rec["queue_id"] for _, rec in select_records(spool, filt, (queue,), now))
+        for queue_id in ids:
+            if queue_id not in seen:
+                seen.add(queue_id)
+                yield queue, queue_id
+
+
 def _tell_daemon(queue_dir: str, verb: str, args: Sequence[str], err: TextIO) -> bool:
+    from relay import control  # here: asyncio, which it needs, is slow to import
+
     try:
         reply = control.request(queue_dir, verb, *args, timeout=10.0)
     except control.MailSystemDown:
@@ -481,9 +508,9 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
                 out.write(entry + "\n")
             return 0
         if ns.verb == "ls":
-            items = select(spool, filt, _queues(filt, (*LIST_QUEUES, "corrupt")), now)
-            showq.write(showq.json_listing(items) if ns.json else
-                        showq.sendmail_listing(items, long_ids=long_ids), out)
+            items = select_records(spool, filt, _queues(filt, (*LIST_QUEUES, "corrupt")), now)
+            showq.write(showq.json_records(items) if ns.json else
+                        showq.sendmail_records(items, long_ids=long_ids), out)
             return 0
         if ns.verb == "summary":
             stats, dests = summarize(spool, filt, now)

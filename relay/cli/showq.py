@@ -16,6 +16,10 @@ showq order: active, incoming, deferred, hold) and each message's text is yielde
 soon as it is formatted, so 100,000 queued messages cost the memory of one.  Only
 recipients in the pending state are listed, each address once per message.
 
+The commands format from the plain field dicts of ``Spool.envelope_fields()`` (no stat,
+no records: a third of the cost of building an Envelope per message); Envelopes are
+formatted through the same code, turned into fields first.
+
 It never writes the spool, never takes a lock and never talks to the daemon: a listing
 is a snapshot that may show a message twice or miss one that moves while we read
 (postqueue(1) says the same of Postfix).  A crash leaves nothing behind.
@@ -27,12 +31,14 @@ import io
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
 from relay.config import Config
-from spool import Envelope, RcptState, Spool
+from spool import Envelope, Spool
+from spool import envelope as envfmt
+from spool.envelope import Fields
 
 # showq.c scans maildrop, active, incoming, deferred, hold; we have no maildrop, and
 # corrupt/ is for inspection, not delivery, so Postfix's showq never lists it either.
@@ -60,6 +66,12 @@ class Layout:
     def heading(self) -> str:
         q, s, t, r = self.headings
         return f"{q:<{self.id_width}} {s:>{self.size_width}} {t:<{self.time_width}} {r}\n"
+
+    @property
+    def first_line(self) -> str:
+        """A message's first line as a str.format() template: status, size, time, sender."""
+        tw = self.time_width
+        return f"{{:<{self.id_width}}} {{:>{self.size_width}}} {{:>{tw}.{tw}}} {{}}\n"
 
 
 SHORT = Layout(11, 7, 20, ("-Queue ID-", "--Size--", "----Arrival Time----",
@@ -99,14 +111,31 @@ def entries(spool: Spool, queues: Iterable[str] = LISTED_QUEUES) -> Iterator[tup
     return spool.envelopes(queues)
 
 
-def _pending(env: Envelope) -> Iterator[tuple[str, str]]:
+def records(spool: Spool, queues: Iterable[str] = LISTED_QUEUES) -> Iterator[tuple[str, Fields]]:
+    """entries() as plain field dicts (spool.envelope.loads_fields): what the listings use."""
+    return spool.envelope_fields(queues)
+
+
+def as_records(items: Iterable[tuple[str, Envelope]]) -> Iterator[tuple[str, Fields]]:
+    for queue, env in items:
+        yield queue, envfmt.as_fields(env)
+
+
+def pending(rec: Fields) -> list[tuple[str, str]]:
     """(address, reason) of each recipient still to be delivered, duplicates dropped."""
+    rcpts = rec["recipients"]
+    if len(rcpts) == 1:  # the common case, without the set
+        r = rcpts[0]
+        return [(r["address"], r["reason"])] if r["state"] == "pending" else []
     seen: set[str] = set()
-    for rcpt in env.recipients:
-        if rcpt.state is not RcptState.PENDING or rcpt.address in seen:
+    out = []
+    for r in rcpts:
+        address = r["address"]
+        if r["state"] != "pending" or address in seen:
             continue
-        seen.add(rcpt.address)
-        yield rcpt.address, rcpt.reason
+        seen.add(address)
+        out.append((address, r["reason"]))
+    return out
 
 
 def _c_len(text: str) -> int:
@@ -114,41 +143,69 @@ def _c_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "replace"))
 
 
-def format_message(queue: str, env: Envelope, layout: Layout = SHORT) -> str:
-    """One message's block of the sendmail-style listing, without the separating blank line."""
-    status = env.queue_id + _MARKERS.get(queue, "") + ("#" if env.forced_expire else "")
-    # asctime() is 24 characters; "%20.20s" keeps "Mon Nov 23 18:08:53 " and "%19.19s"
-    # drops the trailing space; the year is never shown.
-    when = time.asctime(time.localtime(env.arrival_time))
-    sender = printable(env.sender) if env.sender else EMPTY_SENDER
-    tw = layout.time_width
-    parts = [(f"{status:<{layout.id_width}} {env.size:>{layout.size_width}} "
-              f"{when:>{tw}.{tw}} {sender}\n")]
+def _reason_line(reason: str) -> str:
+    shown = printable(reason) if reason else REASON_UNAVAILABLE
+    return " " * max(0, 76 - _c_len(shown)) + f"({shown})\n"
+
+
+def record_formatter(layout: Layout = SHORT) -> Callable[[str, Fields], str]:
+    """format_record() for one layout, with the layout's strings computed once: the
+    function a listing calls for each of its (maybe 100,000) messages."""
+    first_line = layout.first_line.format
     indent = layout.indent
-    last_reason = ""
-    for address, reason in _pending(env):
-        if reason != last_reason:
-            shown = printable(reason) if reason else REASON_UNAVAILABLE
-            parts.append(" " * max(0, 76 - _c_len(shown)) + f"({shown})\n")
-            last_reason = reason
-        parts.append(indent + printable(address) + "\n")
-    return "".join(parts)
+    markers = _MARKERS
+    asctime, localtime = time.asctime, time.localtime
+
+    def format_one(queue: str, rec: Fields) -> str:
+        status = rec["queue_id"] + markers.get(queue, "")
+        if rec["forced_expire"]:
+            status += "#"
+        sender = rec["sender"]
+        if not sender:
+            sender = EMPTY_SENDER
+        elif not sender.isprintable():
+            sender = printable(sender)
+        # asctime() is 24 characters; "%20.20s" keeps "Mon Nov 23 18:08:53 " and
+        # "%19.19s" drops the trailing space; the year is never shown.
+        text = first_line(status, rec["size"], asctime(localtime(rec["arrival_time"])), sender)
+        last_reason = ""
+        for address, reason in pending(rec):
+            if reason != last_reason:
+                text += _reason_line(reason)
+                last_reason = reason
+            if not address.isprintable():
+                address = printable(address)
+            text += indent + address + "\n"
+        return text
+
+    return format_one
 
 
-def sendmail_listing(items: Iterable[tuple[str, Envelope]], *, long_ids: bool = False
+def format_record(queue: str, rec: Fields, layout: Layout = SHORT) -> str:
+    """One message's block of the sendmail-style listing, without the separating blank line."""
+    return record_formatter(layout)(queue, rec)
+
+
+def format_message(queue: str, env: Envelope, layout: Layout = SHORT) -> str:
+    """format_record() of an Envelope."""
+    return format_record(queue, envfmt.as_fields(env), layout)
+
+
+def sendmail_records(items: Iterable[tuple[str, Fields]], *, long_ids: bool = False
                      ) -> Iterator[str]:
     """The whole ``mailq`` text, yielded a message at a time."""
     layout = layout_for(long_ids)
+    format_one = record_formatter(layout)
     count = 0
     total_size = 0
-    for queue, env in items:
+    for queue, rec in items:
         if count == 0:
             yield layout.heading()
         else:
             yield "\n"
         count += 1
-        total_size += env.size
-        yield format_message(queue, env, layout)
+        total_size += rec["size"]
+        yield format_one(queue, rec)
     if count == 0:
         yield "Mail queue is empty\n"
     else:
@@ -156,35 +213,52 @@ def sendmail_listing(items: Iterable[tuple[str, Envelope]], *, long_ids: bool = 
         yield f"\n-- {total_size // 1024} Kbytes in {count} Request{plural}.\n"
 
 
+def sendmail_listing(items: Iterable[tuple[str, Envelope]], *, long_ids: bool = False
+                     ) -> Iterator[str]:
+    """sendmail_records() of Envelopes."""
+    return sendmail_records(as_records(items), long_ids=long_ids)
+
+
 def json_string(text: str) -> str:
     """showq_json.c's quoting: non-printables become ``?``, then ``"`` and ``\\`` are escaped."""
-    text = printable(text)
+    if not text.isprintable():
+        text = printable(text)
     if "\\" in text or '"' in text:
         text = text.replace("\\", "\\\\").replace('"', '\\"')
     return f'"{text}"'
 
 
-def format_json(queue: str, env: Envelope) -> str:
+def format_json_record(queue: str, rec: Fields) -> str:
     """One message as Postfix 3.5-3.10's ``postqueue -j`` prints it, newline included."""
     rcpts = []
-    for address, reason in _pending(env):
+    for address, reason in pending(rec):
         item = '{"address": ' + json_string(address)
         if reason:
             item += ', "delay_reason": ' + json_string(reason)
         rcpts.append(item + "}")
     return (
-        f'{{"queue_name": {json_string(queue)}, "queue_id": {json_string(env.queue_id)}, '
-        f'"arrival_time": {int(env.arrival_time)}, "message_size": {env.size}, '
-        f'"forced_expire": {"true" if env.forced_expire else "false"}, '
-        f'"sender": {json_string(env.sender or EMPTY_SENDER)}, '
+        f'{{"queue_name": {json_string(queue)}, "queue_id": {json_string(rec["queue_id"])}, '
+        f'"arrival_time": {int(rec["arrival_time"])}, "message_size": {rec["size"]}, '
+        f'"forced_expire": {"true" if rec["forced_expire"] else "false"}, '
+        f'"sender": {json_string(rec["sender"] or EMPTY_SENDER)}, '
         f'"recipients": [{", ".join(rcpts)}]}}\n'
     )
 
 
-def json_listing(items: Iterable[tuple[str, Envelope]]) -> Iterator[str]:
+def format_json(queue: str, env: Envelope) -> str:
+    """format_json_record() of an Envelope."""
+    return format_json_record(queue, envfmt.as_fields(env))
+
+
+def json_records(items: Iterable[tuple[str, Fields]]) -> Iterator[str]:
     """The whole ``postqueue -j`` text, a line per message; nothing for an empty queue."""
-    for queue, env in items:
-        yield format_json(queue, env)
+    for queue, rec in items:
+        yield format_json_record(queue, rec)
+
+
+def json_listing(items: Iterable[tuple[str, Envelope]]) -> Iterator[str]:
+    """json_records() of Envelopes."""
+    return json_records(as_records(items))
 
 
 def utf8_stdout() -> TextIO:
@@ -195,11 +269,20 @@ def utf8_stdout() -> TextIO:
     return out
 
 
+WRITE_BATCH = 256  # messages per write(): few calls, and still a streamed listing
+
+
 def write(chunks: Iterable[str], out: TextIO) -> None:
     """Write a listing as it is produced; a reader that went away (``mailq | head``)
     ends the listing quietly, as SIGPIPE ends Postfix's."""
     try:
-        out.writelines(chunks)
+        batch: list[str] = []
+        for chunk in chunks:
+            batch.append(chunk)
+            if len(batch) >= WRITE_BATCH:
+                out.write("".join(batch))
+                batch.clear()
+        out.write("".join(batch))
         out.flush()
     except BrokenPipeError:
         _silence_stdout(out)
