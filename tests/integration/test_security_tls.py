@@ -308,3 +308,15 @@ def test_tls_misconfiguration_is_fatal(
     assert d.proc is not None
     assert d.proc.wait(15) == 1
     assert "relay: fatal: " in d.stderr() and message in d.stderr(), d.stderr()
+
+
+def test_level_none_offers_no_starttls_even_with_a_certificate(
+        daemons: Callable[..., RelayDaemon], certs: Certs) -> None:
+    d = daemons(smtpd_tls_security_level="none", smtpd_tls_cert_file=str(certs.cert_file),
+                smtpd_tls_key_file=str(certs.key_file))
+    with Client(d.port) as c:
+        words = ehlo_keywords(c)
+        assert "STARTTLS" not in words, words
+        assert c.cmd("STARTTLS").startswith("5"), "STARTTLS must not be accepted at level none"
+        queue_id_of(c.mail("alice@example.org", ["bob@example.net"], MESSAGE))
+    serves_next_client(d)
