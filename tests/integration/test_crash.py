@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import smtplib
 import subprocess
 import sys
@@ -180,6 +182,41 @@ def test_corrupt_spool_is_quarantined_and_the_rest_delivered(relay_daemon) -> No
         assert "saving corrupt file" in d.log()
         assert {m.recipients[0] for m in sink.messages} == {f"r{i}@example.net" for i in range(3)}
         del good
+
+
+def _without_root_file_access() -> list[str]:
+    """A command prefix under which file permissions apply to this user: none needed
+    for a normal user; for root, setpriv drops the two capabilities that bypass them."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv(1): file permissions cannot apply")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def test_unreadable_queue_file_is_quarantined(relay_daemon, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A queue file with wrong permissions: moved to corrupt/ with a log line, the
+    rest delivered."""
+    import tests.support.daemon as support
+
+    monkeypatch.setattr(support, "RELAY", [*_without_root_file_access(), *support.RELAY])
+    with ThreadedPeer() as sink:
+        d = relay_daemon(_config(sink), start=False)
+        spool = Spool(str(d.queue_directory))
+        from spool import Envelope, Recipient
+
+        good = spool.enqueue(Envelope("", "a@example.org", (Recipient("good@example.net"),),
+                                      time.time()), MESSAGE)
+        bad = spool.enqueue(Envelope("", "a@example.org", (Recipient("bad@example.net"),),
+                                     time.time()), MESSAGE)
+        os.chmod(d.queue_directory / "incoming" / bad.queue_id, 0)
+        d.start()
+        sink.wait_for(1, timeout=10)
+        _wait_drained(d)
+        assert bad.queue_id in os.listdir(d.queue_directory / "corrupt"), d.log()
+        assert re.search(rf'saving corrupt file "{bad.queue_id}" from queue "incoming"', d.log())
+        assert [m.recipients for m in sink.messages] == [("good@example.net",)]
+        assert good.queue_id in d.log()
 
 
 def test_short_soak_with_kills() -> None:
