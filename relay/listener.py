@@ -700,6 +700,7 @@ class RelaySMTP(SMTP):
         self._errors = 0
         self._counted = False
         self._closing = False
+        self._deadline = 0.0
         self._unsent: list[bytes] = []
         self._phase = "connect"  # proxy (PROXY header) -> connect (pregreet wait) -> smtp
         self._command = "CONNECT"
@@ -882,6 +883,23 @@ class RelaySMTP(SMTP):
             self.transport.close()
         if self._handler_coroutine is not None:
             self._handler_coroutine.cancel()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd re-arms a timer at every line read; here a line only moves the
+        deadline, and the one timer, when it fires early, waits for the rest."""
+        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._deadline = deadline
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = self.loop.call_at(deadline, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+            return
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         # smtpd_timeout (or the PROXY timeout): say so, as Postfix does, and close.

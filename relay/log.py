@@ -30,10 +30,16 @@ class MaillogFormatter(logging.Formatter):
         self.hostname = hostname.split(".")[0] or "localhost"
         self.syslog_name = syslog_name
 
+    _cache: tuple[int, str] = (-1, "")  # (second, its stamp): swapped whole, thread-safe
+
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%b %d %H:%M:%S", time.localtime(record.created))
-        if stamp[4] == "0":  # syslog pads the day with a space: "Nov  4"
-            stamp = stamp[:4] + " " + stamp[5:]
+        second = int(record.created)
+        cached_second, stamp = self._cache
+        if second != cached_second:  # one strftime per second, not per line
+            stamp = time.strftime("%b %d %H:%M:%S", time.localtime(second))
+            if stamp[4] == "0":  # syslog pads the day with a space: "Nov  4"
+                stamp = stamp[:4] + " " + stamp[5:]
+            self._cache = (second, stamp)
         program = record.name.rsplit(".", 1)[-1]
         text = _PREFIX.get(record.levelno, "") + record.getMessage()
         if record.exc_info and record.levelno >= logging.ERROR:
