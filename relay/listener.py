@@ -241,6 +241,7 @@ class Listener:
         self.clock: Clock = clock or SystemClock()
         self.spool = spool
         self.settings = settings
+        self._trusted: dict[str, bool] = {}
         self.on_queued = on_queued
         self.sessions: set[RelaySMTP] = set()
         self.per_client: dict[str, int] = {}
@@ -257,6 +258,7 @@ class Listener:
 
     def reconfigure(self, settings: SmtpdSettings) -> None:
         self.settings = settings
+        self._trusted = {}
         self.anvil.reconfigure(settings.anvil_rate_time_unit)
         self.logins.limit = settings.auth_failure_limit
         self.logins.delay = settings.auth_failure_delay
@@ -441,11 +443,19 @@ class Listener:
         return domain_in_list(split_address(address)[1], s.relay_domains)
 
     def trusted(self, address: str) -> bool:
-        """The client is in mynetworks."""
-        try:
-            return self.settings.mynetworks.matches(address)
-        except ValueError:
-            return False
+        """The client is in mynetworks (remembered per address until the next reload:
+        every RCPT asks)."""
+        cache = self._trusted
+        known = cache.get(address)
+        if known is None:
+            try:
+                known = self.settings.mynetworks.matches(address)
+            except ValueError:
+                known = False
+            if len(cache) >= 4096:
+                cache.clear()
+            cache[address] = known
+        return known
 
     async def handle_AUTH(
         self, server: RelaySMTP, session: Session, envelope: SMTPEnvelope, args: list[str]

@@ -61,5 +61,10 @@ def setup(hostname: str, syslog_name: str, maillog_file: str = "", debug: bool =
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(MaillogFormatter(hostname, syslog_name))
     root.addHandler(handler)
+    # The maillog names no source file, thread or multiprocessing name: skip the
+    # stack walk and lookups that logging makes for every record otherwise.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     root.propagate = False
