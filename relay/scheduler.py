@@ -180,7 +180,11 @@ class Scheduler:
         self._wake.set()
 
     def flush_ids(self, queue_ids: Iterable[str]) -> None:
-        """postqueue -i: these deferred messages now."""
+        """postqueue -i, postqueue -s, relay queue retry: these deferred messages now,
+        with their destinations no longer held dead (else "now" would be a deferral)."""
+        for dest in self.destinations.values():
+            dest.dead_until = 0.0
+            dest.fail_cohorts = 0.0
         for queue_id in queue_ids:
             self._incoming.append(queue_id)
         self._wake.set()

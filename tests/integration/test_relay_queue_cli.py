@@ -292,3 +292,30 @@ def test_usage(relay_daemon: MakeDaemon) -> None:
     assert relay_queue(d, "pause", "example.net", "--nexthop", "x")[0] == 64
     assert relay_queue(d, "pause", "user@example.net")[0] == 64
     assert relay_queue(d, "ls", "--queue", "nosuch")[0] == 64
+
+
+def test_retry_forgets_a_dead_destination(relay_daemon) -> None:  # type: ignore[no-untyped-def]
+    """A refused connection marks the destination dead for minimal_backoff_time (an
+    hour here); `relay queue retry` tries its mail now, as postqueue -f would."""
+    from tests.support.daemon import free_port
+
+    port = free_port()  # nothing listens here yet: the next hop is down
+    d = relay_daemon({"transport_maps": f"inline:{{ * = smtp:[127.0.0.1]:{port} }}",
+                      "minimal_backoff_time": "1h", "maximal_backoff_time": "2h",
+                      "queue_run_delay": "1h"})
+    # Failed connections count in cohorts (Postfix's failed_cohort_limit): a few
+    # messages' worth of refusals and the destination is dead.
+    rcpts: list[str] = []
+    for i in range(8):
+        rcpts.append(f"r{i}@example.net")
+        queue_id = submit(d, "alice@example.org", rcpts[-1])
+        d.wait_log(f"{queue_id}: to=<{rcpts[-1]}>, relay=none")
+        if "delivery temporarily suspended" in d.log().split(f"{queue_id}: to=")[1]:
+            break
+    else:
+        raise AssertionError("the destination never became dead:\n" + d.log())
+    with ThreadedPeer(port=port) as sink:
+        code, out, _ = relay_queue(d, "retry", "--domain", "example.net")
+        assert code == 0, out
+        sink.wait_for(len(rcpts), timeout=5)
+        assert sorted(r for m in sink.messages for r in m.recipients) == sorted(rcpts)
