@@ -24,7 +24,7 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -215,6 +215,7 @@ class QmgrLink:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.lost = False  # a trigger did not fit: send "scan" when there is room
+        self.retrying = False
 
     def queued(self, env: Envelope) -> None:
         self.send(env.queue_id.encode("ascii"))
@@ -224,16 +225,20 @@ class QmgrLink:
             if self.lost:
                 self.sock.send(b"scan")
                 self.lost = False
-            self.sock.send(data)
+            if data:
+                self.sock.send(data)
         except (BlockingIOError, InterruptedError):
             self.lost = True
-            asyncio.get_running_loop().call_later(0.1, self.retry)
+            if not self.retrying:  # one timer, however many triggers did not fit
+                self.retrying = True
+                asyncio.get_running_loop().call_later(0.1, self.retry)
         except OSError:
             pass  # the qmgr is gone; the daemon is stopping
 
     def retry(self) -> None:
+        self.retrying = False
         if self.lost:
-            self.send(b"scan")
+            self.send(b"")
 
 
 @dataclass
@@ -446,6 +451,11 @@ def serve(config_dir: str | None) -> int:
     except ValueError as exc:
         print(f"relay: fatal: {exc}", file=sys.stderr)
         return 1
+    return run_loop(run(config_dir, cfg))
+
+
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run a daemon process's main coroutine on uvloop where installed; its exit status."""
     try:
         import uvloop
 
@@ -453,7 +463,7 @@ def serve(config_dir: str | None) -> int:
     except ImportError:
         runner = asyncio.run
     try:
-        return int(runner(run(config_dir, cfg)))
+        return int(runner(main))
     except KeyboardInterrupt:
         return 0
 

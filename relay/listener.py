@@ -868,10 +868,11 @@ class RelaySMTP(SMTP):
         return False
 
     def _write_now(self, reply: str) -> None:
-        """A reply from outside the command loop (admission, timers): written at once."""
+        """A reply from outside the command loop (admission, timers, shutdown): written
+        at once, after any replies held back for a pipelined group."""
         transport = cast(asyncio.WriteTransport | None, self.transport)
         if transport is not None and not transport.is_closing():
-            transport.write(reply.encode() + b"\r\n")
+            self._send(reply.encode() + b"\r\n")
 
     def _send(self, line: bytes) -> None:
         """Write the replies held back for a pipelined group, then this one."""
@@ -1062,11 +1063,10 @@ class RelaySMTP(SMTP):
 
     async def shutdown(self) -> None:
         """Tell the client we are going away (421) and close."""
-        transport = cast(asyncio.WriteTransport | None, self.transport)
-        if transport is not None and not transport.is_closing():
-            with contextlib.suppress(OSError, RuntimeError):
-                self._send(b"421 4.3.2 Service shutting down\r\n")
-            transport.close()
+        with contextlib.suppress(OSError, RuntimeError):
+            self._write_now("421 4.3.2 Service shutting down")
+        if self.transport is not None:
+            self.transport.close()
 
 
 def _is_loopback(address: str) -> bool:

@@ -25,7 +25,6 @@ import signal
 import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from relay import clock as clock_mod
 from relay import config as config_mod
@@ -182,13 +181,6 @@ def main(argv: list[str]) -> int:
         print(f"relay: fatal: {exc}", file=sys.stderr)
         return 1
     maillog.setup(cfg.str("myhostname"), cfg.str("syslog_name"), cfg.str("maillog_file"))
-    try:
-        import uvloop
+    from relay.daemon import run_loop
 
-        runner: Any = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    try:
-        return int(runner(run(ns.config_dir, cfg, ns.trigger_fd)))
-    except KeyboardInterrupt:
-        return 0
+    return run_loop(run(ns.config_dir, cfg, ns.trigger_fd))

@@ -154,20 +154,23 @@ class Scheduler:
     # ---- triggers (in-process and from the control socket) ------------------------
 
     def wakeup(self, env: Envelope) -> None:
-        """A message was committed to incoming/: pick it up now (no directory poll)."""
-        self._incoming.append(env.queue_id)
-        self._wake.set()
+        """A message (a notice of ours) was committed to incoming/: pick it up now."""
+        self.wakeup_id(env.queue_id)
 
     def wakeup_id(self, queue_id: str) -> None:
-        """The listener (another process) committed this message to incoming/."""
+        """The listener (another process) committed this message to incoming/: pick it
+        up now (no directory poll)."""
         self._incoming.append(queue_id)
         self._wake.set()
 
-    def flush(self) -> None:
-        """postqueue -f: forget dead destinations, try every deferred message now."""
+    def _forget_dead(self) -> None:
         for dest in self.destinations.values():
             dest.dead_until = 0.0
             dest.fail_cohorts = 0.0
+
+    def flush(self) -> None:
+        """postqueue -f: forget dead destinations, try every deferred message now."""
+        self._forget_dead()
         self._scan_deferred = True
         self._scan_incoming = True
         self._ignore_times = True
@@ -182,9 +185,7 @@ class Scheduler:
     def flush_ids(self, queue_ids: Iterable[str]) -> None:
         """postqueue -i, postqueue -s, relay queue retry: these deferred messages now,
         with their destinations no longer held dead (else "now" would be a deferral)."""
-        for dest in self.destinations.values():
-            dest.dead_until = 0.0
-            dest.fail_cohorts = 0.0
+        self._forget_dead()
         for queue_id in queue_ids:
             self._incoming.append(queue_id)
         self._wake.set()

@@ -251,8 +251,9 @@ class Spool:
 
     # ---- spare inodes (see the module docstring) ----------------------------------
 
-    def _retire(self, path: str, truncate: bool = False) -> None:
+    def _retire(self, path: str, truncate: bool = False) -> bool:
         """Remove a file we own (under the message lock): keep its inode for reuse.
+        False if it was not there.
 
         ``truncate`` empties it first, while it still has its own name: once in free/
         the listener may take it at any moment."""
@@ -271,23 +272,31 @@ class Spool:
                         os.truncate(path, 0)  # keep the inode, not the content
                     os.rename(path, spare)
                 except FileNotFoundError:
-                    return
+                    return False
                 except OSError:
                     pass  # no free/ (an old spool): unlink as usual
                 else:
-                    return
-        with contextlib.suppress(FileNotFoundError):
+                    return True
+        try:
             os.unlink(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _spares(self) -> Iterator[tuple[str, int]]:
+        """(name, link count) of each file in free/."""
+        with contextlib.suppress(OSError), os.scandir(os.path.join(self.root, "free")) as it:
+            for entry in it:
+                with contextlib.suppress(OSError):
+                    yield entry.name, entry.stat(follow_symlinks=False).st_nlink
 
     def forget_linked_spares(self) -> None:
         """At the start of the one process that reuses spares: drop the free/ names
         that still share an inode with a live file (a crash between link and unlink)."""
-        free = os.path.join(self.root, "free")
-        for entry in self.scan("free"):
-            path = os.path.join(free, entry.queue_id)
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(path).st_nlink > 1:
-                    os.unlink(path)
+        for name, links in list(self._spares()):
+            if links > 1:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.root, "free", name))
 
     def _refill(self) -> None:
         """List free/ again (at most every 0.2 s; called under _free_lock)."""
@@ -295,11 +304,7 @@ class Spool:
         if now - self._free_listed < 0.2:
             return
         self._free_listed = now
-        with contextlib.suppress(OSError), os.scandir(os.path.join(self.root, "free")) as it:
-            for entry in it:
-                with contextlib.suppress(OSError):
-                    if entry.stat(follow_symlinks=False).st_nlink == 1:
-                        self._free.append(entry.name)
+        self._free.extend(name for name, links in self._spares() if links == 1)
 
     def _reuse(self, path: str) -> bool:
         """Give ``path`` a spare inode; False if none (or ``path`` exists).
@@ -314,12 +319,14 @@ class Spool:
             if not self._free:
                 self._refill()
             while self._free:
-                spare = os.path.join(self.root, "free", self._free.popleft())
+                name = self._free.popleft()
+                spare = os.path.join(self.root, "free", name)
                 try:
                     os.link(spare, path)
                 except FileNotFoundError:
                     continue  # taken already, or removed by postsuper -p
                 except OSError:
+                    self._free.appendleft(name)  # path exists (or worse): keep the spare
                     return False
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(spare)
@@ -333,7 +340,7 @@ class Spool:
         for _ in range(100):
             queue_id = make_queue_id(self.long_ids)
             path = self._data_path(queue_id)
-            if self._reuse_free and not os.path.exists(path) and self._reuse(path):
+            if self._reuse(path):  # False when path exists: O_EXCL below says so
                 return Reservation(queue_id, path)  # commit() truncates it
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -389,8 +396,7 @@ class Spool:
         return self.commit(res, env, [content])
 
     def _write_file(self, path: str, payload: bytes, step: str, mtime: float | None = None) -> None:
-        if self._reuse_free:
-            self._reuse(path)
+        self._reuse(path)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             view = memoryview(payload)
@@ -690,10 +696,8 @@ class Spool:
             self._dirsync[dst].sync()
 
     def _remove(self, queue_id: str, queue: str, durable: bool = True) -> None:
-        path = self._env_path(queue, queue_id)
-        if not os.path.exists(path):
+        if not self._retire(self._env_path(queue, queue_id)):
             raise EntryGone(f"{queue}/{queue_id}")
-        self._retire(path)
         self._fault("remove.envelope_gone")
         if durable:
             self._dirsync[queue].sync()
