@@ -40,6 +40,7 @@ from relay.outcome import Policy
 from relay.routing import Resolver, Router, open_table
 from relay.scheduler import QmgrSettings
 from spool import Envelope, Spool
+from spool.fsync import Syncer
 from spool.store import fault_hook_from
 
 log = logging.getLogger("relay.master")
@@ -334,6 +335,8 @@ async def run(config_dir: str | None, cfg: Config) -> int:
 
     clock = clock_mod.from_environ()
     listener = Listener(spool, smtpd_settings(cfg), on_queued=link.queued, clock=clock)
+    listener.syncer = Syncer()
+    listener.syncer.start()
     servers: list[asyncio.AbstractServer] = []
     for addr, sock in socks:
         sock.listen(512)
@@ -368,6 +371,7 @@ async def run(config_dir: str | None, cfg: Config) -> int:
     else:
         log.info("terminating on signal")
     await _shutdown(listener, servers, qmgr)
+    listener.syncer.close()
     stop_task.cancel()
     os.close(lock_fd)
     return status

@@ -34,6 +34,7 @@ from relay.config import Config, ConfigError
 from relay.delivery import SMTPDelivery
 from relay.scheduler import Scheduler
 from spool import Spool
+from spool.fsync import Syncer
 from spool.store import fault_hook_from
 
 log = logging.getLogger("relay.qmgr")
@@ -134,6 +135,8 @@ async def run(config_dir: str | None, cfg: Config, trigger_fd: int) -> int:
     clock = clock_mod.from_environ()
     scheduler = Scheduler(spool, qmgr_settings(cfg), router_for(cfg), resolver_for(cfg),
                           SMTPDelivery(), clock=clock)
+    scheduler.syncer = Syncer()
+    scheduler.syncer.start()
     qmgr = Qmgr(config_dir, cfg, spool, scheduler)
     ctl = await control.serve(spool.root, qmgr.on_control)
     trigger = socket.socket(fileno=trigger_fd)
@@ -159,6 +162,7 @@ async def run(config_dir: str | None, cfg: Config, trigger_fd: int) -> int:
     sched_task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await sched_task
+    scheduler.syncer.close()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(spool.root, control.SOCKET_NAME))
     os.close(lock_fd)

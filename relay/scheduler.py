@@ -31,6 +31,7 @@ from relay.delivery import Attempt, DeliverySettings, RcptResult, RcptStatus, SM
 from relay.outcome import Fate, Policy
 from relay.routing import NextHop, Resolver, RouteError, Router
 from spool import CorruptEntry, EntryGone, Envelope, RcptState, Recipient, Spool, SpoolError
+from spool.fsync import Syncer
 
 # Messages up to this size keep their content in memory while active (at most
 # qmgr_message_active_limit of them); bigger ones are read from disk per attempt.
@@ -148,6 +149,7 @@ class Scheduler:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
+        self.syncer: Syncer | None = None  # the qmgr's fsync helper, when it has one
         self._next_deferred_scan = 0.0
         self._next_scan_mono = 0.0
 
@@ -333,7 +335,15 @@ class Scheduler:
         names = [n for n in names if n not in self.messages]
         if not names:
             return 0
-        moved = await asyncio.to_thread(self._move_batch, names, from_queue)
+        # Renames and small reads, as Postfix's qmgr does them: on the event loop,
+        # which costs less than a thread hop.  A message another process holds
+        # locked is waited for in a thread.
+        busy: list[str] = []
+        moved = self._move_batch(names, from_queue, busy)
+        if busy:
+            moved += await asyncio.to_thread(self._move_batch, busy, from_queue)
+        else:
+            await asyncio.sleep(0)  # a long scan lets sessions run between batches
         now = self.clock.time()
         for queue_id, env, content in moved:
             if queue_id in self.messages:
@@ -346,12 +356,18 @@ class Scheduler:
             self._plan(message)
         return len(moved)
 
-    def _move_batch(self, names: list[str], from_queue: str | None
-                    ) -> list[tuple[str, Envelope, bytes | None]]:
+    def _move_batch(self, names: list[str], from_queue: str | None,
+                    busy: list[str] | None = None) -> list[tuple[str, Envelope, bytes | None]]:
+        """Move these to active/; with ``busy``, a message locked by another process
+        is not waited for but put there."""
         moved: list[tuple[str, Envelope, bytes | None]] = []
         for queue_id in names:
             try:
-                env, content = self._move_to_active(queue_id, from_queue)
+                env, content = self._move_to_active(queue_id, from_queue, wait=busy is None)
+            except BlockingIOError:
+                if busy is not None:
+                    busy.append(queue_id)
+                continue
             except EntryGone:
                 continue  # lost a race with postsuper or another scan
             except CorruptEntry as exc:
@@ -364,12 +380,12 @@ class Scheduler:
             moved.append((queue_id, env, content))
         return moved
 
-    def _move_to_active(self, queue_id: str,
-                        from_queue: str | None) -> tuple[Envelope, bytes | None]:
+    def _move_to_active(self, queue_id: str, from_queue: str | None,
+                        wait: bool = True) -> tuple[Envelope, bytes | None]:
         """Move to active/; also read a small message's content now (one thread hop
         fewer per delivery); a big one is read at each attempt."""
         queues = (from_queue,) if from_queue else ("incoming", "deferred", "active")
-        with self.spool.locked(queue_id, queues) as entry:
+        with self.spool.locked(queue_id, queues, wait=wait) as entry:
             env = entry.read()
             content = None
             if env.size <= CONTENT_CACHE_MAX:
@@ -520,7 +536,10 @@ class Scheduler:
         # The last job: the other jobs' fates must be on disk before the message is judged.
         await asyncio.gather(*message.recording, return_exceptions=True)
         try:
-            notices = await asyncio.to_thread(self._complete, message, results)
+            if await self._remove_delivered(message, results):
+                notices = []
+            else:
+                notices = await asyncio.to_thread(self._complete, message, results)
         except Exception:
             # The message stays in active/ as far as it was recorded; a restart
             # schedules it again.
@@ -580,6 +599,36 @@ class Scheduler:
         except EntryGone:
             log.info("%s: message was removed during delivery", message.queue_id)
         self._log_results(message, results)
+
+    async def _remove_delivered(self, message: Message, results: list[Result]) -> bool:
+        """The common end of a message, on the event loop: every recipient done and
+        none to bounce, so it is removed, its queue directory fsync'ed by the fsync
+        helper.  False (nothing changed) for every other case, which _complete()
+        handles in a thread."""
+        if self.syncer is None:
+            return False
+        queue_id = message.queue_id
+        try:
+            with self.spool.locked(queue_id, ("active",), wait=False) as entry:
+                env = self._merge(entry.read(), results)
+                if any(r.state is RcptState.BOUNCED and not r.notified for r in env.recipients):
+                    return False
+                if outcome.decide(env, self.clock.time(), self.settings.policy).fate \
+                        is not Fate.DONE:
+                    return False
+                entry.remove_envelope()
+        except (OSError, SpoolError, EntryGone):
+            return False  # locked elsewhere, moved, damaged: the thread's path sorts it out
+        try:
+            await self.syncer.sync([self.spool.dir_path("active")])
+        except OSError as exc:
+            # A crash before the next fsync of active/ could bring it back: a
+            # duplicate, never a loss.
+            log.warning("%s: cannot fsync the active queue: %s", queue_id, exc)
+        self.spool.remove_content(queue_id)
+        self._log_results(message, results)
+        log.info("%s: removed", queue_id)
+        return True
 
     def _complete(self, message: Message, results: list[Result]) -> list[Envelope]:
         """The last job of a message: record its fates and remove, bounce, warn or defer

@@ -63,6 +63,7 @@ from dataclasses import dataclass, replace
 from spool import envelope as envfmt
 from spool.envelope import Envelope
 from spool.errors import CorruptEntry, EntryGone, SpoolError, SpoolFull
+from spool.fsync import fsync_path
 
 QUEUES = ("incoming", "active", "deferred", "hold", "corrupt")
 # The order in which a queue ID is looked for, and in which showq lists queues.
@@ -347,7 +348,7 @@ class Spool:
             except FileExistsError:
                 continue
             except OSError as exc:
-                raise _spool_error(exc, "reserve queue ID") from exc
+                raise spool_error(exc, "reserve queue ID") from exc
             os.close(fd)
             return Reservation(queue_id, path)
         raise SpoolError("cannot find an unused queue ID")
@@ -357,36 +358,65 @@ class Spool:
 
         On any error the reservation is released and nothing is visible in a queue.
         """
-        env = replace(env, queue_id=res.queue_id)
-        tmp = self._tmp_path(res.queue_id)
         try:
-            size = 0
-            with open(res.data_path, "wb") as f:
-                for chunk in content:
-                    f.write(chunk)
-                    size += len(chunk)
-                self._fault("enqueue.data_written")
-                f.flush()
-                os.fsync(f.fileno())
-            if env.size != size:
-                env = replace(env, size=size)
-            self._write_file(tmp, envfmt.dumps(env), "enqueue.envelope_written")
+            env, files = self.stage(res, env, content)
+            for path in files:
+                fsync_path(path)
             self._dirsync["data"].sync()
-            self._fault("enqueue.before_rename")
-            os.rename(tmp, self._env_path("incoming", res.queue_id))
-            self._fault("enqueue.renamed")
+            self.publish(res)
             self._dirsync["incoming"].sync()
-            self._fault("enqueue.committed")
+            self.committed(res)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            if not os.path.exists(self._env_path("incoming", res.queue_id)):
-                with contextlib.suppress(OSError):
-                    os.unlink(res.data_path)
-            raise _spool_error(exc, "write queue file") from exc
+            self.discard(res)
+            raise spool_error(exc, "write queue file") from exc
         return env
 
+    # The same steps for a caller that does its fsyncs elsewhere (the daemon's
+    # listener, see spool.fsync): stage(), fsync the files it names and data/,
+    # publish(), fsync incoming/, committed(); discard() after any failure.
+
+    def stage(self, res: Reservation, env: Envelope, content: Iterable[bytes]
+              ) -> tuple[Envelope, list[str]]:
+        """Steps 1 and 2 without their fsyncs: the envelope as written and the
+        files that must be made durable (then data/) before publish()."""
+        env = replace(env, queue_id=res.queue_id)
+        size = 0
+        with open(res.data_path, "wb") as f:
+            for chunk in content:
+                f.write(chunk)
+                size += len(chunk)
+            self._fault("enqueue.data_written")
+        if env.size != size:
+            env = replace(env, size=size)
+        tmp = self._tmp_path(res.queue_id)
+        self._write_file(tmp, envfmt.dumps(env), "enqueue.envelope_written", sync=False)
+        return env, [res.data_path, tmp]
+
+    def dir_path(self, name: str) -> str:
+        """A spool directory (``data``, ``incoming``, ...), for fsync."""
+        return os.path.join(self.root, name)
+
+    def publish(self, res: Reservation) -> None:
+        """Step 4, the commit moment: tmp/ID becomes incoming/ID."""
+        self._fault("enqueue.before_rename")
+        os.rename(self._tmp_path(res.queue_id), self._env_path("incoming", res.queue_id))
+        self._fault("enqueue.renamed")
+
+    def committed(self, res: Reservation) -> None:
+        """After step 5: only fault injection marks it."""
+        self._fault("enqueue.committed")
+
+    def discard(self, res: Reservation) -> None:
+        """Undo a commit that failed: nothing stays that no queue names.  A message
+        already in incoming/ stays whole (its client may still be told 4xx)."""
+        with contextlib.suppress(OSError):
+            os.unlink(self._tmp_path(res.queue_id))
+        if not os.path.exists(self._env_path("incoming", res.queue_id)):
+            with contextlib.suppress(OSError):
+                os.unlink(res.data_path)
+
     def abort(self, res: Reservation) -> None:
+        """Release a reservation that was never staged."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(res.data_path)
 
@@ -395,7 +425,8 @@ class Spool:
         res = self.reserve()
         return self.commit(res, env, [content])
 
-    def _write_file(self, path: str, payload: bytes, step: str, mtime: float | None = None) -> None:
+    def _write_file(self, path: str, payload: bytes, step: str, mtime: float | None = None,
+                    sync: bool = True) -> None:
         self._reuse(path)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -404,7 +435,8 @@ class Spool:
                 n = os.write(fd, view)
                 view = view[n:]
             self._fault(step)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         if mtime is not None:
@@ -555,11 +587,14 @@ class Spool:
     # ---- changing state -----------------------------------------------------------
 
     @contextlib.contextmanager
-    def locked(self, queue_id: str, queues: Iterable[str] = SEARCH_ORDER) -> Iterator[Entry]:
+    def locked(self, queue_id: str, queues: Iterable[str] = SEARCH_ORDER,
+               wait: bool = True) -> Iterator[Entry]:
         """Lock one message against every other process and yield its Entry.
 
         Raises EntryGone when the message does not exist (or vanished while we
-        waited for the lock): callers treat that as a lost race.
+        waited for the lock): callers treat that as a lost race.  ``wait=False``
+        raises BlockingIOError instead of waiting for another holder (an event
+        loop then waits in a thread).
         """
         if not valid_queue_id(queue_id):
             raise EntryGone(queue_id)
@@ -575,7 +610,7 @@ class Spool:
                 raise CorruptEntry(f"{queue}/{queue_id}: message content is missing") from exc
             raise EntryGone(queue_id) from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             try:
                 if os.fstat(fd).st_ino != os.stat(path).st_ino:
                     raise EntryGone(queue_id)
@@ -676,7 +711,7 @@ class Spool:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise _spool_error(exc, "update queue file") from exc
+            raise spool_error(exc, "update queue file") from exc
         self._dirsync[queue].sync()
 
     def _move(self, queue_id: str, src: str, dst: str, mtime: float | None,
@@ -691,16 +726,23 @@ class Spool:
         except FileNotFoundError as exc:
             raise EntryGone(f"{src}/{queue_id}") from exc
         except OSError as exc:
-            raise _spool_error(exc, "move queue file") from exc
+            raise spool_error(exc, "move queue file") from exc
         if durable:
             self._dirsync[dst].sync()
 
     def _remove(self, queue_id: str, queue: str, durable: bool = True) -> None:
+        self._remove_envelope(queue_id, queue)
+        if durable:
+            self._dirsync[queue].sync()
+        self.remove_content(queue_id)
+
+    def _remove_envelope(self, queue_id: str, queue: str) -> None:
         if not self._retire(self._env_path(queue, queue_id)):
             raise EntryGone(f"{queue}/{queue_id}")
         self._fault("remove.envelope_gone")
-        if durable:
-            self._dirsync[queue].sync()
+
+    def remove_content(self, queue_id: str) -> None:
+        """The second half of a removal split by Entry.remove_envelope()."""
         self._retire(self._data_path(queue_id), truncate=True)
 
 
@@ -765,6 +807,12 @@ class Entry:
         """
         self._spool._remove(self.queue_id, self.queue, durable)
 
+    def remove_envelope(self) -> None:
+        """remove() in two halves, for a caller that fsyncs elsewhere: unlink the
+        envelope now; the caller makes its queue directory durable
+        (``spool.dir_path(entry.queue)``), then calls ``spool.remove_content()``."""
+        self._spool._remove_envelope(self.queue_id, self.queue)
+
 
 def _read_at(dir_fd: int, name: str) -> bytes:
     """The whole file ``name`` in the directory ``dir_fd``; an envelope takes one read."""
@@ -781,7 +829,7 @@ def _read_at(dir_fd: int, name: str) -> bytes:
         os.close(fd)
 
 
-def _spool_error(exc: OSError, what: str) -> SpoolError:
+def spool_error(exc: OSError, what: str) -> SpoolError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return SpoolFull(f"{what}: {exc.strerror}")
     return SpoolError(f"{what}: {exc.strerror or exc}")
