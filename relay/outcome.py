@@ -70,7 +70,7 @@ def format_delay(seconds: float) -> str:
     if seconds < 0.005:
         return "0"
     if seconds >= 10:
-        return str(int(math.floor(seconds + 0.5)))
+        return str(math.floor(seconds + 0.5))
     digits = 1 if seconds >= 1 else 2
     # round half up in decimal, as Postfix does on integer microseconds
     scaled = math.floor(seconds * 10**digits + 0.5 + 1e-9) / 10**digits

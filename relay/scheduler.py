@@ -150,6 +150,7 @@ class Scheduler:
         self._idle.set()
         self._stopping = False
         self.syncer: Syncer | None = None  # the qmgr's fsync helper, when it has one
+        self._lock_waits: set[str] = set()  # being activated in a thread: locked elsewhere
         self._next_deferred_scan = 0.0
         self._next_scan_mono = 0.0
 
@@ -330,20 +331,33 @@ class Scheduler:
     # ---- one message ------------------------------------------------------------------
 
     async def _activate(self, names: list[str], from_queue: str | None) -> int:
-        """Move these messages to active/ (one thread hop for the lot) and plan their
-        deliveries; returns how many were activated."""
-        names = [n for n in names if n not in self.messages]
+        """Move these messages to active/ and plan their deliveries; returns how many
+        were activated.
+
+        Renames and small reads, as Postfix's qmgr does them: on the event loop,
+        which costs less than a thread hop.  A message that another process holds
+        locked (postsuper at work) is waited for in a thread, off the scheduler's
+        path: the others go on meanwhile."""
+        names = [n for n in names if n not in self.messages and n not in self._lock_waits]
         if not names:
             return 0
-        # Renames and small reads, as Postfix's qmgr does them: on the event loop,
-        # which costs less than a thread hop.  A message another process holds
-        # locked is waited for in a thread.
         busy: list[str] = []
         moved = self._move_batch(names, from_queue, busy)
         if busy:
-            moved += await asyncio.to_thread(self._move_batch, busy, from_queue)
-        else:
-            await asyncio.sleep(0)  # a long scan lets sessions run between batches
+            self._lock_waits.update(busy)
+            self._spawn(self._activate_when_unlocked(busy, from_queue))
+        await asyncio.sleep(0)  # a long scan lets other work run between batches
+        return self._admit(moved)
+
+    async def _activate_when_unlocked(self, names: list[str], from_queue: str | None) -> None:
+        try:
+            moved = await asyncio.to_thread(self._move_batch, names, from_queue)
+        finally:
+            self._lock_waits.difference_update(names)
+        self._admit(moved)
+
+    def _admit(self, moved: list[tuple[str, Envelope, bytes | None]]) -> int:
+        """Messages now in active/ come into memory and get their jobs."""
         now = self.clock.time()
         for queue_id, env, content in moved:
             if queue_id in self.messages:
@@ -451,7 +465,7 @@ class Scheduler:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must not lose the message: defer it
-            log.exception("%s: delivery job failed: %s", message.queue_id, exc)
+            log.exception("%s: delivery job failed: %s", message.queue_id, exc)  # noqa: TRY401 - the maillog line names it
             results = [Result(RcptResult(a, RcptStatus.DEFER, "4.3.0", f"internal error: {exc}"),
                               "none", (0, 0, 0, 0)) for a in job.recipients]
         finally:

@@ -34,7 +34,7 @@ log = logging.getLogger("relay.fsync")
 MAX_REQUEST = 64 * 1024  # bytes of names per request; one caller's names always fit
 BUFFER = 1 << 20
 _OK = b"ok"
-_RESPAWNS = 5  # in a row without an answer before callers get EIO
+_RESPAWNS = 5  # in a row without an answer: then fsync in threads
 
 
 def fsync_path(path: str | bytes) -> None:
@@ -77,7 +77,8 @@ class Syncer:
     """The daemon's end: ``await syncer.sync(paths)`` returns once all are durable.
 
     One request is out at a time; names asked for meanwhile wait and go together.
-    Without a helper (it cannot be started) the names are fsync'ed in a thread.
+    Without a helper (it cannot be started, or it keeps exiting) the names are
+    fsync'ed in threads: slower, never less durable.
     """
 
     def __init__(self) -> None:
@@ -89,6 +90,7 @@ class Syncer:
         self._sent: list[tuple[list[bytes], asyncio.Future[None]]] | None = None
         self._respawns = 0
         self._closed = False
+        self.requests = 0  # sent to a helper: fewer than sync() calls under load
 
     def start(self) -> None:
         """Start the helper (the event loop must be running)."""
@@ -153,6 +155,7 @@ class Syncer:
         if not batch:
             return
         self._sent = batch
+        self.requests += 1
         try:
             assert self._sock is not None
             self._sock.send(b"\0".join(names))
@@ -175,8 +178,8 @@ class Syncer:
         failed: dict[bytes, int] = {}
         if answer != _OK:
             for item in answer[1:].split(b"\0"):
-                code, _, name = item.partition(b":")
-                failed[name] = int(code or errno.EIO)
+                number, _, name = item.partition(b":")
+                failed[name] = int(number or errno.EIO)
         for names, future in batch:
             if future.done():
                 continue
@@ -201,16 +204,17 @@ class Syncer:
             return
         self._respawns += 1
         if self._respawns > _RESPAWNS:
-            self._respawns = 0
-            self._fail_all(OSError(errno.EIO, "fsync helper keeps exiting"))
-        log.warning("fsync helper exited; starting another")
-        if not self._spawn():
-            waiting = list(self._waiting)
-            self._waiting.clear()
-            for names, future in waiting:
-                asyncio.ensure_future(_in_thread(names, future))
-        elif self._waiting:
-            self._send()
+            log.error("fsync helper keeps exiting; fsync in threads from now on")
+        else:
+            log.warning("fsync helper exited; starting another")
+            if self._spawn():
+                if self._waiting:
+                    self._send()
+                return
+        waiting = list(self._waiting)
+        self._waiting.clear()
+        for names, future in waiting:
+            asyncio.ensure_future(_in_thread(names, future))
 
     def _fail_all(self, exc: OSError) -> None:
         for _, future in [*(self._sent or []), *self._waiting]:

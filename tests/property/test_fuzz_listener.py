@@ -40,6 +40,7 @@ from hypothesis import strategies as st
 
 from relay.listener import Listener, SmtpdSettings
 from spool import Envelope, Spool
+from spool.fsync import Syncer
 
 EXAMPLES = int(os.environ.get("RELAY_FUZZ_EXAMPLES", "300"))
 # The bounded run of `make test` is the same every time; a long run explores.
@@ -73,6 +74,13 @@ class LiveListener:
         self.thread = threading.Thread(target=self.loop.run_forever, name="fuzz-listener",
                                        daemon=True)
         self.thread.start()
+        # The daemon's commit path: files written on the loop, fsync'ed by a helper.
+        self.syncer = Syncer()
+        self.listener.syncer = self.syncer
+
+        async def start() -> None:
+            self.syncer.start()
+        self.call(start())
         self.server = self.call(self.loop.create_server(self.listener.factory, "127.0.0.1", 0))
         self.port: int = self.server.sockets[0].getsockname()[1]
 
@@ -93,6 +101,7 @@ class LiveListener:
     def close(self) -> None:
         self.wait_idle()
         self.server.close()
+        self.loop.call_soon_threadsafe(self.syncer.close)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()

@@ -1,0 +1,172 @@
+"""A private Postfix instance for the benchmarks in scripts/ (bench_relay, bench_accept).
+
+Its own configuration directory, queue_directory and data_directory under a directory the
+caller owns (a temporary one), smtpd on a free loopback port, started with ``postfix -c
+DIR start`` and always stopped with ``postfix -c DIR stop``.  It never reads or writes
+/etc/postfix or the system's Postfix service.  It needs root and an installed Postfix.
+
+The scripts import it as ``from postfix_instance import ...``: a script's own directory
+is the first entry of sys.path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+POSTFIX = "/usr/sbin/postfix"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_listening(port: int, timeout: float = 20.0,
+                         alive: Callable[[], bool] = lambda: True,
+                         prog: str = "bench") -> None:
+    """Return once 127.0.0.1:``port`` sends a greeting line; SystemExit after ``timeout``."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if not alive():
+            raise SystemExit(f"{prog}: the server for port {port} exited")
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await asyncio.wait_for(reader.readline(), 2)
+            writer.write(b"QUIT\r\n")
+            writer.close()
+            return
+        except (OSError, TimeoutError):
+            await asyncio.sleep(0.05)
+    raise SystemExit(f"{prog}: nothing listens on 127.0.0.1:{port}")
+
+
+class PostfixUnderTest:
+    """A private Postfix instance: own config, queue and data directories, loopback only.
+
+    Every message goes to ``relayhost`` (e.g. ``[127.0.0.1]:PORT``).  ``extra`` adds or
+    overrides main.cf parameters.  ``prog`` prefixes the messages it prints.  Raises
+    RuntimeError if Postfix will not start, KeyError if there is no postfix user.
+    """
+
+    name = "postfix"
+
+    def __init__(self, base: Path, relayhost: str, sessions: int,
+                 extra: Mapping[str, str] | None = None, prog: str = "bench") -> None:
+        self.base = base
+        self.prog = prog
+        self.port = free_port()
+        self.config = base / "etc"
+        os.chmod(base, 0o755)  # postfix's daemons run as the postfix user
+        self.config.mkdir(parents=True)
+        queue = base / "spool"
+        data = base / "data"
+        queue.mkdir()
+        data.mkdir()
+        postfix_user = pwd.getpwnam("postfix")
+        os.chown(data, postfix_user.pw_uid, postfix_user.pw_gid)
+        defaults = subprocess.run(
+            ["postconf", "-d", "-h", "daemon_directory", "meta_directory", "shlib_directory"],
+            capture_output=True, text=True, check=True).stdout.split()
+        daemon_dir, meta_dir, shlib_dir = defaults
+        main = {
+            "compatibility_level": "3.6",
+            "queue_directory": str(queue),
+            "data_directory": str(data),
+            "daemon_directory": daemon_dir,
+            "meta_directory": meta_dir,
+            "shlib_directory": shlib_dir,
+            "mail_owner": "postfix",
+            "setgid_group": "postdrop",
+            "myhostname": "postfix-bench.test",
+            "mydomain": "bench.test",
+            "myorigin": "bench.test",
+            "mydestination": "",
+            "inet_interfaces": "127.0.0.1",
+            "inet_protocols": "ipv4",
+            "mynetworks": "127.0.0.0/8",
+            "relayhost": relayhost,
+            "smtp_dns_support_level": "disabled",
+            "disable_dns_lookups": "yes",
+            "maillog_file": str(base / "maillog"),
+            "maillog_file_prefixes": str(base),
+            "smtpd_client_connection_count_limit": str(max(50, sessions * 2)),
+            "smtpd_client_connection_rate_limit": "0",
+            "alias_maps": "",
+            "alias_database": "",
+            "local_recipient_maps": "",
+            "biff": "no",
+            "smtputf8_enable": "no",
+            "smtp_tls_security_level": "none",
+            "smtpd_tls_security_level": "none",
+            "multi_instance_enable": "no",
+        }
+        main.update(extra or {})
+        (self.config / "main.cf").write_text(
+            "".join(f"{k} = {v}\n" for k, v in main.items()))
+        # Only what relaying needs; the service names are those Postfix's programs expect.
+        master = f"""\
+127.0.0.1:{self.port} inet n - y - - smtpd
+pickup    unix  n       -       y       60      1       pickup
+cleanup   unix  n       -       y       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       y       1000?   1       tlsmgr
+rewrite   unix  -       -       y       -       -       trivial-rewrite
+bounce    unix  -       -       y       -       0       bounce
+defer     unix  -       -       y       -       0       bounce
+trace     unix  -       -       y       -       0       bounce
+verify    unix  -       -       y       -       1       verify
+flush     unix  n       -       y       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       y       -       -       smtp
+relay     unix  -       -       y       -       -       smtp
+showq     unix  n       -       y       -       -       showq
+error     unix  -       -       y       -       -       error
+retry     unix  -       -       y       -       -       error
+discard   unix  -       -       y       -       -       discard
+local     unix  -       n       n       -       -       local
+anvil     unix  -       -       y       -       1       anvil
+scache    unix  -       -       y       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+        (self.config / "master.cf").write_text(master)
+        self.started = False
+        self._run("start")
+        self.started = True
+
+    def _run(self, verb: str) -> None:
+        proc = subprocess.run([POSTFIX, "-c", str(self.config), verb],
+                              capture_output=True, text=True, timeout=60, check=False)
+        if proc.returncode != 0:
+            # Without a terminal postfix(1) says why only in the maillog (if it got that far).
+            said = (proc.stdout + proc.stderr).strip()
+            with contextlib.suppress(OSError):
+                said += " " + (self.base / "maillog").read_text(errors="replace")[-1000:]
+            raise RuntimeError(f"postfix -c {self.config} {verb} failed "
+                               f"({proc.returncode}): {said.strip()}")
+
+    async def ready(self) -> None:
+        await wait_listening(self.port, prog=self.prog)
+
+    def left_in_queue(self) -> int:
+        """Queue files in incoming, active, deferred and maildrop (hashed subdirectories too)."""
+        queue = self.base / "spool"
+        return sum(len(files) for q in ("incoming", "active", "deferred", "maildrop")
+                   for _, _, files in os.walk(queue / q))
+
+    def stop(self) -> None:
+        if self.started:
+            self.started = False
+            try:
+                self._run("stop")
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                print(f"{self.prog}: warning: {exc}", file=sys.stderr)

@@ -1,0 +1,212 @@
+"""The fsync helper (spool.fsync): a real helper process, real files, real signals.
+
+What the daemon relies on: a caller is answered only after its names were fsync'ed
+(or with the errno and name that failed), callers that arrive together share one
+request, a helper that dies is replaced and its work done again, and the helper
+never outlives its parent nor dies of the signals meant for the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from spool import fsync as fsync_mod
+from spool.fsync import Syncer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if not alive(pid):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def files(tmp_path: Path, n: int) -> list[str]:
+    out = []
+    for i in range(n):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(b"x" * 100)
+        out.append(str(p))
+    return out
+
+
+def test_files_and_directories_are_synced_by_a_child_process(tmp_path: Path) -> None:
+    async def main() -> int | None:
+        s = Syncer()
+        s.start()
+        try:
+            pid = s.helper_pid
+            assert pid is not None and pid != os.getpid()
+            assert parent_of(pid) == os.getpid()  # our child
+            await s.sync([*files(tmp_path, 3), str(tmp_path)])
+            return pid
+        finally:
+            s.close()
+
+    pid = run(main())
+    assert pid is not None and wait_gone(pid), "close() ends the helper"
+
+
+def test_a_failed_fsync_names_its_errno_and_file_and_fails_only_its_caller(
+        tmp_path: Path) -> None:
+    """/dev/null opens but cannot be fsync'ed (EINVAL): proof that the helper calls
+    fsync(2) on what it is sent, and that the answer says which name failed."""
+    async def main() -> None:
+        s = Syncer()
+        s.start()
+        try:
+            good = files(tmp_path, 2)
+            results = await asyncio.gather(
+                s.sync(good), s.sync(["/dev/null"]), s.sync([str(tmp_path / "missing")]),
+                s.sync(good[:1]), return_exceptions=True)
+            assert results[0] is None and results[3] is None
+            assert isinstance(results[1], OSError) and results[1].errno == errno.EINVAL
+            assert results[1].filename == "/dev/null"
+            assert isinstance(results[2], OSError) and results[2].errno == errno.ENOENT
+            assert results[2].filename == str(tmp_path / "missing")
+            await s.sync(good)  # the helper goes on after failures
+        finally:
+            s.close()
+
+    run(main())
+
+
+def test_callers_that_arrive_together_share_requests(tmp_path: Path) -> None:
+    async def main() -> int:
+        s = Syncer()
+        s.start()
+        try:
+            names = files(tmp_path, 200)
+            await asyncio.gather(*(s.sync([n, str(tmp_path)]) for n in names))
+            return s.requests
+        finally:
+            s.close()
+
+    requests = run(main())
+    # The first caller's request goes alone; the 199 that queued behind it share.
+    assert 1 <= requests <= 10, requests
+
+
+def test_a_killed_helper_is_replaced_and_no_caller_is_lost(tmp_path: Path) -> None:
+    async def main() -> tuple[int, int]:
+        s = Syncer()
+        s.start()
+        try:
+            first = s.helper_pid
+            assert first is not None
+            names = files(tmp_path, 50)
+            calls = [asyncio.ensure_future(s.sync([n])) for n in names]
+            await asyncio.sleep(0)  # the first request is out
+            os.kill(first, signal.SIGKILL)
+            await asyncio.wait_for(asyncio.gather(*calls), 20)
+            await s.sync(names)
+            second = s.helper_pid
+            assert second is not None
+            return first, second
+        finally:
+            s.close()
+
+    first, second = run(main())
+    assert first != second and wait_gone(first)
+
+
+def test_the_helper_ignores_sigterm_and_sigint(tmp_path: Path) -> None:
+    """A process-group signal to the daemon must not take its fsyncs away mid-commit:
+    the parent decides when the helper ends (by closing the socket)."""
+    async def main() -> None:
+        s = Syncer()
+        s.start()
+        try:
+            pid = s.helper_pid
+            assert pid is not None
+            await s.sync(files(tmp_path, 1))
+            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGINT)
+            await asyncio.sleep(0.2)
+            assert alive(pid)
+            await s.sync(files(tmp_path, 2))
+            assert s.helper_pid == pid
+        finally:
+            s.close()
+
+    run(main())
+
+
+def test_the_helper_dies_with_its_parent(tmp_path: Path) -> None:
+    """SIGKILL of the process that started the helper: the helper sees its socket
+    close and exits, leaving no orphan behind."""
+    script = (
+        "import asyncio, sys\n"
+        "from spool.fsync import Syncer\n"
+        "async def main():\n"
+        "    s = Syncer(); s.start()\n"
+        "    await s.sync([sys.argv[1]])\n"
+        "    print(s.helper_pid, flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    target = files(tmp_path, 1)[0]
+    parent = subprocess.Popen([sys.executable, "-c", script, target],
+                              stdout=subprocess.PIPE, cwd=Path(__file__).parents[2])
+    try:
+        assert parent.stdout is not None
+        helper = int(parent.stdout.readline())
+        assert alive(helper)
+        parent.kill()
+        parent.wait()
+        assert wait_gone(helper), "the helper outlived its parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
+def test_without_a_helper_fsync_runs_in_threads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A helper that cannot be started (no fork, say) costs speed, not durability."""
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    async def main() -> None:
+        monkeypatch.setattr(fsync_mod.subprocess, "Popen", refuse)
+        s = Syncer()
+        s.start()
+        assert s.helper_pid is None
+        await s.sync(files(tmp_path, 3))
+        with pytest.raises(OSError) as exc:
+            await s.sync(["/dev/null"])
+        assert exc.value.errno == errno.EINVAL
+        s.close()
+
+    run(main())
