@@ -53,7 +53,7 @@ from relay.config import NetworkMatcher, domain_in_list
 from spool import Spool, SpoolFull
 from spool.envelope import Envelope, Recipient
 from spool.fsync import Syncer
-from spool.store import spool_error
+from spool.store import run_steps_async
 
 log = logging.getLogger("relay.smtpd")
 cleanup_log = logging.getLogger("relay.cleanup")
@@ -588,32 +588,23 @@ class Listener:
         self, server: RelaySMTP, session: Session, envelope: SMTPEnvelope, content: bytes
     ) -> Envelope:
         """Reserve the ID, build the envelope and the Received: header that name it,
-        write and commit.  The files are written here (page cache: no waiting) and
-        made durable by the fsync helper, which many sessions share (group commit);
-        without one, the whole store runs in a thread."""
+        write and commit.  The files are written here (to the page cache: no waiting)
+        and made durable by the fsync helper, which many sessions share (group
+        commit).  Without a helper, or for a big message, the whole store runs in a
+        thread."""
         syncer = self.syncer
-        if syncer is None:
+        if syncer is None or len(content) > INLINE_WRITE_MAX:
             return await asyncio.to_thread(self._store, server, session, envelope, content)
         spool = self.spool
         res = spool.reserve()
-        staged = False
         try:
             env = self._envelope(server, session, envelope, res.queue_id, content)
-            parts = (self.received_header(server, session, res.queue_id), content)
-            staged = True
-            if len(content) > INLINE_WRITE_MAX:  # a big write must not stall the loop
-                env, files = await asyncio.to_thread(spool.stage, res, env, parts)
-            else:
-                env, files = spool.stage(res, env, parts)
-            await syncer.sync([*files, spool.dir_path("data")])
-            spool.publish(res)
-            await syncer.sync([spool.dir_path("incoming")])
-            spool.committed(res)
-        except BaseException as exc:
-            spool.discard(res) if staged else spool.abort(res)
-            if isinstance(exc, OSError):
-                raise spool_error(exc, "write queue file") from exc
+            received = self.received_header(server, session, res.queue_id)
+        except BaseException:
+            spool.abort(res)
             raise
+        env = await run_steps_async(spool.commit_steps(res, env, (received, content)),
+                                    syncer.sync)
         cleanup_log.info("%s: message-id=%s", env.queue_id, env.message_id or "<>")  # Postfix: <> when missing
         return env
 

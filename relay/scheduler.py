@@ -32,6 +32,7 @@ from relay.outcome import Fate, Policy
 from relay.routing import NextHop, Resolver, RouteError, Router
 from spool import CorruptEntry, EntryGone, Envelope, RcptState, Recipient, Spool, SpoolError
 from spool.fsync import Syncer
+from spool.store import Steps, run_steps, run_steps_async
 
 # Messages up to this size keep their content in memory while active (at most
 # qmgr_message_active_limit of them); bigger ones are read from disk per attempt.
@@ -550,10 +551,7 @@ class Scheduler:
         # The last job: the other jobs' fates must be on disk before the message is judged.
         await asyncio.gather(*message.recording, return_exceptions=True)
         try:
-            if await self._remove_delivered(message, results):
-                notices = []
-            else:
-                notices = await asyncio.to_thread(self._complete, message, results)
+            notices = await self._complete(message, results)
         except Exception:
             # The message stays in active/ as far as it was recorded; a restart
             # schedules it again.
@@ -614,50 +612,38 @@ class Scheduler:
             log.info("%s: message was removed during delivery", message.queue_id)
         self._log_results(message, results)
 
-    async def _remove_delivered(self, message: Message, results: list[Result]) -> bool:
-        """The common end of a message, on the event loop: every recipient done and
-        none to bounce, so it is removed, its queue directory fsync'ed by the fsync
-        helper.  False (nothing changed) for every other case, which _complete()
-        handles in a thread."""
-        if self.syncer is None:
-            return False
-        queue_id = message.queue_id
-        try:
-            with self.spool.locked(queue_id, ("active",), wait=False) as entry:
-                env = self._merge(entry.read(), results)
-                if any(r.state is RcptState.BOUNCED and not r.notified for r in env.recipients):
-                    return False
-                if outcome.decide(env, self.clock.time(), self.settings.policy).fate \
-                        is not Fate.DONE:
-                    return False
-                entry.remove_envelope()
-        except (OSError, SpoolError, EntryGone):
-            return False  # locked elsewhere, moved, damaged: the thread's path sorts it out
-        try:
-            await self.syncer.sync([self.spool.dir_path("active")])
-        except OSError as exc:
-            # A crash before the next fsync of active/ could bring it back: a
-            # duplicate, never a loss.
-            log.warning("%s: cannot fsync the active queue: %s", queue_id, exc)
-        self.spool.remove_content(queue_id)
-        self._log_results(message, results)
-        log.info("%s: removed", queue_id)
-        return True
+    async def _complete(self, message: Message, results: list[Result]) -> list[Envelope]:
+        """Judge a message whose last job is done (see _complete_steps).
 
-    def _complete(self, message: Message, results: list[Result]) -> list[Envelope]:
+        On the event loop, its fsyncs done by the fsync helper, as Postfix's qmgr
+        does its file work in its one thread; in a thread if there is no helper, or
+        if another process holds the message locked (postsuper at work)."""
+        if self.syncer is not None:
+            try:
+                return await run_steps_async(
+                    self._complete_steps(message, results, wait=False), self.syncer.sync)
+            except BlockingIOError:
+                pass  # nothing done yet: wait for the lock in a thread
+        return await asyncio.to_thread(
+            lambda: run_steps(self._complete_steps(message, results), self.spool.fsync_paths))
+
+    def _complete_steps(self, message: Message, results: list[Result],
+                        wait: bool = True) -> Steps[list[Envelope]]:
         """The last job of a message: record its fates and remove, bounce, warn or defer
         it, in as few durable writes as the promise allows (the removal of a finished
-        message is itself the durable mark that its recipients were delivered)."""
+        message is itself the durable mark that its recipients were delivered).
+        Returns the notices queued.  ``wait=False``: BlockingIOError, before any
+        change, if another process holds the message locked."""
         now = self.clock.time()
         notices: list[Envelope] = []
         try:
-            with self.spool.locked(message.queue_id) as entry:
+            with self.spool.locked(message.queue_id, wait=wait) as entry:
                 env = self._merge(entry.read(), results)
                 if entry.queue != "active":
                     # postsuper moved it meanwhile: the operator's state wins, and
                     # what was delivered stays delivered.
                     if results:
-                        entry.write(env)
+                        yield from entry.write_steps(env)
                     message.again = entry.queue in ("incoming", "deferred")
                     self._log_results(message, results)
                     return notices
@@ -675,19 +661,19 @@ class Scheduler:
                                 reason=r.reason or "message is administratively expired",
                                 dsn=r.dsn or "4.0.0")
                         if r.state is RcptState.PENDING else r for r in env.recipients))
-                notice = self._bounce(env, now)
+                notice = yield from self._bounce(env, now)
                 if notice is not None:
                     notices.append(notice)
                     env = env.with_recipients(tuple(
                         replace(r, notified=True) if r.state is RcptState.BOUNCED else r
                         for r in env.recipients))
                 if decision.fate in (Fate.DONE, Fate.EXPIRE):
-                    entry.remove()
+                    yield from entry.remove_steps()
                     self._log_results(message, results)
                     log.info("%s: removed", env.queue_id)
                     return notices
                 if decision.warn:
-                    warning = self._delay_warning(env, now)
+                    warning = yield from self._delay_warning(env, now)
                     if warning is not None:
                         notices.append(warning)
                     env = replace(env, warned=True)
@@ -695,15 +681,16 @@ class Scheduler:
                               next_attempt=decision.next_attempt)
                 # The rewrite is durable; the move to deferred/ need not be (a crash
                 # leaves it in active/, and it is scheduled again at start).
-                entry.write_and_move(env, "deferred", mtime=decision.next_attempt,
-                                     durable_move=False)
+                yield from entry.write_and_move_steps(env, "deferred",
+                                                      mtime=decision.next_attempt,
+                                                      durable_move=False)
                 self._log_results(message, results)
         except EntryGone:
             log.info("%s: message was removed during delivery", message.queue_id)
             self._log_results(message, results)
         return notices
 
-    def _bounce(self, env: Envelope, now: float) -> Envelope | None:
+    def _bounce(self, env: Envelope, now: float) -> Steps[Envelope | None]:
         """Queue one non-delivery notice for the bounced, not yet notified recipients."""
         failed = [r for r in env.recipients if r.state is RcptState.BOUNCED and not r.notified]
         if not failed or not env.sender:
@@ -718,12 +705,12 @@ class Scheduler:
             original=content, arrival_time=env.arrival_time, now=now,
             myhostname=self.settings.myhostname, mail_name=self.settings.mail_name,
         )
-        notice = self._queue_notice(env, body, now)
+        notice = yield from self._queue_notice(env, body, now)
         bounce_log.info("%s: sender non-delivery notification: %s", env.queue_id,
                         notice.queue_id)
         return notice
 
-    def _delay_warning(self, env: Envelope, now: float) -> Envelope | None:
+    def _delay_warning(self, env: Envelope, now: float) -> Steps[Envelope | None]:
         pending = env.pending
         if not pending or not env.sender:
             return None
@@ -740,15 +727,16 @@ class Scheduler:
             delay_warning_hours=p.delay_warning_time / 3600,
             max_lifetime_days=p.maximal_queue_lifetime / 86400,
         )
-        notice = self._queue_notice(env, body, now)
+        notice = yield from self._queue_notice(env, body, now)
         bounce_log.info("%s: sender delay notification: %s", env.queue_id, notice.queue_id)
         return notice
 
-    def _queue_notice(self, env: Envelope, body: bytes, now: float) -> Envelope:
+    def _queue_notice(self, env: Envelope, body: bytes, now: float) -> Steps[Envelope]:
         notice = Envelope(
             queue_id="", sender="", recipients=(Recipient(env.sender),), arrival_time=now,
             size=len(body), client_name="localhost", client_address="127.0.0.1",
             protocol="local", message_id="",
         )
-        return self.spool.enqueue(notice, body)
+        res = self.spool.reserve()
+        return (yield from self.spool.commit_steps(res, notice, [body]))
 

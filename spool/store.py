@@ -57,8 +57,9 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, replace
+from typing import TypeVar, cast
 
 from spool import envelope as envfmt
 from spool.envelope import Envelope
@@ -76,6 +77,11 @@ _BASE52 = "0123456789BCDFGHJKLMNPQRSTVWXYZbcdfghjklmnpqrstvwxyz"
 _BASE51 = _BASE52[:-1]
 
 FaultHook = Callable[[str], None]
+T = TypeVar("T")
+# A state change as steps: each yield names the files and directories that must be
+# durable before the next step; run_steps() (blocking) or run_steps_async() (the
+# daemon's fsync helper) drives it.  One order of steps, two ways to wait for disks.
+Steps = Generator[list[str], None, T]
 
 
 def valid_queue_id(name: str) -> bool:
@@ -117,7 +123,7 @@ class _DirSync:
     their own rename has finished."""
 
     def __init__(self, path: str) -> None:
-        self._path = path
+        self.path = path
         self._cond = threading.Condition()
         self._requested = 0
         self._done = 0
@@ -135,7 +141,7 @@ class _DirSync:
                 target = self._requested
                 self._cond.release()
                 try:
-                    fd = os.open(self._path, os.O_RDONLY | os.O_DIRECTORY)
+                    fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
                     try:
                         os.fsync(fd)
                     finally:
@@ -228,6 +234,7 @@ class Spool:
             self.create_dirs()
         for name in ("tmp", "data", *QUEUES):
             self._dirsync[name] = _DirSync(os.path.join(self.root, name))
+        self._dirsync_at = {group.path: group for group in self._dirsync.values()}
 
     # ---- layout -------------------------------------------------------------
 
@@ -358,62 +365,55 @@ class Spool:
 
         On any error the reservation is released and nothing is visible in a queue.
         """
-        try:
-            env, files = self.stage(res, env, content)
-            for path in files:
-                fsync_path(path)
-            self._dirsync["data"].sync()
-            self.publish(res)
-            self._dirsync["incoming"].sync()
-            self.committed(res)
-        except OSError as exc:
-            self.discard(res)
-            raise spool_error(exc, "write queue file") from exc
-        return env
+        return run_steps(self.commit_steps(res, env, content), self.fsync_paths)
 
-    # The same steps for a caller that does its fsyncs elsewhere (the daemon's
-    # listener, see spool.fsync): stage(), fsync the files it names and data/,
-    # publish(), fsync incoming/, committed(); discard() after any failure.
-
-    def stage(self, res: Reservation, env: Envelope, content: Iterable[bytes]
-              ) -> tuple[Envelope, list[str]]:
-        """Steps 1 and 2 without their fsyncs: the envelope as written and the
-        files that must be made durable (then data/) before publish()."""
+    def commit_steps(self, res: Reservation, env: Envelope, content: Iterable[bytes]
+                     ) -> Steps[Envelope]:
+        """commit() as steps (see run_steps): the files are written here, and each
+        yield names what must be durable before the next step."""
         env = replace(env, queue_id=res.queue_id)
-        size = 0
-        with open(res.data_path, "wb") as f:
-            for chunk in content:
-                f.write(chunk)
-                size += len(chunk)
-            self._fault("enqueue.data_written")
-        if env.size != size:
-            env = replace(env, size=size)
         tmp = self._tmp_path(res.queue_id)
-        self._write_file(tmp, envfmt.dumps(env), "enqueue.envelope_written", sync=False)
-        return env, [res.data_path, tmp]
+        try:
+            size = 0
+            with open(res.data_path, "wb") as f:
+                for chunk in content:
+                    f.write(chunk)
+                    size += len(chunk)
+                self._fault("enqueue.data_written")
+            if env.size != size:
+                env = replace(env, size=size)
+            self._write_file(tmp, envfmt.dumps(env), "enqueue.envelope_written", sync=False)
+            yield [res.data_path, tmp, self.dir_path("data")]
+            self._fault("enqueue.before_rename")
+            os.rename(tmp, self._env_path("incoming", res.queue_id))
+            self._fault("enqueue.renamed")
+            yield [self.dir_path("incoming")]
+            self._fault("enqueue.committed")
+        except BaseException as exc:  # an abandoned commit (GeneratorExit) included
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if not os.path.exists(self._env_path("incoming", res.queue_id)):
+                with contextlib.suppress(OSError):
+                    os.unlink(res.data_path)  # never visible: release the reservation
+            # else: renamed but not known durable; it stays whole (its client, told
+            # 4xx, may send it again: the protocol's duplicate, never a loss).
+            if isinstance(exc, OSError):
+                raise spool_error(exc, "write queue file") from exc
+            raise
+        return env
 
     def dir_path(self, name: str) -> str:
         """A spool directory (``data``, ``incoming``, ...), for fsync."""
         return os.path.join(self.root, name)
 
-    def publish(self, res: Reservation) -> None:
-        """Step 4, the commit moment: tmp/ID becomes incoming/ID."""
-        self._fault("enqueue.before_rename")
-        os.rename(self._tmp_path(res.queue_id), self._env_path("incoming", res.queue_id))
-        self._fault("enqueue.renamed")
-
-    def committed(self, res: Reservation) -> None:
-        """After step 5: only fault injection marks it."""
-        self._fault("enqueue.committed")
-
-    def discard(self, res: Reservation) -> None:
-        """Undo a commit that failed: nothing stays that no queue names.  A message
-        already in incoming/ stays whole (its client may still be told 4xx)."""
-        with contextlib.suppress(OSError):
-            os.unlink(self._tmp_path(res.queue_id))
-        if not os.path.exists(self._env_path("incoming", res.queue_id)):
-            with contextlib.suppress(OSError):
-                os.unlink(res.data_path)
+    def fsync_paths(self, paths: Iterable[str]) -> None:
+        """The blocking driver's fsync: directories through their group commit."""
+        for path in paths:
+            group = self._dirsync_at.get(path)
+            if group is not None:
+                group.sync()
+            else:
+                fsync_path(path)
 
     def abort(self, res: Reservation) -> None:
         """Release a reservation that was never staged."""
@@ -701,18 +701,21 @@ class Spool:
 
     # ---- used by Entry ------------------------------------------------------------
 
-    def _rewrite(self, queue: str, env: Envelope, mtime: float | None) -> None:
+    def _rewrite_steps(self, queue: str, env: Envelope, mtime: float | None) -> Steps[None]:
         tmp = self._tmp_path(env.queue_id)
         try:
-            self._write_file(tmp, envfmt.dumps(env), "update.tmp_written", mtime)
+            self._write_file(tmp, envfmt.dumps(env), "update.tmp_written", mtime, sync=False)
+            yield [tmp]  # complete on disk before it replaces the old envelope
             self._fault("update.before_rename")
             os.rename(tmp, self._env_path(queue, env.queue_id))
             self._fault("update.renamed")
-        except OSError as exc:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise spool_error(exc, "update queue file") from exc
-        self._dirsync[queue].sync()
+            if isinstance(exc, OSError):
+                raise spool_error(exc, "update queue file") from exc
+            raise
+        yield [self.dir_path(queue)]
 
     def _move(self, queue_id: str, src: str, dst: str, mtime: float | None,
               durable: bool = True) -> None:
@@ -730,19 +733,12 @@ class Spool:
         if durable:
             self._dirsync[dst].sync()
 
-    def _remove(self, queue_id: str, queue: str, durable: bool = True) -> None:
-        self._remove_envelope(queue_id, queue)
-        if durable:
-            self._dirsync[queue].sync()
-        self.remove_content(queue_id)
-
-    def _remove_envelope(self, queue_id: str, queue: str) -> None:
+    def _remove_steps(self, queue_id: str, queue: str, durable: bool = True) -> Steps[None]:
         if not self._retire(self._env_path(queue, queue_id)):
             raise EntryGone(f"{queue}/{queue_id}")
         self._fault("remove.envelope_gone")
-
-    def remove_content(self, queue_id: str) -> None:
-        """The second half of a removal split by Entry.remove_envelope()."""
+        if durable:
+            yield [self.dir_path(queue)]  # the envelope is gone for good before its content
         self._retire(self._data_path(queue_id), truncate=True)
 
 
@@ -768,9 +764,13 @@ class Entry:
 
     def write(self, env: Envelope, mtime: float | None = None) -> None:
         """Replace the envelope in its current queue (atomic rename)."""
+        run_steps(self.write_steps(env, mtime), self._spool.fsync_paths)
+
+    def write_steps(self, env: Envelope, mtime: float | None = None) -> Steps[None]:
+        """write() as steps, for run_steps_async()."""
         if env.queue_id != self.queue_id:
             raise ValueError("envelope belongs to another queue ID")
-        self._spool._rewrite(self.queue, env, mtime)
+        return self._spool._rewrite_steps(self.queue, env, mtime)
 
     def move(self, queue: str, mtime: float | None = None, durable: bool = True) -> None:
         """Move to another queue; mtime (e.g. the next attempt) is set first.
@@ -791,8 +791,17 @@ class Entry:
                        durable_move: bool = True) -> None:
         """Rewrite in place (always durable), then move: a crash in between leaves the
         new envelope in the old queue, never two envelopes."""
-        self.write(env, mtime)
-        self.move(queue, mtime, durable_move)
+        run_steps(self.write_and_move_steps(env, queue, mtime, durable_move),
+                  self._spool.fsync_paths)
+
+    def write_and_move_steps(self, env: Envelope, queue: str, mtime: float | None = None,
+                             durable_move: bool = True) -> Steps[None]:
+        yield from self.write_steps(env, mtime)
+        if durable_move:
+            self.move(queue, mtime, durable=False)
+            yield [self._spool.dir_path(queue)]
+        else:
+            self.move(queue, mtime, durable=False)
 
     def remove(self, durable: bool = True) -> None:
         """Unlink the envelope, then the content.
@@ -805,13 +814,45 @@ class Entry:
         without content; were one to appear, ``Spool.locked()`` reports it as
         CorruptEntry and it is quarantined to corrupt/, never delivered half.
         """
-        self._spool._remove(self.queue_id, self.queue, durable)
+        run_steps(self.remove_steps(durable), self._spool.fsync_paths)
 
-    def remove_envelope(self) -> None:
-        """remove() in two halves, for a caller that fsyncs elsewhere: unlink the
-        envelope now; the caller makes its queue directory durable
-        (``spool.dir_path(entry.queue)``), then calls ``spool.remove_content()``."""
-        self._spool._remove_envelope(self.queue_id, self.queue)
+    def remove_steps(self, durable: bool = True) -> Steps[None]:
+        """remove() as steps, for run_steps_async()."""
+        return self._spool._remove_steps(self.queue_id, self.queue, durable)
+
+
+def run_steps(steps: Steps[T], sync: Callable[[list[str]], None]) -> T:
+    """Drive a change made of steps: between two steps, ``sync`` makes durable what the
+    first named.  A failed fsync is thrown into the steps, which clean up and raise."""
+    try:
+        paths = next(steps)
+        while True:
+            try:
+                sync(paths)
+            except OSError as exc:
+                paths = steps.throw(exc)
+            else:
+                paths = next(steps)
+    except StopIteration as stop:
+        return cast(T, stop.value)
+
+
+async def run_steps_async(steps: Steps[T],
+                          sync: Callable[[list[str]], Awaitable[None]]) -> T:
+    """run_steps() for an event loop: ``sync`` is the fsync helper's (spool.fsync)."""
+    try:
+        paths = next(steps)
+        while True:
+            try:
+                await sync(paths)
+            except OSError as exc:
+                paths = steps.throw(exc)
+            else:
+                paths = next(steps)
+    except StopIteration as stop:
+        return cast(T, stop.value)
+    finally:
+        steps.close()  # cancelled between steps: the steps clean up
 
 
 def _read_at(dir_fd: int, name: str) -> bytes:
