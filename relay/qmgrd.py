@@ -132,6 +132,7 @@ async def run(config_dir: str | None, cfg: Config, trigger_fd: int) -> int:
     # One queue manager per spool, even for the moment an old one takes to die.
     lock_fd = os.open(os.path.join(spool.root, "qmgr.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     await asyncio.to_thread(fcntl.flock, lock_fd, fcntl.LOCK_EX)
+    await asyncio.to_thread(spool.forget_kept_spares)
     clock = clock_mod.from_environ()
     scheduler = Scheduler(spool, qmgr_settings(cfg), router_for(cfg), resolver_for(cfg),
                           SMTPDelivery(), clock=clock)

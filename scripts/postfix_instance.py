@@ -5,6 +5,10 @@ caller owns (a temporary one), smtpd on a free loopback port, started with ``pos
 DIR start`` and always stopped with ``postfix -c DIR stop``.  It never reads or writes
 /etc/postfix or the system's Postfix service.  It needs root and an installed Postfix.
 
+It also holds what both scripts need to compare the two MTAs fairly: ``abba`` (the order
+of repeated runs) and ``unjournaled_ext4`` (whether the temporary directories sit on ext4
+without a journal, where file creation is slow for minutes after mass deletions).
+
 The scripts import it as ``from postfix_instance import ...``: a script's own directory
 is the first entry of sys.path.
 """
@@ -15,6 +19,8 @@ import asyncio
 import contextlib
 import os
 import pwd
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,6 +29,73 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 POSTFIX = "/usr/sbin/postfix"
+UNJOURNALED_NOTE = ("note: ext4 without a journal: file creation is slow for minutes after "
+                    "mass deletions; temporary directories are removed only at the end")
+
+
+def abba(first: str, second: str | None, repeat: int) -> list[str]:
+    """``repeat`` runs of each in ABBA order (A B B A A B ...), or ``repeat`` runs of ``first``.
+
+    Neither MTA always goes first, so what one run leaves behind (page cache, the
+    filesystem's recently freed inodes, CPU frequency) does not always favour the same one.
+    """
+    if second is None:
+        return [first] * repeat
+    return [k for i in range(repeat) for k in ((first, second) if i % 2 == 0 else (second, first))]
+
+
+def _mount_of(path: str) -> tuple[str, str] | None:
+    """(device, fstype) of the filesystem holding ``path``, from /proc/mounts."""
+    path = os.path.realpath(path)
+    best: tuple[int, str, str] | None = None
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # /proc/mounts escapes space, tab, newline and backslash as \ooo.
+        device, mount, fstype = (re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), f)
+                                 for f in fields[:3])
+        inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+        if inside and (best is None or len(mount) >= best[0]):  # the last one is on top
+            best = (len(mount), device, fstype)
+    return None if best is None else (best[1], best[2])
+
+
+def unjournaled_ext4(path: str) -> bool | None:
+    """Whether ``path`` is on ext4 without a journal; None if we cannot tell.
+
+    Asks ``dumpe2fs -h DEVICE`` for "has_journal" among the filesystem features; where
+    the device cannot be read (a container, say), the kernel's own view:
+    /sys/fs/ext4/DEV/journal_task says "<none>" when the filesystem has no journal.
+    """
+    mount = _mount_of(path)
+    if mount is None:
+        return None
+    device, fstype = mount
+    if fstype != "ext4":
+        return False
+    if device.startswith("/") and shutil.which("dumpe2fs"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(["dumpe2fs", "-h", device], capture_output=True, text=True,
+                                 timeout=10, check=False).stdout
+            for line in out.splitlines():
+                if line.startswith("Filesystem features:"):
+                    return "has_journal" not in line.split()
+    with contextlib.suppress(OSError):
+        dev = os.stat(path).st_dev
+        uevent = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/uevent").read_text()
+        name = dict(line.partition("=")[::2] for line in uevent.splitlines()).get("DEVNAME")
+        if name:
+            task = Path(f"/sys/fs/ext4/{name}/journal_task").read_text().strip()
+            if task == "<none>":
+                return True
+            if task.isdigit():
+                return False
+    return None
 
 
 def free_port() -> int:

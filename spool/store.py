@@ -40,6 +40,10 @@ ext4, whose allocator skips every inode freed in the last minutes; a reused inod
 skips the allocator.  Each free/ name is used once.  A crash between link and
 unlink leaves a free/ name sharing an inode with a live file: the listener's start
 drops such names (``forget_linked_spares``), and it never takes a name with two links.
+The queue manager also keeps the inode of each envelope it replaces (a deferral's
+rewrite) under a name of its own, ``free/q...``, linked just before the rename, and
+uses those for its next rewrites; only it takes q-names, only those it made since it
+started, and its start drops the rest (``forget_kept_spares``).
 
 Readers (mailq, postcat) take no lock: an envelope file is always complete because
 it only ever appears by rename; a file that vanishes under a reader is a lost race.
@@ -71,6 +75,7 @@ QUEUES = ("incoming", "active", "deferred", "hold", "corrupt")
 SEARCH_ORDER = ("active", "incoming", "deferred", "hold", "corrupt")
 TMP_MAX_AGE = 86400.0
 FREE_POOL_MAX = 4096  # spare inodes kept for reuse (empty files after truncation)
+KEPT_POOL_MAX = 256  # the queue manager's own spares (replaced envelopes), for rewrites
 
 _QUEUE_ID = re.compile(r"^[A-Za-z0-9]{6,24}$")
 _BASE52 = "0123456789BCDFGHJKLMNPQRSTVWXYZbcdfghjklmnpqrstvwxyz"
@@ -225,6 +230,7 @@ class Spool:
         self._retire_to_free = retire_to_free
         self._reuse_free = reuse_free
         self._free: collections.deque[str] = collections.deque()
+        self._kept: collections.deque[str] = collections.deque()  # our own q-spares
         self._free_serial = itertools.count()
         self._free_lock = threading.Lock()
         self._free_listed = 0.0
@@ -312,7 +318,8 @@ class Spool:
         if now - self._free_listed < 0.2:
             return
         self._free_listed = now
-        self._free.extend(name for name, links in self._spares() if links == 1)
+        self._free.extend(name for name, links in self._spares()
+                          if links == 1 and not name.startswith("q"))
 
     def _reuse(self, path: str) -> bool:
         """Give ``path`` a spare inode; False if none (or ``path`` exists).
@@ -321,6 +328,8 @@ class Spool:
         (link then unlink under a lock); a free/ name is never made twice, so a
         stale one fails to link instead of sharing an inode.
         """
+        if self._kept:
+            return self._reuse_kept(path)
         if not self._reuse_free:
             return False
         with self._free_lock:
@@ -340,6 +349,49 @@ class Spool:
                     os.unlink(spare)
                 return True
             return False
+
+    def _keep_replaced(self, path: str) -> str | None:
+        """Before an envelope is replaced by rename: give its inode a free/ name of
+        the queue manager's own (``q...``, never taken by the listener), so the
+        rename frees no inode and the next rewrite's file needs none.  The caller
+        must drop the name (forget_kept) if the rename fails: until then it shares
+        the live envelope's inode."""
+        if not self._retire_to_free or len(self._kept) >= KEPT_POOL_MAX:
+            return None
+        name = f"q{os.getpid()}.{next(self._free_serial)}"
+        try:
+            os.link(path, os.path.join(self.root, "free", name))
+        except OSError:
+            return None
+        return name
+
+    def _forget_kept(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.root, "free", name))
+
+    def _reuse_kept(self, path: str) -> bool:
+        while self._kept:
+            name = self._kept.popleft()
+            spare = os.path.join(self.root, "free", name)
+            try:
+                os.link(spare, path)
+            except FileNotFoundError:
+                continue  # removed by postsuper -p
+            except OSError:
+                self._kept.appendleft(name)
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(spare)
+            return True
+        return False
+
+    def forget_kept_spares(self) -> None:
+        """At the queue manager's start (under qmgr.lock): the q-names an earlier one
+        left in free/ are nobody's now; a crash may have left one sharing an inode
+        with a live envelope, so none is ever reused."""
+        for name, _ in list(self._spares()):
+            if name.startswith("q"):
+                self._forget_kept(name)
 
     # ---- accepting a message ---------------------------------------------------
 
@@ -707,7 +759,16 @@ class Spool:
             self._write_file(tmp, envfmt.dumps(env), "update.tmp_written", mtime, sync=False)
             yield [tmp]  # complete on disk before it replaces the old envelope
             self._fault("update.before_rename")
-            os.rename(tmp, self._env_path(queue, env.queue_id))
+            dst = self._env_path(queue, env.queue_id)
+            kept = self._keep_replaced(dst)
+            try:
+                os.rename(tmp, dst)
+            except BaseException:
+                if kept is not None:
+                    self._forget_kept(kept)
+                raise
+            if kept is not None:
+                self._kept.append(kept)
             self._fault("update.renamed")
         except BaseException as exc:
             with contextlib.suppress(OSError):

@@ -1,0 +1,122 @@
+"""Inode recycling in the spool (free/): which process takes which spare, and safely.
+
+On ext4 without a journal every file creation skips, and reads, each inode freed in
+the last minutes, so the daemon keeps the inodes of finished files for reuse (see
+spool.store).  These tests check, on real files and inode numbers, that a spare is
+reused only where it cannot share an inode with a live file, and that a reused inode
+carries nothing of its past.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from spool import Spool
+from spool.envelope import Envelope, Recipient
+
+
+def make_env(rcpt: str = "rcpt@example.net") -> Envelope:
+    return Envelope(queue_id="", sender="s@example.com", recipients=(Recipient(rcpt),),
+                    arrival_time=1_700_000_000.0, size=0)
+
+
+def free_names(root: Path) -> list[str]:
+    return sorted(os.listdir(root / "free"))
+
+
+def ino(path: Path) -> int:
+    return os.stat(path).st_ino
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "spool"
+
+
+def test_a_finished_message_gives_its_inodes_to_the_next_one(root: Path) -> None:
+    qmgr = Spool(str(root), retire_to_free=True)
+    listener = Spool(str(root), reuse_free=True)
+    old = listener.enqueue(make_env(), b"old content, longer than the new one\r\n")
+    inodes = {ino(root / "data" / old.queue_id), ino(root / "incoming" / old.queue_id)}
+    with qmgr.locked(old.queue_id) as entry:
+        entry.remove()
+    assert len(free_names(root)) == 2
+    # The content is truncated before it is given up: free/ holds no mail.
+    assert 0 in [os.stat(root / "free" / n).st_size for n in free_names(root)]
+    time.sleep(0.25)  # the listener lists free/ at most every 0.2 s
+    new = listener.enqueue(make_env("other@example.net"), b"new\r\n")
+    assert {ino(root / "data" / new.queue_id), ino(root / "incoming" / new.queue_id)} == inodes
+    assert free_names(root) == []
+    assert listener.read_content(new.queue_id) == b"new\r\n"  # nothing of the old one
+    assert listener.read("incoming", new.queue_id).recipients[0].address == "other@example.net"
+
+
+def test_the_listener_never_takes_a_spare_that_shares_an_inode(root: Path) -> None:
+    """A crash between link and unlink leaves such a name: taking it would make two
+    live files one inode.  The listener's start drops it; a running one skips it."""
+    listener = Spool(str(root), reuse_free=True)
+    live = listener.enqueue(make_env(), b"live\r\n")
+    os.link(root / "data" / live.queue_id, root / "free" / "1.1")
+    other = listener.enqueue(make_env(), b"other\r\n")
+    assert ino(root / "data" / other.queue_id) != ino(root / "data" / live.queue_id)
+    assert free_names(root) == ["1.1"]
+    listener.forget_linked_spares()
+    assert free_names(root) == []
+    assert listener.read_content(live.queue_id) == b"live\r\n"
+
+
+def test_the_qmgr_keeps_a_replaced_envelope_for_its_next_rewrite(root: Path) -> None:
+    qmgr = Spool(str(root), retire_to_free=True)
+    listener = Spool(str(root), reuse_free=True)
+    a = listener.enqueue(make_env("a@example.net"), b"a\r\n")
+    b = listener.enqueue(make_env("b@example.net"), b"b\r\n")
+    old_a = ino(root / "incoming" / a.queue_id)
+    with qmgr.locked(a.queue_id) as entry:
+        entry.write(entry.read())  # a deferral's rewrite
+    (kept,) = free_names(root)
+    assert kept.startswith("q") and ino(root / "free" / kept) == old_a
+    # The listener does not take the queue manager's spares ...
+    c = listener.enqueue(make_env(), b"c\r\n")
+    assert old_a not in (ino(root / "data" / c.queue_id), ino(root / "incoming" / c.queue_id))
+    assert free_names(root) == [kept]
+    # ... the queue manager's next rewrite does, and writes it whole.
+    with qmgr.locked(b.queue_id) as entry:
+        entry.write(entry.read())
+    assert ino(root / "incoming" / b.queue_id) == old_a
+    assert qmgr.read("incoming", b.queue_id).recipients[0].address == "b@example.net"
+    assert qmgr.read("incoming", a.queue_id).recipients[0].address == "a@example.net"
+    assert len(free_names(root)) == 1 and free_names(root) != [kept]
+
+
+def test_a_failed_replacement_leaves_no_name_on_the_live_envelope(
+        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    qmgr = Spool(str(root), retire_to_free=True)
+    env = qmgr.enqueue(make_env(), b"x\r\n")
+    real_rename = os.rename
+
+    def failing(src: str, dst: str) -> None:
+        if "/incoming/" in str(dst):
+            raise OSError(5, "Input/output error")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing)
+    with qmgr.locked(env.queue_id) as entry, pytest.raises(Exception, match="update"):
+        entry.write(entry.read())
+    monkeypatch.undo()
+    assert free_names(root) == []  # no second name on the live envelope's inode
+    assert os.stat(root / "incoming" / env.queue_id).st_nlink == 1
+    assert qmgr.read("incoming", env.queue_id).recipients[0].address == "rcpt@example.net"
+
+
+def test_a_new_queue_manager_drops_the_old_ones_spares(root: Path) -> None:
+    qmgr = Spool(str(root), retire_to_free=True)
+    env = qmgr.enqueue(make_env(), b"x\r\n")
+    with qmgr.locked(env.queue_id) as entry:
+        entry.write(entry.read())
+    assert [n[0] for n in free_names(root)] == ["q"]
+    Spool(str(root), retire_to_free=True).forget_kept_spares()
+    assert free_names(root) == []
