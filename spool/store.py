@@ -427,11 +427,15 @@ class Spool:
         tmp = self._tmp_path(res.queue_id)
         try:
             size = 0
-            with open(res.data_path, "wb") as f:
+            fd = os.open(res.data_path, os.O_WRONLY)
+            try:
                 for chunk in content:
-                    f.write(chunk)
+                    _write_all(fd, chunk)
                     size += len(chunk)
+                _cut(fd, size)
                 self._fault("enqueue.data_written")
+            finally:
+                os.close(fd)
             if env.size != size:
                 env = replace(env, size=size)
             self._write_file(tmp, envfmt.dumps(env), "enqueue.envelope_written", sync=False)
@@ -480,12 +484,10 @@ class Spool:
     def _write_file(self, path: str, payload: bytes, step: str, mtime: float | None = None,
                     sync: bool = True) -> None:
         self._reuse(path)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
-            view = memoryview(payload)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            _write_all(fd, payload)
+            _cut(fd, len(payload))
             self._fault(step)
             if sync:
                 os.fsync(fd)
@@ -880,6 +882,24 @@ class Entry:
     def remove_steps(self, durable: bool = True) -> Steps[None]:
         """remove() as steps, for run_steps_async()."""
         return self._spool._remove_steps(self.queue_id, self.queue, durable)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _cut(fd: int, size: int) -> None:
+    """End a file at ``size`` after writing it from the start.
+
+    Files are written over in place, never opened with O_TRUNC: a reused spare keeps
+    its blocks, and ext4 frees no block (and, for a file truncated to nothing, does
+    not flush it on close: auto_da_alloc) only for a writer to allocate it again.
+    Only an older, longer content is cut off."""
+    if os.fstat(fd).st_size > size:
+        os.ftruncate(fd, size)
 
 
 def run_steps(steps: Steps[T], sync: Callable[[list[str]], None]) -> T:
