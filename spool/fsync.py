@@ -4,8 +4,8 @@ An fsync(2) waits for the disk.  Done on the event loop it stalls every session;
 done in a thread it costs the loop two GIL hand-offs per call, which under load is
 more CPU than the rest of accepting a message.  So a daemon process writes its
 files itself (to the page cache, which does not wait) and sends their names to a
-helper process that does nothing but open, fsync and close them, and answers once
-for the lot.  Callers that arrive while a request is out share the next one (group
+helper process (spool/fsyncd.py) that does nothing but open, fsync and close them,
+and answers once for the lot.  Callers that arrive while a request is out share the next one (group
 commit): many sessions committing together cost one round trip per step.
 
 fsync by name is idempotent: a request lost with a dying helper is sent again to
@@ -22,55 +22,19 @@ import collections
 import errno
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterable
 
+from spool import fsyncd
+from spool.fsyncd import BUFFER, fsync_path
+
 log = logging.getLogger("relay.fsync")
 
 MAX_REQUEST = 64 * 1024  # bytes of names per request; one caller's names always fit
-BUFFER = 1 << 20
-_OK = b"ok"
 _RESPAWNS = 5  # in a row without an answer: then fsync in threads
-
-
-def fsync_path(path: str | bytes) -> None:
-    """fsync one file or directory by name."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def main(fd: int) -> int:
-    """The helper: answer each request (names separated by NUL) with ``ok`` or
-    ``E`` and the failures (``errno:name``, NUL-separated), in order."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sock = socket.socket(fileno=fd)
-    while True:
-        try:
-            request = sock.recv(BUFFER)
-        except InterruptedError:
-            continue
-        except OSError:
-            return 0
-        if not request:
-            return 0
-        failed: list[bytes] = []
-        for name in request.split(b"\0"):
-            try:
-                fsync_path(name)
-            except OSError as exc:
-                failed.append(b"%d:%s" % (exc.errno or errno.EIO, name))
-        try:
-            sock.send(b"E" + b"\0".join(failed) if failed else _OK)
-        except OSError:
-            return 0
 
 
 class Syncer:
@@ -102,12 +66,10 @@ class Syncer:
         for s in (mine, theirs):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER)
-        # Not "-m": the working directory would come first on sys.path.
-        bootstrap = ("import sys; del sys.path[0]; from spool.fsync import main; "
-                     "sys.exit(main(int(sys.argv[1])))")
         try:
+            # By path, isolated (-I) and without site (-S): only the standard library.
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", bootstrap, str(theirs.fileno())],
+                [sys.executable, "-I", "-S", fsyncd.__file__, str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         except OSError as exc:
             log.warning("cannot start the fsync helper, fsync in threads: %s", exc)
@@ -176,7 +138,7 @@ class Syncer:
         self._respawns = 0
         batch, self._sent = self._sent or [], None
         failed: dict[bytes, int] = {}
-        if answer != _OK:
+        if answer != fsyncd.OK:
             for item in answer[1:].split(b"\0"):
                 number, _, name = item.partition(b":")
                 failed[name] = int(number or errno.EIO)

@@ -68,7 +68,7 @@ from typing import TypeVar, cast
 from spool import envelope as envfmt
 from spool.envelope import Envelope
 from spool.errors import CorruptEntry, EntryGone, SpoolError, SpoolFull
-from spool.fsync import fsync_path
+from spool.fsyncd import fsync_path
 
 QUEUES = ("incoming", "active", "deferred", "hold", "corrupt")
 # The order in which a queue ID is looked for, and in which showq lists queues.

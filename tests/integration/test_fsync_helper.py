@@ -60,10 +60,10 @@ def helpers(d: RelayDaemon) -> tuple[int | None, int | None]:
     listener_helper = qmgr_helper = None
     for child in children(d.proc.pid):
         line = cmdline(child)
-        if "spool.fsync" in line:
+        if "fsyncd.py" in line:
             listener_helper = child
         elif " qmgr " in line:
-            qmgr_helper = next((c for c in children(child) if "spool.fsync" in cmdline(c)),
+            qmgr_helper = next((c for c in children(child) if "fsyncd.py" in cmdline(c)),
                                None)
     return listener_helper, qmgr_helper
 
