@@ -35,8 +35,8 @@ check: $(TESTSTAMP)
 	$(BIN)/mypy relay spool
 
 bench: $(TESTSTAMP)
-	$(BIN)/python scripts/bench_accept --messages 5000 --sessions 20 --size 1024
-	$(BIN)/python scripts/bench_relay --messages 5000 --sessions 20 --size 1024
+	$(BIN)/python scripts/bench_accept --messages 5000 --sessions 20 --size 1024 --postfix --repeat 2
+	$(BIN)/python scripts/bench_relay --messages 5000 --sessions 20 --size 1024 --postfix --repeat 2
 
 soak: $(TESTSTAMP)
 	$(BIN)/python scripts/soak --messages 100000

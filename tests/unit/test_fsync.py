@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from spool import fsync as fsync_mod
+from spool import fsyncd
 from spool.fsync import Syncer
 
 pytestmark = pytest.mark.timeout(60)
@@ -210,3 +211,66 @@ def test_without_a_helper_fsync_runs_in_threads(
         s.close()
 
     run(main())
+
+
+# ---- one syncfs for a big request ---------------------------------------------------------
+
+
+class CountingSyncfs:
+    """The real syncfs(2), counted."""
+
+    def __init__(self, result: int | None = None) -> None:
+        self.real = fsyncd._load_syncfs()
+        assert self.real is not None, "this libc has no syncfs"
+        self.calls = 0
+        self.result = result
+
+    def __call__(self, fd: int) -> int:
+        self.calls += 1
+        rc = self.real(fd)  # type: ignore[operator]
+        return rc if self.result is None else self.result
+
+
+def test_many_names_on_one_file_system_take_one_syncfs(tmp_path: Path) -> None:
+    syncfs = CountingSyncfs()
+    names = [os.fsencode(n) for n in [*files(tmp_path, fsyncd.SYNCFS_MIN), str(tmp_path)]]
+    assert fsyncd.sync_all(names, syncfs) == []
+    assert syncfs.calls == 1
+
+
+def test_few_names_are_fsynced_one_by_one(tmp_path: Path) -> None:
+    syncfs = CountingSyncfs()
+    names = [os.fsencode(n) for n in files(tmp_path, fsyncd.SYNCFS_MIN - 1)]
+    assert fsyncd.sync_all(names, syncfs) == []
+    assert syncfs.calls == 0
+
+
+def test_names_on_two_file_systems_are_fsynced_one_by_one(tmp_path: Path) -> None:
+    """/dev/null is on devtmpfs: no syncfs, and its fsync's EINVAL is reported."""
+    syncfs = CountingSyncfs()
+    names = [os.fsencode(n) for n in files(tmp_path, fsyncd.SYNCFS_MIN)] + [b"/dev/null"]
+    assert fsyncd.sync_all(names, syncfs) == [b"%d:/dev/null" % errno.EINVAL]
+    assert syncfs.calls == 0
+
+
+def test_a_failed_syncfs_falls_back_to_fsyncs_that_name_the_file(tmp_path: Path) -> None:
+    syncfs = CountingSyncfs(result=-1)
+    names = [os.fsencode(n) for n in files(tmp_path, fsyncd.SYNCFS_MIN)]
+    names.append(os.fsencode(str(tmp_path / "gone")))
+    assert fsyncd.sync_all(names, syncfs) == \
+        [b"%d:%s" % (errno.ENOENT, os.fsencode(str(tmp_path / "gone")))]
+    assert syncfs.calls == 0  # a missing name is seen before: no syncfs at all
+    del names[-1]
+    assert fsyncd.sync_all(names, syncfs) == []
+    assert syncfs.calls == 1
+
+
+def test_no_syncfs_while_the_machine_has_much_dirty_data(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """syncfs would also wait for everybody else's dirty pages on that file system."""
+    assert fsyncd._dirty_kib() is not None
+    monkeypatch.setattr(fsyncd, "DIRTY_MAX_KIB", -1)
+    syncfs = CountingSyncfs()
+    names = [os.fsencode(n) for n in files(tmp_path, fsyncd.SYNCFS_MIN * 2)]
+    assert fsyncd.sync_all(names, syncfs) == []
+    assert syncfs.calls == 0
