@@ -32,6 +32,7 @@ import collections
 import contextlib
 import email.utils
 import functools
+import inspect
 import ipaddress
 import logging
 import os
@@ -42,6 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import aiosmtpd.smtp
 from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import MISSING, SMTP, Session, TLSSetupException
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
@@ -708,13 +710,65 @@ class _Commands(dict[str, Any]):
     ``unknown`` (and counts as an error) instead of aiosmtpd's 500 and its private
     budget of five."""
 
-    def __init__(self, methods: dict[str, Any], unknown: Callable[[str], Any]) -> None:
+    def __init__(self, methods: dict[str, Any], gate: Callable[[str, Any], Any],
+                 unknown: Callable[[str], Any]) -> None:
         super().__init__(methods)
+        self._gate = gate
         self._unknown = unknown
+        self._gates: dict[str, Any] = {}  # made at a command's first use: most never come
 
     def get(self, name: str, default: Any = None) -> Any:
-        method = super().get(name)
-        return method if method is not None else self._unknown(name)
+        gate = self._gates.get(name)
+        if gate is None:
+            method = super().get(name)
+            if method is None:
+                return self._unknown(name)
+            gate = self._gates[name] = self._gate(name, method)
+        return gate
+
+
+class _AuthMembers:
+    """Stands in for the ``inspect`` module inside aiosmtpd.smtp.
+
+    aiosmtpd's SMTP.__init__ finds the ``auth_*`` methods of the session and of the
+    handler with inspect.getmembers(), which evaluates every attribute of both, and
+    does it for every connection: a third of the listener's time when each message
+    comes on a connection of its own (smtp-source, most MTAs).  Its only use is
+    ``[... for name, member in getmembers(obj) if name.startswith("auth_")]``, so
+    this getmembers() returns just those members, from the names the class has
+    (listed once) and the instance's own; signature() is cached the same way.
+    Everything else is inspect's."""
+
+    def __init__(self) -> None:
+        self._names: dict[type, tuple[str, ...]] = {}
+        self._signatures: dict[Any, inspect.Signature] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(inspect, name)
+
+    def signature(self, obj: Any, **kwargs: Any) -> inspect.Signature:
+        """The EHLO hook's signature, asked again at every connection: a bound
+        method's is its function's, whatever the instance."""
+        func = getattr(obj, "__func__", None)
+        if kwargs or func is None:
+            return inspect.signature(obj, **kwargs)
+        sig = self._signatures.get(func)
+        if sig is None:
+            sig = self._signatures[func] = inspect.signature(obj)
+        return sig
+
+    def getmembers(self, obj: object, predicate: Any = None) -> list[tuple[str, Any]]:
+        if predicate is not None:
+            return inspect.getmembers(obj, predicate)
+        cls = type(obj)
+        names = self._names.get(cls)
+        if names is None:
+            names = self._names[cls] = tuple(n for n in dir(cls) if n.startswith("auth_"))
+        own = [n for n in getattr(obj, "__dict__", {}) if n.startswith("auth_")]
+        return [(n, getattr(obj, n)) for n in dict.fromkeys((*names, *own))]
+
+
+aiosmtpd.smtp.inspect = _AuthMembers()  # type: ignore[assignment,attr-defined]
 
 
 class RelaySMTP(SMTP):
@@ -743,9 +797,7 @@ class RelaySMTP(SMTP):
         self._phase = "connect"  # proxy (PROXY header) -> connect (pregreet wait) -> smtp
         self._command = "CONNECT"
         self._session_timer: asyncio.TimerHandle | None = None
-        self._smtp_methods = _Commands(
-            {name: self._gate(name, method) for name, method in self._smtp_methods.items()},
-            self._unknown)
+        self._smtp_methods = _Commands(self._smtp_methods, self._gate, self._unknown)
 
     def _gate(self, name: str, method: Any) -> Any:
         """Every command passes here: NUL bytes, unauthorised pipelining, a second

@@ -122,3 +122,26 @@ def test_a_failed_fsync_is_a_4xx_and_leaves_nothing_half_written(
         (qid,) = os.listdir(os.path.join(spool.root, "incoming"))
         assert os.listdir(os.path.join(spool.root, "data")) == [qid]
         assert queued == []
+
+
+def test_the_auth_member_shortcut_finds_what_inspect_finds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """relay.listener answers aiosmtpd's per-connection inspect.getmembers() from a
+    cache: the session must see the very AUTH mechanisms inspect itself would give."""
+    import inspect
+
+    import aiosmtpd.smtp
+
+    from relay.listener import RelaySMTP
+
+    async def mechanisms() -> dict[str, tuple[str, bool]]:
+        listener = Listener(Spool(str(tmp_path / "spool")),
+                            SmtpdSettings(myhostname="relay.test", timeout=10.0))
+        session = RelaySMTP(listener)
+        return {name: (impl.method.__name__, impl.is_builtin)
+                for name, impl in session._auth_methods.items()}
+
+    fast = asyncio.run(mechanisms())
+    assert {"LOGIN", "PLAIN"} <= set(fast)
+    monkeypatch.setattr(aiosmtpd.smtp, "inspect", inspect)
+    assert asyncio.run(mechanisms()) == fast
