@@ -55,7 +55,7 @@ from relay.config import NetworkMatcher, domain_in_list
 from spool import Spool, SpoolFull
 from spool.envelope import Envelope, Recipient
 from spool.fsync import Syncer
-from spool.store import run_steps_async
+from spool.store import Steps, run_steps, run_steps_async
 
 log = logging.getLogger("relay.smtpd")
 cleanup_log = logging.getLogger("relay.cleanup")
@@ -594,33 +594,25 @@ class Listener:
         and made durable by the fsync helper, which many sessions share (group
         commit).  Without a helper, or for a big message, the whole store runs in a
         thread."""
-        syncer = self.syncer
+        spool, syncer = self.spool, self.syncer
         if syncer is None or len(content) > INLINE_WRITE_MAX:
-            return await asyncio.to_thread(self._store, server, session, envelope, content)
-        spool = self.spool
-        res = spool.reserve()
-        try:
-            env = self._envelope(server, session, envelope, res.queue_id, content)
-            received = self.received_header(server, session, res.queue_id)
-        except BaseException:
-            spool.abort(res)
-            raise
-        env = await run_steps_async(spool.commit_steps(res, env, (received, content)),
-                                    syncer.sync)
-        cleanup_log.info("%s: message-id=%s", env.queue_id, env.message_id or "<>")  # Postfix: <> when missing
-        return env
+            return await asyncio.to_thread(
+                lambda: run_steps(self._store_steps(server, session, envelope, content),
+                                  spool.fsync_paths))
+        return await run_steps_async(self._store_steps(server, session, envelope, content),
+                                     syncer.sync)
 
-    def _store(self, server: RelaySMTP, session: Session, envelope: SMTPEnvelope,
-               content: bytes) -> Envelope:
-        """The whole commit in one thread hop, with the spool's own fsyncs."""
+    def _store_steps(self, server: RelaySMTP, session: Session, envelope: SMTPEnvelope,
+                     content: bytes) -> Steps[Envelope]:
+        """The store as steps (spool.store.run_steps): reserve, envelope, commit."""
         res = self.spool.reserve()
         try:
             env = self._envelope(server, session, envelope, res.queue_id, content)
             received = self.received_header(server, session, res.queue_id)
-            env = self.spool.commit(res, env, (received, content))
         except BaseException:
             self.spool.abort(res)
             raise
+        env = yield from self.spool.commit_steps(res, env, (received, content))
         cleanup_log.info("%s: message-id=%s", env.queue_id, env.message_id or "<>")  # Postfix: <> when missing
         return env
 

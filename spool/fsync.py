@@ -53,7 +53,6 @@ class Syncer:
             collections.deque()
         self._sent: list[tuple[list[bytes], asyncio.Future[None]]] | None = None
         self._respawns = 0
-        self._closed = False
         self.requests = 0  # sent to a helper: fewer than sync() calls under load
 
     def start(self) -> None:
@@ -161,9 +160,6 @@ class Syncer:
         if self._sent:
             self._waiting.extendleft(reversed(self._sent))
         self._sent = None
-        if self._closed:
-            self._fail_all(OSError(errno.EIO, "fsync helper stopped"))
-            return
         self._respawns += 1
         if self._respawns > _RESPAWNS:
             log.error("fsync helper keeps exiting; fsync in threads from now on")
@@ -197,8 +193,8 @@ class Syncer:
             _reap(proc)
 
     def close(self) -> None:
-        """Stop the helper; callers still waiting get EIO."""
-        self._closed = True
+        """Stop the helper; callers still waiting get EIO (later ones fsync in
+        threads)."""
         self._drop_helper()
         self._fail_all(OSError(errno.EIO, "fsync helper stopped"))
 

@@ -329,32 +329,37 @@ class Spool:
         stale one fails to link instead of sharing an inode.
         """
         if self._kept:
-            return self._reuse_kept(path)
+            return self._link_spare(self._kept, path)
         if not self._reuse_free:
             return False
         with self._free_lock:
             if not self._free:
                 self._refill()
-            while self._free:
-                name = self._free.popleft()
-                spare = os.path.join(self.root, "free", name)
-                try:
-                    os.link(spare, path)
-                except FileNotFoundError:
-                    continue  # taken already, or removed by postsuper -p
-                except OSError:
-                    self._free.appendleft(name)  # path exists (or worse): keep the spare
-                    return False
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(spare)
-                return True
-            return False
+            return self._link_spare(self._free, path)
+
+    def _link_spare(self, pool: collections.deque[str], path: str) -> bool:
+        """Link the first free/ name of ``pool`` that is still there to ``path``,
+        then drop the name."""
+        while pool:
+            name = pool.popleft()
+            spare = os.path.join(self.root, "free", name)
+            try:
+                os.link(spare, path)
+            except FileNotFoundError:
+                continue  # taken already, or removed by postsuper -p
+            except OSError:
+                pool.appendleft(name)  # path exists (or worse): keep the spare
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(spare)
+            return True
+        return False
 
     def _keep_replaced(self, path: str) -> str | None:
         """Before an envelope is replaced by rename: give its inode a free/ name of
         the queue manager's own (``q...``, never taken by the listener), so the
         rename frees no inode and the next rewrite's file needs none.  The caller
-        must drop the name (forget_kept) if the rename fails: until then it shares
+        must drop the name (_forget_kept) if the rename fails: until then it shares
         the live envelope's inode."""
         if not self._retire_to_free or len(self._kept) >= KEPT_POOL_MAX:
             return None
@@ -368,22 +373,6 @@ class Spool:
     def _forget_kept(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.root, "free", name))
-
-    def _reuse_kept(self, path: str) -> bool:
-        while self._kept:
-            name = self._kept.popleft()
-            spare = os.path.join(self.root, "free", name)
-            try:
-                os.link(spare, path)
-            except FileNotFoundError:
-                continue  # removed by postsuper -p
-            except OSError:
-                self._kept.appendleft(name)
-                return False
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(spare)
-            return True
-        return False
 
     def forget_kept_spares(self) -> None:
         """At the queue manager's start (under qmgr.lock): the q-names an earlier one
@@ -860,11 +849,9 @@ class Entry:
     def write_and_move_steps(self, env: Envelope, queue: str, mtime: float | None = None,
                              durable_move: bool = True) -> Steps[None]:
         yield from self.write_steps(env, mtime)
+        self.move(queue, mtime, durable=False)
         if durable_move:
-            self.move(queue, mtime, durable=False)
             yield [self._spool.dir_path(queue)]
-        else:
-            self.move(queue, mtime, durable=False)
 
     def remove(self, durable: bool = True) -> None:
         """Unlink the envelope, then the content.
