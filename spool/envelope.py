@@ -46,6 +46,10 @@ class Recipient:
     remote_mta: str = ""  # host name of the last server that answered for it
     orig_address: str = ""
     notified: bool = False  # for BOUNCED: the sender's notice is safely queued
+    # RFC 3461, as the client gave them (xtext decoded): NOTIFY as an upper-case comma
+    # list ("" = not given: FAILURE,DELAY), ORCPT as "addr-type;address".
+    dsn_notify: str = ""
+    dsn_orcpt: str = ""
 
     @property
     def done(self) -> bool:
@@ -72,6 +76,11 @@ class Envelope:
     warned: bool = False  # delay warning already sent
     forced_expire: bool = False
     extra: dict[str, str] = field(default_factory=dict)
+    # RFC 3461 ENVID (xtext decoded) and RET (FULL, HDRS or "" = not given); RFC 6531:
+    # the client asked for SMTPUTF8.
+    dsn_envid: str = ""
+    dsn_ret: str = ""
+    smtputf8: bool = False
 
     @property
     def pending(self) -> tuple[Recipient, ...]:
