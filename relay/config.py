@@ -116,6 +116,12 @@ class DefaultContext:
         """The expanded value of another parameter."""
         return self._resolver.expanded(name, referrer=None)
 
+    @property
+    def config_directory(self) -> str:
+        """The directory main.cf is read from; "" for the built-in defaults."""
+        path = self._resolver.path
+        return os.path.dirname(os.path.abspath(path)) if path else ""
+
     def explicit(self, name: str) -> str | None:
         """The expanded value of a parameter if main.cf sets it, else None."""
         if name not in self._resolver.settings:
@@ -255,6 +261,11 @@ def _default_queue_directory(ctx: DefaultContext) -> str:
     return default_queue_directory(ctx.environ)
 
 
+def _default_config_directory(ctx: DefaultContext) -> str:
+    # Postfix's is where main.cf was read: -c DIR, else $MAIL_CONFIG; none without one.
+    return ctx.config_directory
+
+
 # --- the parameter table --------------------------------------------------------------
 
 _T, _SZ, _I, _B, _S = Kind.TIME, Kind.SIZE, Kind.INT, Kind.BOOL, Kind.STR
@@ -263,6 +274,8 @@ _L, _N, _H, _E = Kind.LIST, Kind.NETWORKS, Kind.HOSTPORTS, Kind.ENUM
 _TLS_LEVELS = ("", "none", "may", "encrypt")
 _BARE_NL = ("normalize", "reject", "no")
 _YES_NORM = (("yes", "normalize"),)
+_FACILITIES = ("auth", "authpriv", "cron", "daemon", "ftp", "kern", "lpr", "mail", "news",
+               "syslog", "user", "uucp", *(f"local{n}" for n in range(8)))
 _RELAY_RESTRICTIONS = "permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination"
 
 # One row per parameter; keep each on one line.
@@ -270,6 +283,7 @@ _RELAY_RESTRICTIONS = "permit_mynetworks, permit_sasl_authenticated, reject_unau
 _TABLE = (
     # identity and local policy
     Parameter("queue_directory", _default_queue_directory, _S),
+    Parameter("config_directory", _default_config_directory, _S),
     Parameter("myhostname", _default_myhostname, _HN),
     Parameter("mydomain", _default_mydomain, _HN),
     Parameter("myorigin", "$myhostname", _S),
@@ -278,6 +292,7 @@ _TABLE = (
     Parameter("syslog_name", "relay", _S),
     Parameter("mail_name", "relay", _S),
     Parameter("maillog_file", "", _S),
+    Parameter("syslog_facility", "mail", _E, choices=_FACILITIES),
     Parameter("enable_long_queue_ids", "no", _B),
     Parameter("capture_mode", "no", _B),  # extension, reserved
     Parameter("fault_injection", "", _L),  # extension, for tests

@@ -44,6 +44,7 @@ EXPECTED_DEFAULTS = {
     "smtpd_forbid_bare_newline_exclusions": "$mynetworks",
     "smtpd_forbid_bare_newline_reject_code": "550",
     "maillog_file": "",
+    "syslog_facility": "mail",
     "smtpd_listen": "127.0.0.1:2525",
     "enable_long_queue_ids": "no",
     "queue_run_delay": "300s",
@@ -107,7 +108,7 @@ EXPECTED_DEFAULTS = {
     "capture_mode": "no",
     "fault_injection": "",
 }
-COMPUTED = {"queue_directory", "myhostname", "mydomain"}
+COMPUTED = {"queue_directory", "myhostname", "mydomain", "config_directory"}
 
 
 def test_table_has_every_parameter_with_its_default() -> None:
@@ -512,6 +513,21 @@ def test_default_queue_directory() -> None:
     assert cfg.default_raw("queue_directory") == "/s/relay/spool"
 
 
+def test_config_directory_is_where_main_cf_is(tmp_path: Path) -> None:
+    cfg = load(tmp_path, "smtp_sasl_password_maps = texthash:$config_directory/sasl_passwd\n")
+    assert cfg.str("config_directory") == str(tmp_path)
+    assert cfg.list("smtp_sasl_password_maps") == (f"texthash:{tmp_path}/sasl_passwd",)
+    assert config.defaults(environ={}).str("config_directory") == ""
+    assert config.load(None, environ={"MAIL_CONFIG": str(tmp_path)}).str(
+        "config_directory") == str(tmp_path)
+
+
+def test_syslog_facility_is_one_of_syslogs(tmp_path: Path) -> None:
+    assert load(tmp_path, "syslog_facility = LOCAL3\n").str("syslog_facility") == "local3"
+    assert error(tmp_path, "syslog_facility = mial\n") == (
+        f"{tmp_path}/main.cf, line 1: bad value for parameter syslog_facility: mial")
+
+
 def test_mydomain_follows_myhostname(tmp_path: Path) -> None:
     cfg = load(tmp_path, "myhostname = mx.sub.example.com\n")
     assert cfg.str("mydomain") == "sub.example.com"
@@ -643,7 +659,9 @@ def test_example_main_cf_loads_with_defaults_and_no_warning() -> None:
     assert warnings == []
     base = config.defaults(environ={"HOME": "/h"})
     for name in config.PARAMETERS:
-        assert cfg.get(name) == base.get(name), name
+        if name != "config_directory":  # where main.cf is, by definition
+            assert cfg.get(name) == base.get(name), name
+    assert cfg.str("config_directory") == str(REPO / "conf")
 
 
 def examples() -> list[str]:
