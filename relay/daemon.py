@@ -1,8 +1,10 @@
 """``relay serve``: the listener in this process, the queue manager in a second one.
 
-It owns start-up (configuration, logging, the spool lock), signals (SIGTERM and
-SIGINT stop gracefully within 10 seconds, SIGHUP reloads main.cf, both passed on
-to the queue manager) and wiring: the listener hands each committed queue ID to
+It owns start-up (configuration, logging, the spool and its lock, the ports), signals
+(SIGTERM and SIGINT stop gracefully within 10 seconds, SIGHUP reloads main.cf and
+reopens the maillog, both passed on to the queue manager), systemd's readiness
+protocol (relay.sdnotify: READY=1 once it listens, RELOADING=1 and STOPPING=1) and
+wiring: the listener hands each committed queue ID to
 the queue manager process (relay.qmgrd) over a datagram socket at once, as
 Postfix's cleanup triggers qmgr; two processes use two CPUs.  Both stay in one
 process group; the queue manager dies with this process, and this process exits
@@ -10,13 +12,17 @@ with the queue manager's status when it dies.  It holds an exclusive lock on
 ``QUEUE_DIR/master.lock`` for its lifetime so two daemons never share a spool.  A
 crash leaves the spool as spool.store describes and a stale pid file and control
 socket, both replaced at the next start.
+
+Every start-up failure an operator can cause (main.cf, the maillog, the queue
+directory, a full disk, a port in use) is one ``relay: fatal: ...`` line on standard
+error (and in the maillog when that is a file or syslog) and exit status 1, never a
+traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import functools
 import logging
 import os
@@ -31,11 +37,13 @@ from typing import Any
 from relay import clock as clock_mod
 from relay import config as config_mod
 from relay import log as maillog
+from relay import pidfile, sdnotify
+from relay.check import spool_problems
 from relay.config import Config, ConfigError
 from relay.loop import run_loop
 from relay.settings import qmgr_settings, resolver_for, router_for, sasl_credentials, smtpd_settings
 from relay.smtpd.listener import Listener
-from spool import Envelope, Spool
+from spool import Envelope, Spool, SpoolError
 from spool.fsync import Syncer
 from spool.store import fault_hook_from
 
@@ -43,6 +51,19 @@ log = logging.getLogger("relay.master")
 
 SHUTDOWN_GRACE = 5.0
 SPOOL_THREADS = 16
+
+
+class StartupError(Exception):
+    """relay serve cannot start; ``str()`` is the text of its one fatal line."""
+
+
+def fatal_line(text: str) -> None:
+    """``relay: fatal: TEXT`` on standard error, and in the maillog unless the maillog
+    is standard error itself (one line, not two)."""
+    root = logging.getLogger("relay")
+    if any(getattr(h, "stream", None) is not sys.stderr for h in root.handlers):
+        log.critical("%s", text)
+    print(f"relay: fatal: {text}", file=sys.stderr, flush=True)
 
 
 class QmgrLink:
@@ -87,6 +108,18 @@ class Daemon:
     qmgr: asyncio.subprocess.Process | None = None
 
     def reload(self) -> None:
+        """SIGHUP: main.cf again, the maillog reopened (logrotate), the queue manager
+        told; systemd hears RELOADING=1 and then READY=1."""
+        sdnotify.reloading()
+        maillog.reopen()  # first, so that the lines about this reload are in the new file
+        try:
+            maillog.reconfigure(self.cfg, self._reload())
+        finally:
+            if self.qmgr is not None and self.qmgr.returncode is None:
+                self.qmgr.send_signal(signal.SIGHUP)
+            sdnotify.ready(f"accepting mail on {_listening(self.cfg)}")
+
+    def _reload(self) -> Config:
         try:
             cfg = config_mod.load(self.config_dir)
             router_for(cfg)
@@ -95,12 +128,11 @@ class Daemon:
             smtpd = smtpd_settings(cfg)
         except (ConfigError, ValueError) as exc:
             log.warning("reload failed, keeping the old configuration: %s", exc)
-            return
-        self.cfg = cfg
+            return self.cfg
+        old, self.cfg = self.cfg, cfg
         self.listener.reconfigure(smtpd)
-        if self.qmgr is not None and self.qmgr.returncode is None:
-            self.qmgr.send_signal(signal.SIGHUP)
         log.info("reload -- configuration %s", cfg.path or "(built-in defaults)")
+        return old
 
 
 async def _start_qmgr(config_dir: str | None, sock: socket.socket) -> asyncio.subprocess.Process:
@@ -113,7 +145,9 @@ async def _start_qmgr(config_dir: str | None, sock: socket.socket) -> asyncio.su
             "--trigger-fd", str(sock.fileno()), "--parent", str(os.getpid())]
     if config_dir is not None:
         args += ["-c", config_dir]
-    return await asyncio.create_subprocess_exec(*args, pass_fds=(sock.fileno(),))
+    # Only the main process speaks to systemd (NotifyAccess=main).
+    env = {k: v for k, v in os.environ.items() if k != sdnotify.NOTIFY_SOCKET}
+    return await asyncio.create_subprocess_exec(*args, pass_fds=(sock.fileno(),), env=env)
 
 
 async def _wait_ready(sock: socket.socket, proc: asyncio.subprocess.Process,
@@ -129,32 +163,52 @@ async def _wait_ready(sock: socket.socket, proc: asyncio.subprocess.Process,
     return False
 
 
+def _open_spool(cfg: Config) -> Spool:
+    """The spool, created where missing; StartupError for one this process cannot use."""
+    fault = fault_hook_from(os.environ.get("RELAY_FAULT", "") or cfg.str("fault_injection"))
+    root = cfg.str("queue_directory")
+    problems = spool_problems(root)
+    errors = [p for p in problems if p.severity.value == "error"]
+    if errors:
+        raise StartupError(errors[0].text)
+    try:
+        spool = Spool(root, long_ids=cfg.bool("enable_long_queue_ids"),
+                      fault=fault, reuse_free=True)
+    except OSError as exc:
+        raise StartupError(f"queue_directory {os.path.abspath(root)}: cannot create "
+                           f"{exc.filename or root}: {exc.strerror or exc}") from None
+    errors = [p for p in spool_problems(spool.root) if p.severity.value == "error"]
+    if errors:
+        raise StartupError(errors[0].text)
+    return spool
+
+
 async def run(config_dir: str | None, cfg: Config) -> int:
     loop = asyncio.get_running_loop()
     # Spool calls block in fsync(); enough threads let many sessions share one
     # directory fsync (group commit) instead of queueing behind each other.
     loop.set_default_executor(ThreadPoolExecutor(max_workers=SPOOL_THREADS,
                                                  thread_name_prefix="spool"))
-    fault = fault_hook_from(os.environ.get("RELAY_FAULT", "") or cfg.str("fault_injection"))
-    spool = Spool(cfg.str("queue_directory"), long_ids=cfg.bool("enable_long_queue_ids"),
-                  fault=fault, reuse_free=True)
-    lock_fd = _lock_spool(spool.root)
-    if lock_fd is None:
-        log.critical("the mail system is already running on %s", spool.root)
-        print(f"relay: fatal: the mail system is already running on {spool.root}",
-              file=sys.stderr)
-        return 1
-    _write_pid(spool.root)
-    await asyncio.to_thread(spool.forget_linked_spares)
-
     socks: list[tuple[Any, socket.socket]] = []
     try:
-        for addr in cfg.listen_addresses():
-            socks.append((addr, _bind(addr.host, addr.port)))
-    except OSError as exc:
-        log.critical("bind %s port %s: %s", addr.host, addr.port, exc.strerror)
-        for _, sock in socks:
-            sock.close()
+        spool = _open_spool(cfg)
+        lock_fd = _lock_spool(spool.root)
+        try:
+            pidfile.write(spool.root)
+            await asyncio.to_thread(spool.forget_linked_spares)
+        except (OSError, SpoolError) as exc:
+            os.close(lock_fd)
+            raise StartupError(f"queue_directory {spool.root}: {_why(exc)}") from None
+        try:
+            for addr in cfg.listen_addresses():
+                socks.append((addr, _bind(addr.host, addr.port)))
+        except OSError as exc:
+            os.close(lock_fd)
+            for _, sock in socks:
+                sock.close()
+            raise StartupError(f"bind {addr.host} port {addr.port}: {_why(exc)}") from None
+    except StartupError as exc:
+        fatal_line(str(exc))
         return 1
 
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -162,9 +216,14 @@ async def run(config_dir: str | None, cfg: Config) -> int:
     qmgr = await _start_qmgr(config_dir, theirs)
     theirs.close()
     if not await _wait_ready(mine, qmgr):
+        # The queue manager said why on standard error, as one fatal line.
         log.critical("the queue manager did not start")
         with contextlib.suppress(ProcessLookupError):
             qmgr.kill()
+        await qmgr.wait()
+        for _, sock in socks:
+            sock.close()
+        os.close(lock_fd)
         return 1
     link = QmgrLink(mine)
 
@@ -183,18 +242,24 @@ async def run(config_dir: str | None, cfg: Config) -> int:
         else:
             server = await loop.create_server(listener.factory, sock=sock)
         servers.append(server)
-        log.info("listening on %s:%d", addr.host, addr.port)
+        log.info("listening on %s", _address(addr))
     daemon = Daemon(config_dir, cfg, spool, listener, servers, qmgr)
 
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, daemon.reload)
-    log.info("daemon started -- version %s, configuration %s", _version(),
-             cfg.path or "(built-in defaults)")
+    started = (f"daemon started -- version {_version()}, configuration "
+               f"{cfg.path or '(built-in defaults)'}, queue_directory {spool.root}, "
+               f"maillog_file {_log_target(cfg)}, listening on {_listening(cfg)}")
+    log.info("%s", started)
+    if cfg.str("maillog_file"):  # a foreground operator (or the journal) sees it too
+        print(f"relay: {started}", file=sys.stderr, flush=True)
+    sdnotify.ready(f"accepting mail on {_listening(cfg)}")
     qmgr_task = loop.create_task(qmgr.wait())
     stop_task = loop.create_task(stop.wait())
     done, _ = await asyncio.wait({qmgr_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    sdnotify.stopping()
     status = 0
     if qmgr_task in done:
         # The queue manager died: stop taking mail that nobody would deliver.  A
@@ -210,6 +275,29 @@ async def run(config_dir: str | None, cfg: Config) -> int:
     stop_task.cancel()
     os.close(lock_fd)
     return status
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror or exc}"
+    return str(exc)
+
+
+def _address(addr: Any) -> str:
+    host = f"[{addr.host}]" if ":" in addr.host else addr.host
+    return f"{host}:{addr.port}{'/tls' if addr.tls else ''}"
+
+
+def _listening(cfg: Config) -> str:
+    return " ".join(_address(a) for a in cfg.listen_addresses()) or "(no listener)"
+
+
+def _log_target(cfg: Config) -> str:
+    path = cfg.str("maillog_file")
+    if path == maillog.SYSLOG:
+        return f"syslog (facility {cfg.str('syslog_facility')})"
+    return os.path.abspath(path) if path else "(standard error)"
 
 
 async def _shutdown(listener: Listener, servers: Sequence[asyncio.AbstractServer],
@@ -250,27 +338,29 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _lock_spool(root: str) -> int | None:
-    fd = os.open(os.path.join(root, "master.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+def _lock_spool(root: str) -> int:
+    """master.lock, held for the daemon's life; StartupError if another daemon holds it."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def _write_pid(root: str) -> None:
-    tmp = os.path.join(root, "master.pid.tmp")
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid():>10}\n")
-    os.replace(tmp, os.path.join(root, "master.pid"))
+        return pidfile.lock(root)
+    except pidfile.AlreadyRunning:
+        raise StartupError(f"the mail system is already running on {root}") from None
+    except OSError as exc:
+        raise StartupError(f"queue_directory {root}: {_why(exc)}") from None
 
 
 def _version() -> str:
     from relay import __version__
 
     return __version__
+
+
+def setup_log(cfg: Config) -> None:
+    """The maillog main.cf names; StartupError if it cannot be opened."""
+    try:
+        maillog.setup(cfg.str("myhostname"), cfg.str("syslog_name"), cfg.str("maillog_file"),
+                      facility=cfg.str("syslog_facility"))
+    except maillog.LogError as exc:
+        raise StartupError(f"maillog_file: {exc}") from None
 
 
 def serve(config_dir: str | None) -> int:
@@ -280,13 +370,17 @@ def serve(config_dir: str | None) -> int:
     except ConfigError as exc:
         print(f"relay: fatal: {exc}", file=sys.stderr)
         return 1
-    maillog.setup(cfg.str("myhostname"), cfg.str("syslog_name"), cfg.str("maillog_file"))
+    try:
+        setup_log(cfg)
+    except StartupError as exc:
+        print(f"relay: fatal: {exc}", file=sys.stderr)
+        return 1
     try:
         router_for(cfg)
         resolver_for(cfg)
         sasl_credentials(cfg)
         smtpd_settings(cfg)
     except ValueError as exc:
-        print(f"relay: fatal: {exc}", file=sys.stderr)
+        fatal_line(str(exc))
         return 1
     return run_loop(run(config_dir, cfg))

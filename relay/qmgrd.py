@@ -55,13 +55,16 @@ class Qmgr:
         self.scheduler = scheduler
 
     def reload(self) -> None:
+        """SIGHUP: main.cf again, and the maillog reopened (logrotate moved it)."""
+        maillog.reopen()
         try:
             cfg = config_mod.load(self.config_dir)
             router, resolver, settings = router_for(cfg), resolver_for(cfg), qmgr_settings(cfg)
         except (ConfigError, ValueError) as exc:
             log.warning("reload failed, keeping the old configuration: %s", exc)
             return
-        self.cfg = cfg
+        old, self.cfg = self.cfg, cfg
+        maillog.reconfigure(cfg, old)
         self.scheduler.reconfigure(settings, router, resolver)
 
     async def on_control(self, verb: str, args: list[str]) -> str:
@@ -125,19 +128,32 @@ async def run(config_dir: str | None, cfg: Config, trigger_fd: int) -> int:
     loop.set_default_executor(ThreadPoolExecutor(max_workers=THREADS,
                                                  thread_name_prefix="qmgr"))
     fault = fault_hook_from(os.environ.get("RELAY_FAULT", "") or cfg.str("fault_injection"))
-    spool = Spool(cfg.str("queue_directory"), long_ids=cfg.bool("enable_long_queue_ids"),
-                  fault=fault, retire_to_free=True)
-    # One queue manager per spool, even for the moment an old one takes to die.
-    lock_fd = os.open(os.path.join(spool.root, "qmgr.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-    await asyncio.to_thread(fcntl.flock, lock_fd, fcntl.LOCK_EX)
-    await asyncio.to_thread(spool.forget_kept_spares)
+    try:
+        spool = Spool(cfg.str("queue_directory"), long_ids=cfg.bool("enable_long_queue_ids"),
+                      fault=fault, retire_to_free=True)
+        # One queue manager per spool, even for the moment an old one takes to die.
+        lock_fd = os.open(os.path.join(spool.root, "qmgr.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        await asyncio.to_thread(fcntl.flock, lock_fd, fcntl.LOCK_EX)
+        await asyncio.to_thread(spool.forget_kept_spares)
+    except OSError as exc:
+        # The listener checked the spool a moment ago; say what changed since.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"relay: fatal: queue manager: {where}{exc.strerror or exc}", file=sys.stderr,
+              flush=True)
+        return 1
     clock = clock_mod.from_environ()
     scheduler = Scheduler(spool, qmgr_settings(cfg), router_for(cfg), resolver_for(cfg),
                           SMTPDelivery(), clock=clock)
     scheduler.syncer = Syncer()
     scheduler.syncer.start()
     qmgr = Qmgr(config_dir, cfg, spool, scheduler)
-    ctl = await control.serve(spool.root, qmgr.on_control)
+    try:
+        ctl = await control.serve(spool.root, qmgr.on_control)
+    except OSError as exc:
+        print(f"relay: fatal: queue manager: control socket in {spool.root}: "
+              f"{exc.strerror or exc}", file=sys.stderr, flush=True)
+        scheduler.syncer.close()
+        return 1
     trigger = socket.socket(fileno=trigger_fd)
     trigger.setblocking(False)
     loop.add_reader(trigger.fileno(), qmgr.on_trigger, trigger)
@@ -183,5 +199,10 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"relay: fatal: {exc}", file=sys.stderr)
         return 1
-    maillog.setup(cfg.str("myhostname"), cfg.str("syslog_name"), cfg.str("maillog_file"))
+    try:
+        maillog.setup(cfg.str("myhostname"), cfg.str("syslog_name"), cfg.str("maillog_file"),
+                      facility=cfg.str("syslog_facility"))
+    except maillog.LogError as exc:
+        print(f"relay: fatal: maillog_file: {exc}", file=sys.stderr)
+        return 1
     return run_loop(run(ns.config_dir, cfg, ns.trigger_fd))
