@@ -10,6 +10,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from relay import __version__
+from relay.cli import service
 from relay.config import config_dir_from
 
 
@@ -17,8 +19,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="relay", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
     serve = sub.add_parser("serve", help="run the relay in the foreground")
     serve.add_argument("-c", dest="config_dir", metavar="CONFIG_DIR")
+    for name, (text, _) in service.COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
+    sub.add_parser("check", help="check main.cf, the spool, free space, the maillog, the ports",
+                   add_help=False)
     sub.add_parser("queue", help="inspect and act on the queue (relay queue --help)",
                    add_help=False)
     sub.add_parser("passwd", help="add or change an SMTP AUTH user", add_help=False)
@@ -30,6 +37,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from relay import qmgrd
 
         return qmgrd.main(args[1:])
+    if args and args[0] in service.COMMANDS:
+        return service.main(args[0], args[1:])
+    if args and args[0] == "check":  # the daemon's own start-up checks, run now
+        from relay import check
+
+        return check.main(args[1:])
     if args and args[0] == "passwd":
         from relay.cli import passwd
 

@@ -1,0 +1,150 @@
+"""``relay status``, ``relay reload``, ``relay stop``: the running daemon, as ``postfix
+status``, ``postfix reload`` and ``postfix stop`` see it.
+
+Whether ``relay serve`` runs on a spool is its master.lock (relay.pidfile), its PID
+is master.pid; ``reload`` sends it SIGHUP (main.cf again, the maillog reopened) and
+``stop`` SIGTERM, then waits until the lock is free: the daemon's own graceful stop
+takes at most ten seconds, and after ``--timeout`` (15 s) it is killed, as postfix
+stop does after five.  A SIGKILL loses no mail: the spool is crash-safe.  Messages
+and statuses are postfix-script's: ``the mail system is running: PID: N`` (0), ``the
+mail system is not running`` (1).  Nothing here reads or writes a queue file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from relay import config as config_mod
+from relay import pidfile
+from relay.config import ConfigError
+
+EX_OK = 0
+EX_FATAL = 1
+EX_USAGE = 64
+STOP_TIMEOUT = 15.0
+
+
+class Fatal(Exception):
+    """``relay: fatal: TEXT`` and exit 1."""
+
+
+def _say(text: str) -> None:
+    print(f"relay: {text}", file=sys.stderr, flush=True)
+
+
+def _queue_directory(config_dir: str | None) -> str:
+    try:
+        cfg = config_mod.load(config_mod.config_dir_from(config_dir),
+                              warn=lambda m: _say(f"warning: {m}"))
+    except ConfigError as exc:
+        raise Fatal(str(exc)) from None
+    return cfg.str("queue_directory")
+
+
+def _running(queue_directory: str) -> int:
+    pid = pidfile.running(queue_directory)
+    if pid is None:
+        raise Fatal("the mail system is not running")
+    if pid <= 0:
+        raise Fatal(f"the mail system is running on {queue_directory}, but its "
+                    f"{pidfile.PID_NAME} cannot be read")
+    return pid
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        raise Fatal("the mail system is not running") from None
+    except PermissionError:
+        raise Fatal(f"cannot send {sig.name} to PID {pid}: Operation not permitted") from None
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process still runs (a zombie its parent has not reaped has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[-1].split()
+        return fields[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def status(ns: argparse.Namespace) -> int:
+    pid = pidfile.running(_queue_directory(ns.config_dir))
+    if pid is None:
+        _say("the mail system is not running")
+        return EX_FATAL
+    _say(f"the mail system is running: PID: {pid or 'unknown'}")
+    return EX_OK
+
+
+def reload(ns: argparse.Namespace) -> int:
+    pid = _running(_queue_directory(ns.config_dir))
+    _say("refreshing the mail system")
+    _signal(pid, signal.SIGHUP)
+    return EX_OK
+
+
+def stop(ns: argparse.Namespace) -> int:
+    root = _queue_directory(ns.config_dir)
+    pid = _running(root)
+    _say("stopping the mail system")
+    _signal(pid, signal.SIGTERM)
+    end = time.monotonic() + ns.timeout
+    next_word = time.monotonic() + 1.0
+    while pidfile.running(root) is not None or _alive(pid):
+        now = time.monotonic()
+        if now >= end:
+            _say("warning: stopping the mail system with force")
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return EX_OK
+            while _alive(pid) and time.monotonic() < end + 5:
+                time.sleep(0.05)
+            return EX_OK
+        if now >= next_word:
+            _say("waiting for the mail system to terminate")
+            next_word = now + 1.0
+        time.sleep(0.05)
+    return EX_OK
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
+    "status": ("whether the mail system is running, and its PID", status),
+    "reload": ("re-read main.cf and reopen the maillog (SIGHUP)", reload),
+    "stop": ("stop the mail system gracefully, and wait", stop),
+}
+
+
+def main(command: str, argv: Sequence[str]) -> int:
+    """``relay COMMAND [-c DIR]``; the exit status."""
+    help_text, body = COMMANDS[command]
+    parser = argparse.ArgumentParser(prog=f"relay {command}", description=help_text)
+    parser.add_argument("-c", dest="config_dir", metavar="CONFIG_DIR")
+    if command == "stop":
+        parser.add_argument("--timeout", type=float, default=STOP_TIMEOUT, metavar="SECONDS",
+                            help="then kill it (default %(default)s)")
+    try:
+        ns = parser.parse_args(list(argv))
+    except SystemExit as exc:
+        return EX_OK if exc.code == 0 else EX_USAGE
+    try:
+        return body(ns)
+    except Fatal as exc:
+        _say(f"fatal: {exc}")
+        return EX_FATAL
