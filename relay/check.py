@@ -210,11 +210,11 @@ def settings_problems(cfg: Config) -> list[Problem]:
     return problems
 
 
-def problems(config_dir: str | None) -> Iterator[Problem]:
+def problems(config_dir: str | None, overrides: Sequence[str] = ()) -> Iterator[Problem]:
     """Every problem ``relay check`` reports, in the order an operator fixes them."""
     warnings: list[str] = []
     try:
-        cfg = config_mod.load(config_dir, warn=warnings.append)
+        cfg = config_mod.load(config_dir, warn=warnings.append, overrides=overrides)
     except ConfigError as exc:
         yield _error(str(exc))
         return
@@ -228,17 +228,19 @@ def problems(config_dir: str | None) -> Iterator[Problem]:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``relay check [-c DIR]``: 0 if nothing is wrong (warnings allowed), else 1."""
+    """``relay check [-c DIR] [-o name=value ...]``: 0 if nothing is wrong (warnings allowed), else 1."""
     parser = argparse.ArgumentParser(
         prog="relay check",
         description="check main.cf, the spool, its free space, the maillog and the ports")
     parser.add_argument("-c", dest="config_dir", metavar="CONFIG_DIR")
+    parser.add_argument("-o", dest="overrides", metavar="NAME=VALUE", action="append",
+                        default=[], help="override a main.cf parameter, as relay serve -o")
     try:
         ns = parser.parse_args(list(argv))
     except SystemExit as exc:
         return 0 if exc.code == 0 else 64
     status = 0
-    for problem in problems(config_mod.config_dir_from(ns.config_dir)):
+    for problem in problems(config_mod.config_dir_from(ns.config_dir), ns.overrides):
         print(f"relay: {problem.severity.value}: {problem.text}", file=sys.stderr)
         if problem.severity is Severity.ERROR:
             status = 1

@@ -68,6 +68,11 @@ _HOSTPORT_RE = re.compile(
 )
 
 
+# The line number of a setting given as ``-o name=value`` rather than read from main.cf;
+# sorted after every line of the file.
+OVERRIDE_LINE = 1 << 30
+
+
 class ConfigError(Exception):
     """A main.cf problem; ``str(error)`` is the whole message, naming file, line, parameter."""
 
@@ -509,6 +514,8 @@ class _Resolver:
 
     def where(self, name: str) -> str:
         setting = self.settings.get(name)
+        if setting is not None and setting.line == OVERRIDE_LINE:
+            return f"-o {name}"
         if setting is not None:
             return f"{self.path}, line {setting.line}"
         return f"{self.path}, default value" if self.path else "default value"
@@ -847,7 +854,7 @@ def _build(
             ) from None
     # Postfix's postconf does not call a name unused when another value refers to it.
     warnings = tuple(
-        f"{path}, line {s.line}: unused parameter: {s.name}={s.value}"
+        f"{resolver.where(s.name)}: unused parameter: {s.name}={s.value}"
         for s in sorted(settings.values(), key=lambda s: s.line)
         if s.name not in PARAMETERS and s.name not in resolver.referenced
     )
@@ -866,28 +873,44 @@ def _build(
     )
 
 
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Setting]:
+    """``-o name=value`` arguments (Postfix's daemons and postconf take them): each
+    replaces what main.cf says for that name, and names itself in messages."""
+    settings: dict[str, Setting] = {}
+    for item in overrides:
+        name, eq, value = item.partition("=")
+        name = name.strip(_WS)
+        if not eq or not name or any(c in _WS for c in name):
+            raise ConfigError(f"-o {item}: missing '=' after parameter name")
+        settings[name] = Setting(name, value.strip(_WS), OVERRIDE_LINE)
+    return settings
+
+
 def load(
     config_dir: str | None = None,
     *,
     environ: Mapping[str, str] = os.environ,
     warn: Callable[[str], None] | None = None,
+    overrides: Sequence[str] = (),
 ) -> Config:
-    """Read ``config_dir/main.cf`` (config_dir None: $MAIL_CONFIG; neither: defaults only).
+    """Read ``config_dir/main.cf`` (config_dir None: $MAIL_CONFIG; neither: defaults only),
+    then apply ``overrides`` (``name=value`` each, as ``-o`` gives them).
 
     Every parameter is expanded and converted now; a problem raises ConfigError.  Each
     unused parameter is passed to ``warn`` (default: ``relay: warning: ...`` on stderr).
     """
+    extra = parse_overrides(overrides)
     if config_dir is None:
         config_dir = config_dir_from(None, environ)
     if config_dir is None:
-        return _build(None, {}, environ, warn)
+        return _build(None, extra, environ, warn)
     path = os.path.join(config_dir, "main.cf")
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         raise ConfigError(f"open {path}: {e.strerror}") from None
-    return _build(path, parse_main_cf(data, path), environ, warn)
+    return _build(path, {**parse_main_cf(data, path), **extra}, environ, warn)
 
 
 def defaults(*, environ: Mapping[str, str] = os.environ) -> Config:

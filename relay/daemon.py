@@ -106,6 +106,7 @@ class Daemon:
     listener: Listener
     servers: list[asyncio.AbstractServer]
     qmgr: asyncio.subprocess.Process | None = None
+    overrides: tuple[str, ...] = ()  # -o name=value, kept across reloads
 
     def reload(self) -> None:
         """SIGHUP: main.cf again, the maillog reopened (logrotate), the queue manager
@@ -121,7 +122,7 @@ class Daemon:
 
     def _reload(self) -> Config:
         try:
-            cfg = config_mod.load(self.config_dir)
+            cfg = config_mod.load(self.config_dir, overrides=self.overrides)
             router_for(cfg)
             resolver_for(cfg)
             qmgr_settings(cfg)
@@ -135,7 +136,8 @@ class Daemon:
         return old
 
 
-async def _start_qmgr(config_dir: str | None, sock: socket.socket) -> asyncio.subprocess.Process:
+async def _start_qmgr(config_dir: str | None, overrides: tuple[str, ...],
+                      sock: socket.socket) -> asyncio.subprocess.Process:
     """Start the queue manager process and wait until it serves its control socket."""
     # Not "-m": that would put the working directory first on sys.path, where a
     # directory named spool/ (a queue directory, say) would shadow the package.
@@ -145,6 +147,8 @@ async def _start_qmgr(config_dir: str | None, sock: socket.socket) -> asyncio.su
             "--trigger-fd", str(sock.fileno()), "--parent", str(os.getpid())]
     if config_dir is not None:
         args += ["-c", config_dir]
+    for item in overrides:
+        args += ["-o", item]
     # Only the main process speaks to systemd (NotifyAccess=main).
     env = {k: v for k, v in os.environ.items() if k != sdnotify.NOTIFY_SOCKET}
     return await asyncio.create_subprocess_exec(*args, pass_fds=(sock.fileno(),), env=env)
@@ -183,7 +187,7 @@ def _open_spool(cfg: Config) -> Spool:
     return spool
 
 
-async def run(config_dir: str | None, cfg: Config) -> int:
+async def run(config_dir: str | None, cfg: Config, overrides: tuple[str, ...] = ()) -> int:
     loop = asyncio.get_running_loop()
     # Spool calls block in fsync(); enough threads let many sessions share one
     # directory fsync (group commit) instead of queueing behind each other.
@@ -213,7 +217,7 @@ async def run(config_dir: str | None, cfg: Config) -> int:
 
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     mine.setblocking(False)
-    qmgr = await _start_qmgr(config_dir, theirs)
+    qmgr = await _start_qmgr(config_dir, overrides, theirs)
     theirs.close()
     if not await _wait_ready(mine, qmgr):
         # The queue manager said why on standard error, as one fatal line.
@@ -243,7 +247,7 @@ async def run(config_dir: str | None, cfg: Config) -> int:
             server = await loop.create_server(listener.factory, sock=sock)
         servers.append(server)
         log.info("listening on %s", _address(addr))
-    daemon = Daemon(config_dir, cfg, spool, listener, servers, qmgr)
+    daemon = Daemon(config_dir, cfg, spool, listener, servers, qmgr, overrides)
 
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -363,10 +367,11 @@ def setup_log(cfg: Config) -> None:
         raise StartupError(f"maillog_file: {exc}") from None
 
 
-def serve(config_dir: str | None) -> int:
-    """Load the configuration (fatal before listening on any error) and run."""
+def serve(config_dir: str | None, overrides: Sequence[str] = ()) -> int:
+    """Load the configuration (fatal before listening on any error) and run; ``overrides``
+    are ``-o name=value`` settings that win over main.cf, as for Postfix's daemons."""
     try:
-        cfg = config_mod.load(config_dir)
+        cfg = config_mod.load(config_dir, overrides=overrides)
     except ConfigError as exc:
         print(f"relay: fatal: {exc}", file=sys.stderr)
         return 1
@@ -383,4 +388,4 @@ def serve(config_dir: str | None) -> int:
     except ValueError as exc:
         fatal_line(str(exc))
         return 1
-    return run_loop(run(config_dir, cfg))
+    return run_loop(run(config_dir, cfg, tuple(overrides)))

@@ -48,8 +48,9 @@ PR_SET_PDEATHSIG = 1
 
 class Qmgr:
     def __init__(self, config_dir: str | None, cfg: Config, spool: Spool,
-                 scheduler: Scheduler) -> None:
+                 scheduler: Scheduler, overrides: tuple[str, ...] = ()) -> None:
         self.config_dir = config_dir
+        self.overrides = overrides
         self.cfg = cfg
         self.spool = spool
         self.scheduler = scheduler
@@ -58,7 +59,7 @@ class Qmgr:
         """SIGHUP: main.cf again, and the maillog reopened (logrotate moved it)."""
         maillog.reopen()
         try:
-            cfg = config_mod.load(self.config_dir)
+            cfg = config_mod.load(self.config_dir, overrides=self.overrides)
             router, resolver, settings = router_for(cfg), resolver_for(cfg), qmgr_settings(cfg)
         except (ConfigError, ValueError) as exc:
             log.warning("reload failed, keeping the old configuration: %s", exc)
@@ -123,7 +124,8 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-async def run(config_dir: str | None, cfg: Config, trigger_fd: int) -> int:
+async def run(config_dir: str | None, cfg: Config, trigger_fd: int,
+              overrides: tuple[str, ...] = ()) -> int:
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(max_workers=THREADS,
                                                  thread_name_prefix="qmgr"))
@@ -146,7 +148,7 @@ async def run(config_dir: str | None, cfg: Config, trigger_fd: int) -> int:
                           SMTPDelivery(), clock=clock)
     scheduler.syncer = Syncer()
     scheduler.syncer.start()
-    qmgr = Qmgr(config_dir, cfg, spool, scheduler)
+    qmgr = Qmgr(config_dir, cfg, spool, scheduler, overrides)
     try:
         ctl = await control.serve(spool.root, qmgr.on_control)
     except OSError as exc:
@@ -185,17 +187,19 @@ async def run(config_dir: str | None, cfg: Config, trigger_fd: int) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """``relay qmgr --trigger-fd N --parent PID [-c DIR]``: internal, run by relay serve."""
+    """``relay qmgr --trigger-fd N --parent PID [-c DIR] [-o name=value ...]``: internal,
+    run by relay serve."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="relay qmgr")
     parser.add_argument("-c", dest="config_dir")
+    parser.add_argument("-o", dest="overrides", action="append", default=[])
     parser.add_argument("--trigger-fd", type=int, required=True)
     parser.add_argument("--parent", type=int, required=True)
     ns = parser.parse_args(argv)
     _die_with_parent(ns.parent)
     try:
-        cfg = config_mod.load(ns.config_dir)
+        cfg = config_mod.load(ns.config_dir, overrides=ns.overrides)
     except ConfigError as exc:
         print(f"relay: fatal: {exc}", file=sys.stderr)
         return 1
@@ -205,4 +209,4 @@ def main(argv: list[str]) -> int:
     except maillog.LogError as exc:
         print(f"relay: fatal: maillog_file: {exc}", file=sys.stderr)
         return 1
-    return run_loop(run(ns.config_dir, cfg, ns.trigger_fd))
+    return run_loop(run(ns.config_dir, cfg, ns.trigger_fd, tuple(ns.overrides)))

@@ -22,6 +22,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"relay {__version__}")
     serve = sub.add_parser("serve", help="run the relay in the foreground")
     serve.add_argument("-c", dest="config_dir", metavar="CONFIG_DIR")
+    serve.add_argument("-o", dest="overrides", metavar="NAME=VALUE", action="append",
+                       default=[], help="override a main.cf parameter (repeatable)")
     for name, (text, _) in service.COMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)
     sub.add_parser("check", help="check main.cf, the spool, free space, the maillog, the ports",
@@ -51,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command == "serve":
         from relay import daemon
 
-        return daemon.serve(config_dir_from(ns.config_dir))
+        return daemon.serve(config_dir_from(ns.config_dir), ns.overrides)
     parser.print_usage(sys.stderr)
     return 64
 

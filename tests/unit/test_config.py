@@ -522,6 +522,22 @@ def test_config_directory_is_where_main_cf_is(tmp_path: Path) -> None:
         "config_directory") == str(tmp_path)
 
 
+def test_overrides_win_over_main_cf_and_name_themselves(tmp_path: Path) -> None:
+    (tmp_path / "main.cf").write_text("smtpd_timeout = 10s\nrelay_domains = a.example\n")
+    warnings: list[str] = []
+    cfg = config.load(str(tmp_path), environ={}, warn=warnings.append,
+                      overrides=["smtpd_timeout = 20s", "relay_domains=", "no_such=1"])
+    assert cfg.time("smtpd_timeout") == 20.0
+    assert cfg.list("relay_domains") == ()
+    assert warnings == ["-o no_such: unused parameter: no_such=1"]
+    with pytest.raises(ConfigError) as e:
+        config.load(str(tmp_path), environ={}, overrides=["smtpd_timeout=soon"])
+    assert str(e.value) == "-o smtpd_timeout: bad time value for parameter smtpd_timeout: soon"
+    with pytest.raises(ConfigError) as e:
+        config.load(None, environ={}, overrides=["smtpd_timeout"])
+    assert str(e.value) == "-o smtpd_timeout: missing '=' after parameter name"
+
+
 def test_syslog_facility_is_one_of_syslogs(tmp_path: Path) -> None:
     assert load(tmp_path, "syslog_facility = LOCAL3\n").str("syslog_facility") == "local3"
     assert error(tmp_path, "syslog_facility = mial\n") == (
