@@ -43,6 +43,14 @@ def backoff(env: Envelope, now: float, policy: Policy) -> float:
     return min(max(delay, policy.minimal_backoff_time), policy.maximal_backoff_time)
 
 
+def next_attempt(env: Envelope, policy: Policy) -> float:
+    """When the next attempt of a deferred message is due under ``policy``: its last
+    attempt plus the backoff it had earned then (0 if it was never tried)."""
+    if not env.last_attempt:
+        return 0.0
+    return env.last_attempt + backoff(env, env.last_attempt, policy)
+
+
 def lifetime(env: Envelope, policy: Policy) -> float:
     return policy.maximal_queue_lifetime if env.sender else policy.bounce_queue_lifetime
 

@@ -154,6 +154,9 @@ class Scheduler:
         self._lock_waits: set[str] = set()  # being activated in a thread: locked elsewhere
         self._next_deferred_scan = 0.0
         self._next_scan_mono = 0.0
+        # The backoff times changed at a reload: the next deferred scan dates each
+        # message's next attempt again (Policy, not the file's mtime, decides).
+        self._redate_deferred = False
 
     # ---- triggers (in-process and from the control socket) ------------------------
 
@@ -208,9 +211,22 @@ class Scheduler:
         return domain in self.paused or f"nexthop:{hop.host.lower()}" in self.paused
 
     def reconfigure(self, settings: QmgrSettings, router: Router, resolver: Resolver) -> None:
+        """A reload: new settings from now on; the queue-run timer re-armed as if the
+        last scan had set it with the new queue_run_delay; new backoff times applied to
+        every deferred message at the next scan; dead destinations forgotten (a
+        reload restarts Postfix's qmgr, which forgets them too)."""
+        old = self.settings
         self.settings = settings
         self.router = router
         self.resolver = resolver
+        if settings.queue_run_delay != old.queue_run_delay:
+            change = settings.queue_run_delay - old.queue_run_delay
+            self._next_scan_mono += change
+            self._next_deferred_scan += change
+        if (settings.policy.minimal_backoff_time, settings.policy.maximal_backoff_time) != (
+                old.policy.minimal_backoff_time, old.policy.maximal_backoff_time):
+            self._redate_deferred = True
+        self._forget_dead()
         self._wake.set()
 
     # ---- main loop ----------------------------------------------------------------
@@ -318,16 +334,38 @@ class Scheduler:
     def _list_queue(self, queue: str, limit: int, ignore_times: bool) -> list[str]:
         """Up to ``limit`` names from a queue; for deferred/ only those due (mtime)."""
         now = self.clock.time()
+        redate = queue == "deferred" and self._redate_deferred and not ignore_times
         out: list[str] = []
+        redated = 0
         for entry in self.spool.scan(queue):
             if entry.queue_id in self.messages:
                 continue
             if queue == "deferred" and not ignore_times and entry.mtime > now + 1:
-                continue
+                due = self._redate(entry.queue_id, entry.mtime) if redate else entry.mtime
+                redated += due != entry.mtime
+                if due > now + 1:
+                    continue
             out.append(entry.queue_id)
             if len(out) >= limit:
                 break
+        else:
+            if redate:
+                self._redate_deferred = False
+                log.info("new backoff times applied to %d deferred messages", redated)
         return out
+
+    def _redate(self, queue_id: str, mtime: float) -> float:
+        """The next attempt of a deferred message under the current backoff times, set as
+        its mtime (under its lock: an admin command may be moving it)."""
+        try:
+            with self.spool.locked(queue_id, ("deferred",)) as entry:
+                due = outcome.next_attempt(entry.read(), self.settings.policy)
+                if not due or abs(due - mtime) < 1:
+                    return mtime
+                entry.move("deferred", mtime=due)
+                return due
+        except (SpoolError, OSError):
+            return mtime  # gone, or unreadable: the next scan sees it as it is
 
     # ---- one message ------------------------------------------------------------------
 

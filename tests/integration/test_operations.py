@@ -20,10 +20,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.support.daemon import RelayDaemon, free_port
+from tests.support.peers import PeerScript, Reply, threaded_peer  # noqa: F401
 from tests.support.tools import require
 
 pytestmark = pytest.mark.timeout(90)
@@ -419,3 +421,54 @@ def test_check_passes_a_good_setup_and_names_each_problem(relay_daemon: MakeDaem
     d.write_config(smtpd_relay_restrictions="permit_mynetworks")
     bad = relay("check", "-c", str(d.config_dir))
     assert any("smtpd_relay_restrictions" in line for line in bad.stderr.splitlines())
+
+
+# ---- SIGHUP and the queue manager's timers -----------------------------------------------------
+
+
+def _defer_first(peer_port: int) -> dict[str, str]:
+    return {"transport_maps": f"inline:{{ * = smtp:[127.0.0.1]:{peer_port} }}"}
+
+
+def _first_try_fails(n: int) -> PeerScript:
+    return PeerScript(rcpt=Reply(451, "4.3.0 try again later") if n == 1 else Reply(250, "2.1.5 Ok"))
+
+
+def test_sighup_rearms_the_queue_run_timer(relay_daemon: MakeDaemon, threaded_peer: Any) -> None:
+    peer = threaded_peer(_first_try_fails)
+    # The message is due again a second after its first try, but deferred/ is scanned
+    # only every hour ...
+    d = relay_daemon({**_defer_first(peer.port), "minimal_backoff_time": "1s",
+                      "maximal_backoff_time": "1s", "queue_run_delay": "1h"})
+    queue_id = send(d.port, "timer")
+    d.wait_log(f"{queue_id}: to=<b@example.net>, relay=127.0.0.1[127.0.0.1]:{peer.port}")
+    d.wait_log("status=deferred")
+    time.sleep(2.5)
+    assert "status=sent" not in d.log()
+    # ... until a reload with a short queue_run_delay re-arms the timer.
+    d.write_config(queue_run_delay="1s")
+    d.hup()
+    d.wait_log(f"{queue_id}: to=<b@example.net>, relay=127.0.0.1[127.0.0.1]:{peer.port}, "
+               "delay=", count=2, timeout=10)
+    d.wait_log("status=sent", timeout=5)
+    assert len(peer.messages) == 1
+
+
+def test_sighup_applies_new_backoff_times_to_deferred_mail(relay_daemon: MakeDaemon,
+                                                          threaded_peer: Any) -> None:
+    peer = threaded_peer(_first_try_fails)
+    # Scans every second, but the message waits an hour after its first try ...
+    d = relay_daemon({**_defer_first(peer.port), "minimal_backoff_time": "1h",
+                      "maximal_backoff_time": "1h", "queue_run_delay": "1s"})
+    queue_id = send(d.port, "backoff")
+    d.wait_log("status=deferred")
+    mtime = (d.queue_directory / "deferred" / queue_id).stat().st_mtime
+    assert mtime > time.time() + 3000
+    time.sleep(2.5)
+    assert "status=sent" not in d.log()
+    # ... until a reload makes the backoff a second: the next scan dates it again.
+    d.write_config(minimal_backoff_time="1s", maximal_backoff_time="2s")
+    d.hup()
+    log = d.wait_log("status=sent", timeout=10)
+    assert "new backoff times applied to 1 deferred messages" in log
+    assert len(peer.messages) == 1
