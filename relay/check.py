@@ -168,12 +168,13 @@ def maillog_problems(cfg: Config) -> list[Problem]:
 
 
 def port_problems(cfg: Config) -> list[Problem]:
-    """Each smtpd_listen address bindable now (skipped while the daemon runs: its own
+    """Each smtpd_listen and http_listen address bindable now (skipped while the daemon runs: its own
     ports are in use then)."""
     if pidfile.running(cfg.str("queue_directory")) is not None:
         return []
     problems: list[Problem] = []
-    for addr in cfg.listen_addresses():
+    for name, addr in [*(("smtpd_listen", a) for a in cfg.listen_addresses()),
+                       *(("http_listen", a) for a in cfg.listen_addresses("http_listen"))]:
         family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
         try:
             with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -184,9 +185,9 @@ def port_problems(cfg: Config) -> list[Problem]:
                 why = "no such local address"
             else:
                 why = _strerror(exc)
-            problems.append(_error(f"smtpd_listen: bind {addr.host} port {addr.port}: {why}"))
+            problems.append(_error(f"{name}: bind {addr.host} port {addr.port}: {why}"))
         except UnicodeError:
-            problems.append(_error(f"smtpd_listen: bad host name {addr.host}"))
+            problems.append(_error(f"{name}: bad host name {addr.host}"))
     return problems
 
 

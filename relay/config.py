@@ -103,6 +103,7 @@ class HostPortRule:
 
 LISTENER = HostPortRule(default_port=None, hostnames=True, tls_suffix=True)
 NAMESERVER = HostPortRule(default_port=53, hostnames=False, tls_suffix=False)
+HTTP_LISTENER = HostPortRule(default_port=None, hostnames=True, tls_suffix=False)
 
 
 class DefaultContext:
@@ -369,6 +370,9 @@ _TABLE = (
     Parameter("smtp_tls_CAfile", "", _S),
     Parameter("smtp_sasl_auth_enable", "no", _B),
     Parameter("smtp_sasl_password_maps", "", _L),
+    # http: the read API and the web page (relay.http)
+    Parameter("http_listen", "", _H, hostport=HTTP_LISTENER),  # extension
+    Parameter("http_admin", "no", _B),  # extension: queue changes over HTTP
 )
 # fmt: on
 

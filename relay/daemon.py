@@ -32,7 +32,7 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay import clock as clock_mod
 from relay import config as config_mod
@@ -46,6 +46,9 @@ from relay.smtpd.listener import Listener
 from spool import Envelope, Spool, SpoolError
 from spool.fsync import Syncer
 from spool.store import fault_hook_from
+
+if TYPE_CHECKING:
+    from relay.http.server import HttpServer
 
 log = logging.getLogger("relay.master")
 
@@ -107,6 +110,7 @@ class Daemon:
     servers: list[asyncio.AbstractServer]
     qmgr: asyncio.subprocess.Process | None = None
     overrides: tuple[str, ...] = ()  # -o name=value, kept across reloads
+    http: HttpServer | None = None
 
     def reload(self) -> None:
         """SIGHUP: main.cf again, the maillog reopened (logrotate), the queue manager
@@ -132,6 +136,8 @@ class Daemon:
             return self.cfg
         old, self.cfg = self.cfg, cfg
         self.listener.reconfigure(smtpd)
+        if self.http is not None:
+            self.http.ctx.config = cfg
         log.info("reload -- configuration %s", cfg.path or "(built-in defaults)")
         return old
 
@@ -214,6 +220,18 @@ async def run(config_dir: str | None, cfg: Config, overrides: tuple[str, ...] = 
     except StartupError as exc:
         fatal_line(str(exc))
         return 1
+    http_socks: list[socket.socket] = []
+    if cfg.listen_addresses("http_listen"):
+        from relay.http import server as http_server
+
+        try:
+            http_socks = http_server.bind(cfg.listen_addresses("http_listen"))
+        except OSError as exc:
+            fatal_line(f"bind http_listen {cfg.str('http_listen')}: {_why(exc)}")
+            for _, sock in socks:
+                sock.close()
+            os.close(lock_fd)
+            return 1
 
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     mine.setblocking(False)
@@ -225,7 +243,7 @@ async def run(config_dir: str | None, cfg: Config, overrides: tuple[str, ...] = 
         with contextlib.suppress(ProcessLookupError):
             qmgr.kill()
         await qmgr.wait()
-        for _, sock in socks:
+        for sock in [s for _, s in socks] + http_socks:
             sock.close()
         os.close(lock_fd)
         return 1
@@ -248,6 +266,11 @@ async def run(config_dir: str | None, cfg: Config, overrides: tuple[str, ...] = 
         servers.append(server)
         log.info("listening on %s", _address(addr))
     daemon = Daemon(config_dir, cfg, spool, listener, servers, qmgr, overrides)
+    if http_socks:
+        from relay.http.server import HttpContext, HttpServer
+
+        daemon.http = HttpServer(HttpContext(spool, cfg), http_socks)
+        await daemon.http.start()
 
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -274,6 +297,8 @@ async def run(config_dir: str | None, cfg: Config, overrides: tuple[str, ...] = 
         log.critical("the queue manager exited with status %s", qmgr.returncode)
     else:
         log.info("terminating on signal")
+    if daemon.http is not None:
+        await daemon.http.stop()
     await _shutdown(listener, servers, qmgr)
     syncer.close()
     stop_task.cancel()
@@ -294,7 +319,9 @@ def _address(addr: Any) -> str:
 
 
 def _listening(cfg: Config) -> str:
-    return " ".join(_address(a) for a in cfg.listen_addresses()) or "(no listener)"
+    smtp = " ".join(_address(a) for a in cfg.listen_addresses()) or "(no listener)"
+    http = " ".join(_address(a) for a in cfg.listen_addresses("http_listen"))
+    return f"{smtp}, http {http}" if http else smtp
 
 
 def _log_target(cfg: Config) -> str:
