@@ -3,7 +3,8 @@
 Postfix's postqueue -f writes a one-byte trigger to qmgr's fifo and never touches a
 queue file; we do the same over a Unix socket in the queue directory.  A request is
 one line (``flush``, ``scan``, ``flush-id ID ...``, ``flush-site SITE``,
-``pauses``), the answer one line (``ok`` or ``error TEXT``).  Nothing here reads or
+``pauses``, and for ``relay drain``: ``drain``, ``handoff HOST:PORT``, ``idle``), the
+answer one line (``ok``, ``ok yes``/``ok no`` for ``idle``, or ``error TEXT``).  Nothing here reads or
 writes the spool.  A crash leaves a stale socket file, replaced at the next start.
 
 Unix socket paths are limited to 108 bytes, and spools live in deep directories,

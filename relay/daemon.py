@@ -111,6 +111,34 @@ class Daemon:
     qmgr: asyncio.subprocess.Process | None = None
     overrides: tuple[str, ...] = ()  # -o name=value, kept across reloads
     http: HttpServer | None = None
+    draining: bool = False
+
+    def drain(self) -> None:
+        """relay drain (through the queue manager): stop listening, so that a load
+        balancer's health check sees the node go; sessions in progress finish."""
+        if self.draining:
+            return
+        self.draining = True
+        for server in self.servers:
+            server.close()
+        if self.http is not None:
+            self.http.ctx.accepting = False
+        log.info("draining: no longer accepting mail on %s", _listening(self.cfg))
+        sdnotify.notify("STATUS=draining: no longer accepting mail")
+
+    def on_qmgr(self, sock: socket.socket) -> None:
+        """What the queue manager says after "ready": ``drain``."""
+        while True:
+            try:
+                data = sock.recv(64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if data == b"drain":
+                self.drain()
+            elif not data:
+                return
 
     def reload(self) -> None:
         """SIGHUP: main.cf again, the maillog reopened (logrotate), the queue manager
@@ -271,6 +299,7 @@ async def run(config_dir: str | None, cfg: Config, overrides: tuple[str, ...] = 
 
         daemon.http = HttpServer(HttpContext(spool, cfg), http_socks)
         await daemon.http.start()
+    loop.add_reader(mine.fileno(), daemon.on_qmgr, mine)
 
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -287,6 +316,7 @@ async def run(config_dir: str | None, cfg: Config, overrides: tuple[str, ...] = 
     stop_task = loop.create_task(stop.wait())
     done, _ = await asyncio.wait({qmgr_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
     sdnotify.stopping()
+    loop.remove_reader(mine.fileno())
     status = 0
     if qmgr_task in done:
         # The queue manager died: stop taking mail that nobody would deliver.  A

@@ -5,7 +5,9 @@
 accepting and delivering use two CPUs, as Postfix's smtpd and qmgr do.  The
 listener writes each committed queue ID to a datagram socket (Postfix's qmgr
 trigger fifo); a lost trigger costs nothing but latency, because a ``scan`` trigger
-follows and the scheduler scans incoming/ at start and on every scan.
+follows and the scheduler scans incoming/ at start and on every scan.  The other way,
+this process writes ``ready`` once it serves, and ``drain`` when ``relay drain`` asks
+the listener to stop accepting.
 
 The process dies with its parent (PR_SET_PDEATHSIG): a supervisor's SIGKILL of the
 daemon stops deliveries too.  SIGHUP reloads main.cf, SIGTERM stops gracefully.
@@ -54,6 +56,7 @@ class Qmgr:
         self.cfg = cfg
         self.spool = spool
         self.scheduler = scheduler
+        self.trigger: socket.socket | None = None  # to and from the listener
 
     def reload(self) -> None:
         """SIGHUP: main.cf again, and the maillog reopened (logrotate moved it)."""
@@ -80,10 +83,46 @@ class Qmgr:
             return await asyncio.to_thread(self.flush_site, args[0] if args else "")
         elif verb == "pauses":
             sched.reload_pauses()
+        elif verb == "drain":
+            self.drain()
+        elif verb == "handoff":
+            return self.handoff(args[0] if args else "")
+        elif verb == "idle":
+            return "ok yes" if sched.idle else "ok no"
         elif verb == "ping":
             pass
         else:
             return f"error unknown request: {verb}"
+        return "ok"
+
+    def drain(self) -> None:
+        """relay drain: the listener stops accepting (told over the trigger socket, the
+        one way this process speaks to it) and everything queued is tried now."""
+        if self.trigger is not None:
+            with contextlib.suppress(OSError):
+                self.trigger.send(b"drain")
+        log.info("draining: delivering what the queue holds")
+        self.scheduler.flush()
+
+    def handoff(self, target: str) -> str:
+        """relay drain --to HOST:PORT: all queued mail to that peer relay from now on."""
+        from relay.routing import RouteError, Transport, parse_next_hop
+
+        # A peer is a host, never a domain to look up MX records for: always [host].
+        if target.startswith("[") or not target:
+            text = target
+        elif target.count(":") == 1:
+            host, _, port = target.partition(":")
+            text = f"[{host}]:{port}"
+        else:
+            text = f"[{target}]"
+        try:
+            hop = parse_next_hop(text, "")
+        except RouteError as exc:
+            return f"error bad peer {target}: {exc}"
+        if hop.transport is not Transport.SMTP:
+            return f"error bad peer {target}"
+        self.scheduler.hand_off(hop)
         return "ok"
 
     def flush_site(self, site: str) -> str:
@@ -158,6 +197,7 @@ async def run(config_dir: str | None, cfg: Config, trigger_fd: int,
         return 1
     trigger = socket.socket(fileno=trigger_fd)
     trigger.setblocking(False)
+    qmgr.trigger = trigger
     loop.add_reader(trigger.fileno(), qmgr.on_trigger, trigger)
 
     stop = asyncio.Event()

@@ -117,6 +117,17 @@ def _diagnostic(reason: str) -> str:
     return m.group("reply") if m else reason
 
 
+def _kept(result: Result) -> Result:
+    """A handed-off recipient the peer refused stays queued here: deferred, not bounced
+    (the peer's refusal says nothing of the recipient; it may just not relay for us)."""
+    r = result.rcpt
+    if r.status is not RcptStatus.BOUNCE:
+        return result
+    dsn = "4" + r.dsn[1:] if r.dsn[:1] == "5" else r.dsn
+    return replace(result, rcpt=replace(r, status=RcptStatus.DEFER, dsn=dsn,
+                                        reason=f"handoff refused: {r.reason}"))
+
+
 def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
@@ -157,6 +168,10 @@ class Scheduler:
         # The backoff times changed at a reload: the next deferred scan dates each
         # message's next attempt again (Policy, not the file's mtime, decides).
         self._redate_deferred = False
+        # relay drain --to: every message goes to this peer relay instead of its route,
+        # and stays queued until the peer says 250 (its refusals defer, never bounce).
+        self.handoff: NextHop | None = None
+        self._filling = False
 
     # ---- triggers (in-process and from the control socket) ------------------------
 
@@ -204,6 +219,19 @@ class Scheduler:
         self.paused = self.spool.pauses()
         if before - self.paused:
             self.flush()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing in memory, nothing waiting to come in, no scan pending (relay drain
+        waits for this after a flush)."""
+        return not (self.messages or self._incoming or self._scan_incoming
+                    or self._scan_deferred or self._lock_waits or self._filling)
+
+    def hand_off(self, hop: NextHop) -> None:
+        """relay drain --to: from now on every message goes to ``hop``; try all now."""
+        self.handoff = hop
+        log.info("handing queued mail to %s", hop.label)
+        self.flush()
 
     def is_paused(self, domain: str, hop: NextHop) -> bool:
         if not self.paused:
@@ -301,6 +329,13 @@ class Scheduler:
 
     async def _fill(self) -> None:
         """Bring messages into the active queue while there is room."""
+        self._filling = True  # a scan in a thread is work in hand (see idle)
+        try:
+            await self._fill_now()
+        finally:
+            self._filling = False
+
+    async def _fill_now(self) -> None:
         room = self.settings.active_limit - len(self.messages)
         while self._incoming and room > 0 and not self._stopping:
             batch: list[str] = []
@@ -455,6 +490,8 @@ class Scheduler:
         for rcpt in message.envelope.pending:
             try:
                 hop = self.router.next_hop(rcpt.address)
+                if self.handoff is not None and hop.transport == "smtp":
+                    hop = self.handoff
             except RouteError as exc:
                 failures.append(RcptResult(rcpt.address, RcptStatus.DEFER, "4.3.0",
                                            f"mail transport unavailable: {exc}"))
@@ -501,6 +538,8 @@ class Scheduler:
         try:
             async with self._global:
                 results = await self._attempt(dest, job)
+            if job.hop == self.handoff:
+                results = [_kept(r) for r in results]
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must not lose the message: defer it

@@ -1,8 +1,8 @@
 """Health routes of the HTTP listener, with Mailpit's paths: ``GET /livez`` and ``GET /readyz``.
 
 ``/livez`` answers 200 while the daemon's event loop runs.  ``/readyz`` answers 200 while
-the daemon takes mail (the queue directory is there), 503 otherwise, for a load balancer's
-or an orchestrator's health check.  Neither reads anything else, writes anything or keeps
+the daemon takes mail (the queue directory is there, and ``relay drain`` has not stopped
+the listener), 503 otherwise, for a load balancer's or an orchestrator's health check.  Neither reads anything else, writes anything or keeps
 state.
 """
 
@@ -20,7 +20,10 @@ async def livez(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    spool = request.app[CONTEXT].spool
+    ctx = request.app[CONTEXT]
+    if not ctx.accepting:
+        raise web.HTTPServiceUnavailable(text="Service Unavailable: draining\n")
+    spool = ctx.spool
     if not os.path.isdir(os.path.join(spool.root, "incoming")):
         raise web.HTTPServiceUnavailable(text="Service Unavailable\n")
     return web.Response(status=200)

@@ -68,6 +68,7 @@ class HttpContext:
     config: Config
     started: float = field(default_factory=time.time)
     addresses: list[tuple[str, int]] = field(default_factory=list)  # as bound (port 0 resolved)
+    accepting: bool = True  # False once relay drain stopped the SMTP listener
 
     @property
     def admin(self) -> bool:

@@ -14,6 +14,7 @@ import re
 import smtplib
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.support.daemon import RelayDaemon, free_port
-from tests.support.peers import PeerScript, ThreadedPeer, threaded_peer  # noqa: F401
+from tests.support.peers import PeerScript, Reply, ThreadedPeer, threaded_peer  # noqa: F401
 from tests.support.tools import require
 
 pytestmark = pytest.mark.timeout(180)
@@ -209,3 +210,100 @@ def test_haproxy_fleet_survives_a_sigkill(relay_daemon: MakeDaemon, threaded_pee
     assert held, "relay 1 held no mail when it was killed: the kill proved nothing"
     assert any(re.search(rf"{queue_id}: to=<rcpt@dest.example>, .*status=sent", after_restart)
                for queue_id in held)
+
+
+# ---- relay drain -----------------------------------------------------------------------------
+
+
+def drain(d: RelayDaemon, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(Path(sys.executable).parent / "relay"), "drain", "-c",
+                           str(d.config_dir), *args], capture_output=True, text=True,
+                          env=d.env, timeout=120)
+
+
+def test_drain_behind_haproxy_hands_deferred_mail_to_the_fleet(
+        relay_daemon: MakeDaemon, threaded_peer: Any, haproxy_factory: Any) -> None:
+    sink = threaded_peer()
+    # Relay 1 cannot reach its next hop (nothing listens on port 1): its mail waits.
+    stuck = {**fleet_params(sink), "transport_maps": "inline:{ * = smtp:[127.0.0.1]:1 }",
+             "minimal_backoff_time": "1h", "maximal_backoff_time": "1h"}
+    one = start_proxied(relay_daemon(stuck, start=False))
+    two = start_proxied(relay_daemon(fleet_params(sink), start=False))
+    proxy = haproxy_factory([one, two])
+    tokens = [f"msg-{n:04d}" for n in range(20)]
+    for token in tokens:
+        assert submit(proxy.port, token) is not None
+    held = one.queue_files("deferred") + one.queue_files("active") + one.queue_files("incoming")
+    assert held, "HAProxy gave relay 1 no mail"
+    one.wait_log("status=deferred", count=len(held))
+
+    # Out of the fleet, its mail handed to the fleet through the balancer.
+    done = drain(one, "--to", f"127.0.0.1:{proxy.port}")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "relay: draining: no longer accepting mail; delivering what the queue holds",
+        f"relay: draining: handing {len(held)} queued messages to 127.0.0.1:{proxy.port}",
+        "relay: drained: no mail left in the queue",
+    ]
+    assert one.queue_files("deferred") == [] and one.queue_files("active") == []
+    log = one.log()
+    assert "draining: no longer accepting mail" in log
+    for queue_id in held:
+        assert re.search(rf"{queue_id}: to=<rcpt@dest.example>, relay=127.0.0.1\[127.0.0.1\]:"
+                         rf"{proxy.port}, .*status=sent", log), queue_id
+
+    # Every message reached the next hop, relay 1's through relay 2.
+    end = time.monotonic() + 20
+    while len({m.data for m in sink.messages if m.accepted}) < len(tokens):
+        assert time.monotonic() < end, f"{len(sink.messages)} of {len(tokens)} arrived"
+        time.sleep(0.1)
+    # Relay 1 no longer listens, HAProxy's health check took it out, and new mail
+    # goes to relay 2 without a failure.
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", one.port), timeout=1).close()
+    taken = one.log().count(": client=")
+    for n in range(10):
+        assert submit(proxy.port, f"after-{n}") is not None
+    assert one.log().count(": client=") == taken
+    assert one.proc is not None and one.proc.poll() is None  # still running, out of rotation
+
+
+def test_drain_keeps_each_message_until_the_peer_says_250(relay_daemon: MakeDaemon,
+                                                          threaded_peer: Any) -> None:
+    d = relay_daemon({"transport_maps": "inline:{ * = smtp:[127.0.0.1]:1 }",
+                      "minimal_backoff_time": "1h", "maximal_backoff_time": "1h",
+                      "queue_run_delay": "1h"})
+    ids = [submit(d.port, f"keep-{n}") for n in range(3)]
+    assert all(ids)
+    d.wait_log("status=deferred", count=3)
+
+    # Without --to: out of rotation, one more try, and the deferred mail stays.
+    done = drain(d)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines()[-1] == ("relay: draining: 3 messages deferred; relay drain "
+                                            "--to HOST:PORT hands them to a peer")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", d.port), timeout=1).close()
+
+    # A peer that refuses for good: nothing is bounced, everything stays.
+    refusing = threaded_peer(PeerScript(rcpt=Reply(554, "5.7.1 Relay access denied")))
+    done = drain(d, "--to", f"127.0.0.1:{refusing.port}")
+    assert done.returncode == 75, done.stderr
+    assert "3 messages are still queued" in done.stderr
+    assert sorted(d.queue_files("deferred")) == sorted(ids)
+    log = d.log()
+    assert "status=bounced" not in log and "non-delivery notification" not in log
+    assert re.search(r"dsn=4\.7\.1, status=deferred \(handoff refused: host 127\.0\.0\.1"
+                     r"\[127\.0\.0\.1\] said: 554 5\.7\.1 Relay access denied", log), log[-2000:]
+
+    # One that takes them: each leaves once the peer said 250.
+    taking = threaded_peer()
+    done = drain(d, "--to", f"[127.0.0.1]:{taking.port}")
+    assert done.returncode == 0, done.stderr
+    assert d.queue_files("deferred") == []
+    assert len([m for m in taking.messages if m.accepted]) == 3
+
+    bad = drain(d, "--to", "no:such:peer")
+    assert bad.returncode == 1
+    assert bad.stderr == ("relay: fatal: --to no:such:peer: expected HOST:PORT, [HOST]:PORT or "
+                          "HOST\n")
