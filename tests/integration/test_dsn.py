@@ -63,7 +63,7 @@ class Notice:
     text: str
     report_type: str
     per_message: Mapping[str, str]
-    per_recipient: list[Mapping[str, str]]
+    per_recipient: Sequence[Mapping[str, str]]
     returned_type: str
     returned_description: str
     returned: bytes
@@ -115,7 +115,7 @@ def mail_lines(peer: Peer) -> list[str]:
             if c.line.upper().startswith("MAIL")]
 
 
-def hops(**routes: Peer | str) -> dict[str, str]:
+def hops(routes: Mapping[str, Peer | str]) -> dict[str, str]:
     return {domain: via(hop) if isinstance(hop, Peer) else hop for domain, hop in routes.items()}
 
 
@@ -134,7 +134,7 @@ def test_requests_go_on_to_a_next_hop_that_offers_dsn_and_no_notice_follows(
         async with (
             Peer(PeerScript(dsn=True)) as peer,
             Peer() as home,
-            running(tmp_path / "q", hops(**{"dest.test": peer, "sender.test": home})) as relay,
+            running(tmp_path / "q", hops({"dest.test": peer, "sender.test": home})) as relay,
         ):
             queue_id = submit(relay, [
                 Recipient("x@dest.test", dsn_notify="SUCCESS,FAILURE",
@@ -168,7 +168,7 @@ def test_no_dsn_parameters_to_a_next_hop_that_does_not_offer_dsn(tmp_path: Path)
     async def scenario() -> None:
         async with (
             Peer(PeerScript(dsn=False)) as peer,
-            running(tmp_path / "q", hops(**{"dest.test": peer,
+            running(tmp_path / "q", hops({"dest.test": peer,
                                             "sender.test": "discard:"})) as relay,
         ):
             queue_id = submit(relay, [Recipient("x@dest.test", dsn_notify="FAILURE",
@@ -194,7 +194,7 @@ def test_relayed_notice_when_the_next_hop_does_not_offer_dsn(
         async with (
             Peer(PeerScript(dsn=False)) as peer,
             Peer(PeerScript(dsn=True)) as home,
-            running(tmp_path / "q", hops(**{"nodsn.test": peer, "sender.test": home})) as relay,
+            running(tmp_path / "q", hops({"nodsn.test": peer, "sender.test": home})) as relay,
         ):
             queue_id = submit(relay, [Recipient("w@nodsn.test", dsn_notify="SUCCESS"),
                                       Recipient("v@nodsn.test")], envid="bar-envid-2")
@@ -240,7 +240,7 @@ def test_delivered_notice_for_discard(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with (
             Peer() as home,
-            running(tmp_path / "q", hops(**{"gone.test": "discard:",
+            running(tmp_path / "q", hops({"gone.test": "discard:",
                                             "sender.test": home})) as relay,
         ):
             queue_id = submit(relay, [Recipient("a@gone.test", dsn_notify="SUCCESS,FAILURE",
@@ -267,7 +267,7 @@ def test_success_notice_only_for_those_that_asked_and_never_repeated(tmp_path: P
         async with (
             Peer(PeerScript(rcpt_by_address={"late@nodsn.test": TRY_LATER})) as peer,
             Peer() as home,
-            running(tmp_path / "q", hops(**{"nodsn.test": peer, "sender.test": home}),
+            running(tmp_path / "q", hops({"nodsn.test": peer, "sender.test": home}),
                     recipient_limit=1) as relay,
         ):
             queue_id = submit(relay, [Recipient("s1@nodsn.test", dsn_notify="SUCCESS"),
@@ -306,7 +306,7 @@ def test_notify_never_suppresses_the_bounce(
         async with (
             Peer(script) as peer,
             Peer() as home,
-            running(tmp_path / "q", hops(**{"dest.test": peer, "sender.test": home})) as relay,
+            running(tmp_path / "q", hops({"dest.test": peer, "sender.test": home})) as relay,
         ):
             quiet = submit(relay, [Recipient("n@dest.test", dsn_notify="NEVER"),
                                    Recipient("s@dest.test", dsn_notify="SUCCESS"),
@@ -340,7 +340,7 @@ def test_delay_warning_only_for_delay_or_unset_notify(tmp_path: Path) -> None:
         async with (
             Peer(PeerScript(rcpt=TRY_LATER)) as peer,
             Peer() as home,
-            running(tmp_path / "q", hops(**{"dest.test": peer, "sender.test": home}),
+            running(tmp_path / "q", hops({"dest.test": peer, "sender.test": home}),
                     policy=policy) as relay,
         ):
             some = submit(relay, [Recipient("never@dest.test", dsn_notify="NEVER"),
@@ -385,7 +385,7 @@ def test_ret_decides_what_the_bounce_returns(tmp_path: Path, ret: str) -> None:
         async with (
             Peer(script) as peer,
             Peer() as home,
-            running(tmp_path / "q", hops(**{"hard.test": peer, "sender.test": home})) as relay,
+            running(tmp_path / "q", hops({"hard.test": peer, "sender.test": home})) as relay,
         ):
             queue_id = submit(relay, [Recipient("z@hard.test")], ret=ret)
             await relay.gone(queue_id)
@@ -424,7 +424,7 @@ def test_notice_about_an_smtputf8_message_uses_the_global_types(
         async with (
             Peer(script) as peer,
             Peer(PeerScript(smtputf8=True)) as home,
-            running(tmp_path / "q", hops(**{"dest.test": peer, "sender.test": home})) as relay,
+            running(tmp_path / "q", hops({"dest.test": peer, "sender.test": home})) as relay,
         ):
             # Without SMTPUTF8 asked, the 8-bit header alone makes the notice global.
             rcpt = "zoë@dest.test" if smtputf8 else "zoe@dest.test"
@@ -453,7 +453,7 @@ def test_notice_about_an_ascii_message_keeps_the_classic_types(tmp_path: Path) -
         async with (
             Peer(PeerScript(rcpt=Reply(550, "5.1.1 no"))) as peer,
             Peer(PeerScript(smtputf8=True)) as home,
-            running(tmp_path / "q", hops(**{"dest.test": peer, "sender.test": home})) as relay,
+            running(tmp_path / "q", hops({"dest.test": peer, "sender.test": home})) as relay,
         ):
             queue_id = submit(relay, [Recipient("z@dest.test")], ret="HDRS")
             await relay.gone(queue_id)
@@ -494,7 +494,7 @@ def test_a_success_notice_owed_at_a_crash_is_sent_after_the_restart(tmp_path: Pa
     async def scenario() -> None:
         async with (
             Peer() as home,
-            running(queue_dir, hops(**{"sender.test": home})) as relay,
+            running(queue_dir, hops({"sender.test": home})) as relay,
         ):
             await relay.gone(queue_id)
             (received,) = await home.wait_for(1)
