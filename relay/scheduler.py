@@ -805,15 +805,16 @@ class Scheduler:
         reported = []
         for r in rcpts:
             if kind is bounce.NoticeKind.SUCCESS:
-                action, text = r.dsn_action, r.reason
+                action = r.dsn_action
             else:
                 action = "delayed" if kind is bounce.NoticeKind.DELAY else "failed"
-                text = ""
             orcpt = dsn_mod.original_recipient(r.dsn_orcpt, r.orig_address or r.address,
                                                env.smtputf8)
             reported.append(bounce.FailedRecipient(
                 r.address, r.dsn or fallback, _diagnostic(r.reason), r.remote_mta,
-                action=action, last_attempt=now, dsn_orcpt=orcpt, text=text))
+                # The human-readable line is the reason as logged, as Postfix's is:
+                # "host X[IP] said: REPLY (in reply to RCPT TO command)".
+                action=action, last_attempt=now, dsn_orcpt=orcpt, text=r.reason))
         p = self.settings.policy
         body = bounce.make_notice(
             kind=kind, queue_id=env.queue_id, sender=env.sender, recipients=reported,

@@ -181,6 +181,8 @@ def test_relayed_notice_as_postfix_sends_it(stack: Callable[..., Stack]) -> None
         assert "bar-tag" not in n.returned
         assert re.search(r"<w@nodsn\.test>: delivery via 127\.0\.0\.1\[127\.0\.0\.1\]:\d+: "
                          r"250 2\.0\.0 Ok", n.text), n.text
+    # The human-readable part word for word: both spoke to the same sink.
+    assert ours.text == theirs.text
     assert ours.per_message["Original-Envelope-Id"] == \
         theirs.per_message["Original-Envelope-Id"] == "bar-envid-2"
     assert list(ours.per_message)[:2] == list(theirs.per_message)[:2] == \
@@ -211,6 +213,7 @@ def test_ret_hdrs_bounce_as_postfix_sends_it(stack: Callable[..., Stack]) -> Non
         assert "Subject: bar dsn-hdrs" in n.returned
         assert "bar-tag" not in n.returned
         assert n.per_message["Original-Envelope-Id"] == "hdrs-env"
+    assert ours.text == theirs.text
     (z_ours,), (z_theirs,) = ours.per_recipient, theirs.per_recipient
     fields = ["Final-Recipient", "Original-Recipient", "Action", "Status", "Remote-MTA",
               "Diagnostic-Code"]
