@@ -290,6 +290,8 @@ _TABLE = (
     Parameter("smtpd_timeout", "300s", _T),
     Parameter("smtpd_client_connection_count_limit", "50", _I),
     Parameter("smtpd_forbid_bare_newline", "normalize", _E, choices=_BARE_NL, aliases=_YES_NORM),
+    Parameter("smtpd_forbid_bare_newline_exclusions", "$mynetworks", _N),
+    Parameter("smtpd_forbid_bare_newline_reject_code", "550", _I),
     Parameter("smtpd_relay_restrictions", _RELAY_RESTRICTIONS, _L),
     Parameter("smtpd_client_connection_rate_limit", "0", _I),
     Parameter("smtpd_client_message_rate_limit", "0", _I),
