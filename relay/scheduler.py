@@ -123,8 +123,7 @@ class Message:
             if rcpt is None:
                 options.append(RcptOptions())
                 continue
-            orcpt = dsn_mod.original_recipient(rcpt.dsn_orcpt, rcpt.orig_address or address,
-                                               env.smtputf8)
+            orcpt = dsn_mod.original_recipient(rcpt.dsn_orcpt, rcpt.orig_address or address)
             options.append(RcptOptions(rcpt.dsn_notify, orcpt))
         return options
 
@@ -808,8 +807,7 @@ class Scheduler:
                 action = r.dsn_action
             else:
                 action = "delayed" if kind is bounce.NoticeKind.DELAY else "failed"
-            orcpt = dsn_mod.original_recipient(r.dsn_orcpt, r.orig_address or r.address,
-                                               env.smtputf8)
+            orcpt = dsn_mod.original_recipient(r.dsn_orcpt, r.orig_address or r.address)
             reported.append(bounce.FailedRecipient(
                 r.address, r.dsn or fallback, _diagnostic(r.reason), r.remote_mta,
                 # The human-readable line is the reason as logged, as Postfix's is:

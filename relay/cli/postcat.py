@@ -129,7 +129,7 @@ def envelope_records(env: Envelope) -> Iterator[str]:
         # Postfix has both for every recipient: the client's ORCPT or the one its smtpd
         # makes up, which is also what relay passes on and reports.
         original = rcpt.orig_address or rcpt.address
-        orcpt = dsn.original_recipient(rcpt.dsn_orcpt, original, env.smtputf8)
+        orcpt = dsn.original_recipient(rcpt.dsn_orcpt, original)
         yield f"named_attribute: dsn_orig_rcpt={orcpt}"
         yield f"original_recipient: {original}"
         kind = "recipient" if rcpt.state is RcptState.PENDING else "done_recipient"

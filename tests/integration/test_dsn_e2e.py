@@ -10,6 +10,7 @@ from __future__ import annotations
 import email
 import email.message
 import re
+import smtplib
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import pytest
 
 from spool import Envelope, Recipient, Spool
 from tests.support.daemon import RelayDaemon
-from tests.support.peers import PeerScript, ThreadedPeer
+from tests.support.peers import PeerScript, Reply, ThreadedPeer
 from tests.support.postfix import PrivatePostfix, SinkDump, SmtpSink, free_port, shared_tmp
 
 SENDER = "sender@bar.test"
@@ -159,6 +160,99 @@ def test_dsn_requests_reach_the_next_hop_as_postfix_sends_them(
     assert "notification" not in s.relay.log()
 
 
+def smtp_submit(port: int, sender: str, rcpts: list[tuple[str, list[str]]], message: bytes,
+                mail_options: list[str] | None = None) -> None:
+    """One SMTP transaction with the given MAIL and RCPT parameters."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+        s.ehlo("client.bar.test")
+        code, reply = s.mail(sender, mail_options or [])
+        assert code == 250, reply
+        for rcpt, options in rcpts:
+            code, reply = s.rcpt(rcpt, options)
+            assert code == 250, reply
+        code, reply = s.data(message)
+        assert code == 250, reply
+
+
+def test_dsn_over_smtp_passes_on_as_postfix_passes_it(stack: Callable[..., Stack]) -> None:
+    """MAIL ... RET=HDRS ENVID=..., RCPT ... NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;...: the
+    listener keeps them, the client passes them on (tests/golden/postfix-3.7/
+    dsn-params-at-next-hop.txt)."""
+    s = stack(dsn=True)
+    message = b"Subject: bar dsn-pass\r\n\r\nbar-tag: dsn-pass\r\n"
+    rcpts = [("x@far.test", ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;orig+2Bx@far.test"]),
+             ("y@far.test", ["NOTIFY=delay"]), ("z@far.test", [])]
+    for port in (s.relay.port, s.postfix.port):
+        smtp_submit(port, SENDER, rcpts, message, ["RET=HDRS", "ENVID=bar-envid+2B1"])
+    ours, theirs = s.by_mta(s.sink.wait_for(2, marker=b"bar-tag: dsn-pass"))
+    assert dsn_params(ours.mail_args) == dsn_params(theirs.mail_args) == \
+        ["ENVID=bar-envid+2B1", "RET=HDRS"]
+    assert [dsn_params(r) for r in ours.rcpt_args] == \
+        [dsn_params(r) for r in theirs.rcpt_args] == [
+            ["ORCPT=rfc822;orig+2Bx@far.test", "NOTIFY=SUCCESS,FAILURE"],
+            ["ORCPT=rfc822;y@far.test", "NOTIFY=DELAY"],
+            ["ORCPT=rfc822;z@far.test"]]
+
+
+def test_relayed_notice_over_smtp_as_postfix(stack: Callable[..., Stack]) -> None:
+    s = stack(dsn=False)
+    message = (b"From: sender@bar.test\r\nSubject: smtp dsn-relayed\r\n\r\n"
+               b"bar-tag: smtp-relayed\r\n")
+    rcpts = [("w@nodsn.test", ["NOTIFY=SUCCESS", "ORCPT=rfc822;W+2Bw@NoDSN.test"]),
+             ("v@nodsn.test", ["NOTIFY=FAILURE"])]
+    for port in (s.relay.port, s.postfix.port):
+        smtp_submit(port, SENDER, rcpts, message, ["ENVID=e+3D1"])
+    notices = s.sink.wait_for(2, marker=b"Successful Mail Delivery Report")
+    ours, theirs = (parse_notice(d.message) for d in s.by_mta(notices))
+    assert ours.text == theirs.text
+    assert ours.per_message["Original-Envelope-Id"] == \
+        theirs.per_message["Original-Envelope-Id"] == "e=1"
+    (w_ours,), (w_theirs,) = ours.per_recipient, theirs.per_recipient
+    fields = ["Final-Recipient", "Original-Recipient", "Action", "Status", "Remote-MTA",
+              "Diagnostic-Code"]
+    assert [w_ours[f] for f in fields] == [w_theirs[f] for f in fields]
+    assert w_ours["Original-Recipient"] == "rfc822;W+w@NoDSN.test"
+
+
+UTF8_MESSAGE = ("From: Jörg <sender@bar.test>\r\nTo: zoë@hard.test\r\n"
+                "Subject: Grüße\r\n\r\nbar-tag: utf8\r\n").encode()
+
+
+def test_smtputf8_bounce_uses_the_global_types_as_postfix(
+        shared: Path, relay_daemon: Callable[..., RelayDaemon]) -> None:
+    """RFC 6533: a bounce of an SMTPUTF8 message carries message/global-delivery-status
+    and message/global, from relay as from Postfix."""
+    with (ThreadedPeer(PeerScript(smtputf8=True, rcpt=Reply(550, "5.1.1 no such user"))
+                       ) as hard,
+          ThreadedPeer(PeerScript(smtputf8=True)) as home):
+        routes = f"inline:{{bar.test=smtp:[127.0.0.1]:{home.port}}}"
+        relay = relay_daemon({"relayhost": f"[127.0.0.1]:{hard.port}",
+                              "transport_maps": routes, "myhostname": "relay-bar.test"})
+        postfix = PrivatePostfix(shared / "postfix", f"[127.0.0.1]:{hard.port}",
+                                 {"myhostname": "relay-bar.test", "transport_maps": routes})
+        try:
+            for port in (relay.port, postfix.port):
+                smtp_submit(port, SENDER, [("zoë@hard.test", [])], UTF8_MESSAGE,
+                            ["SMTPUTF8", "BODY=8BITMIME"])
+            end = time.monotonic() + 30
+            while len(home.messages) < 2 and time.monotonic() < end:
+                time.sleep(0.1)
+        finally:
+            postfix.stop()
+        notices = {(b"X-Postfix-Queue-ID" in m.data): m for m in home.messages}
+        assert set(notices) == {True, False}, [m.data[:300] for m in home.messages]
+        ours, theirs = (parse_notice(notices[k].data) for k in (False, True))
+        for n, received in ((ours, notices[False]), (theirs, notices[True])):
+            assert n.report_type == "message/global-delivery-status"
+            assert n.returned_head["Content-Type"] == "message/global"
+            assert "SMTPUTF8" in received.mail_params
+        fields = ["Final-Recipient", "Original-Recipient", "Action", "Status",
+                  "Diagnostic-Code"]
+        (z_ours,), (z_theirs,) = ours.per_recipient, theirs.per_recipient
+        assert [z_ours[f] for f in fields] == [z_theirs[f] for f in fields]
+        assert z_ours["Final-Recipient"] == "utf-8; zoë@hard.test"
+
+
 # ---- the notices ---------------------------------------------------------------------------
 
 
@@ -240,17 +334,23 @@ def test_notify_never_and_delay_as_postfix(stack: Callable[..., Stack]) -> None:
 # ---- long lines ------------------------------------------------------------------------------
 
 
-def test_long_lines_through_sendmail_leave_as_postfix_sends_them(
-        stack: Callable[..., Stack]) -> None:
-    """A 1,214-octet header, body lines of 1,500 and 5,000 octets and a dotted one: sent
-    by both broken with CRLF SPACE at 998 (tests/golden/postfix-3.7/
-    long-lines-at-next-hop.txt is Postfix's own), byte for byte the same."""
+@pytest.mark.parametrize("via", ["sendmail", "smtp"])
+def test_long_lines_leave_as_postfix_sends_them(stack: Callable[..., Stack], via: str) -> None:
+    """A 1,214-octet header, body lines of 1,500 and 5,000 octets and a dotted one, given
+    to sendmail or over SMTP: sent by both broken with CRLF SPACE at 998
+    (tests/golden/postfix-3.7/long-lines-at-next-hop.txt is Postfix's own), byte for byte
+    the same."""
     s = stack()
     message = (b"From: a@bar.test\nTo: b@far.test\nSubject: long " + b"h" * 1200 + b"\n"
                b"Message-ID: <long-smtp@bar.test>\nDate: Wed,  2 Dec 2026 15:21:16 +0000\n\n"
                b"bar-tag: long-smtp\n" + b"A" * 1500 + b"\n"
                + b"0123456789" * 500 + b"\n." + b"d" * 1200 + b"\nEND-OF-MESSAGE\n")
-    s.send_both("-f", "a@bar.test", "b@far.test", message=message)
+    if via == "sendmail":
+        s.send_both("-f", "a@bar.test", "b@far.test", message=message)
+    else:
+        for port in (s.relay.port, s.postfix.port):
+            smtp_submit(port, "a@bar.test", [("b@far.test", [])],
+                        message.replace(b"\n", b"\r\n"))
     ours, theirs = s.by_mta(s.sink.wait_for(2, marker=b"END-OF-MESSAGE"))
 
     def without_received(m: bytes) -> bytes:
