@@ -82,7 +82,8 @@ class Stack:
         theirs = self.postfix.sendmail(*args, message=message)
         assert theirs.returncode == 0, theirs.stderr
 
-    def by_mta(self, dumps: list[SinkDump]) -> tuple[SinkDump, SinkDump]:
+    @staticmethod
+    def by_mta(dumps: list[SinkDump]) -> tuple[SinkDump, SinkDump]:
         """(relay's, Postfix's) from two dumps of the same message."""
         assert len(dumps) == 2, dumps
         ours = [d for d in dumps if d.path.read_bytes().count(b"Postfix") == 0]
@@ -289,6 +290,33 @@ def test_relayed_notice_as_postfix_sends_it(stack: Callable[..., Stack]) -> None
     assert w_ours["Action"] == "relayed"
     # The notice itself goes out as Postfix's does, to the same sink.
     assert "sender delivery status notification" in s.relay.log()
+
+
+def test_delivered_notice_for_discard_as_postfix(
+        shared: Path, relay_daemon: Callable[..., RelayDaemon]) -> None:
+    sink = SmtpSink(shared / "sink")
+    routes = "inline:{gone.test=discard:}"
+    relay = relay_daemon({"relayhost": f"[127.0.0.1]:{sink.port}", "transport_maps": routes,
+                          "myhostname": "relay-bar.test"})
+    postfix = PrivatePostfix(shared / "postfix", f"[127.0.0.1]:{sink.port}",
+                             {"myhostname": "relay-bar.test", "transport_maps": routes})
+    try:
+        message = b"Subject: discard\r\n\r\nbar-tag: discard\r\n"
+        for port in (relay.port, postfix.port):
+            smtp_submit(port, SENDER, [("a@gone.test", ["NOTIFY=SUCCESS"])], message)
+        dumps = sink.wait_for(2, marker=b"Successful Mail Delivery Report")
+    finally:
+        postfix.stop()
+        sink.stop()
+    ours, theirs = (parse_notice(d.message) for d in Stack.by_mta(dumps))
+    assert ours.text == theirs.text
+    (a_ours,), (a_theirs,) = ours.per_recipient, theirs.per_recipient
+    fields = ["Final-Recipient", "Original-Recipient", "Action", "Status"]
+    assert [a_ours[f] for f in fields] == [a_theirs[f] for f in fields]
+    assert a_ours["Action"] == "delivered"
+    assert "Remote-MTA" not in a_ours and "Remote-MTA" not in a_theirs
+    assert a_ours["Diagnostic-Code"] == \
+        a_theirs["Diagnostic-Code"].replace("X-Postfix;", "X-Relay;")
 
 
 def test_ret_hdrs_bounce_as_postfix_sends_it(stack: Callable[..., Stack]) -> None:
