@@ -98,6 +98,7 @@ class HostPortRule:
 
 LISTENER = HostPortRule(default_port=None, hostnames=True, tls_suffix=True)
 NAMESERVER = HostPortRule(default_port=53, hostnames=False, tls_suffix=False)
+HTTP_LISTENER = HostPortRule(default_port=None, hostnames=True, tls_suffix=False)
 
 
 class DefaultContext:
@@ -351,6 +352,9 @@ _TABLE = (
     Parameter("smtp_sasl_password_maps", "", _L),
     Parameter("smtp_send_dummy_mail_auth", "no", _B),
     Parameter("smtp_line_length_limit", "998", _I),
+    # http: the read API and the web page (relay.http)
+    Parameter("http_listen", "", _H, hostport=HTTP_LISTENER),  # extension
+    Parameter("http_admin", "no", _B),  # extension: queue changes over HTTP
 )
 # fmt: on
 

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay import clock as clock_mod
 from relay import config as config_mod
@@ -38,6 +38,9 @@ from relay.smtpd.listener import Listener
 from spool import Envelope, Spool
 from spool.fsync import Syncer
 from spool.store import fault_hook_from
+
+if TYPE_CHECKING:
+    from relay.http.server import HttpServer
 
 log = logging.getLogger("relay.master")
 
@@ -85,6 +88,7 @@ class Daemon:
     listener: Listener
     servers: list[asyncio.AbstractServer]
     qmgr: asyncio.subprocess.Process | None = None
+    http: HttpServer | None = None
 
     def reload(self) -> None:
         try:
@@ -98,6 +102,8 @@ class Daemon:
             return
         self.cfg = cfg
         self.listener.reconfigure(smtpd)
+        if self.http is not None:
+            self.http.ctx.config = cfg
         if self.qmgr is not None and self.qmgr.returncode is None:
             self.qmgr.send_signal(signal.SIGHUP)
         log.info("reload -- configuration %s", cfg.path or "(built-in defaults)")
@@ -156,6 +162,17 @@ async def run(config_dir: str | None, cfg: Config) -> int:
         for _, sock in socks:
             sock.close()
         return 1
+    http_socks: list[socket.socket] = []
+    if cfg.listen_addresses("http_listen"):
+        from relay.http import server as http_server
+
+        try:
+            http_socks = http_server.bind(cfg.listen_addresses("http_listen"))
+        except OSError as exc:
+            log.critical("bind http_listen %s: %s", cfg.str("http_listen"), exc.strerror)
+            for _, sock in socks:
+                sock.close()
+            return 1
 
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     mine.setblocking(False)
@@ -185,6 +202,11 @@ async def run(config_dir: str | None, cfg: Config) -> int:
         servers.append(server)
         log.info("listening on %s:%d", addr.host, addr.port)
     daemon = Daemon(config_dir, cfg, spool, listener, servers, qmgr)
+    if http_socks:
+        from relay.http.server import HttpContext, HttpServer
+
+        daemon.http = HttpServer(HttpContext(spool, cfg), http_socks)
+        await daemon.http.start()
 
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -205,6 +227,8 @@ async def run(config_dir: str | None, cfg: Config) -> int:
         log.critical("the queue manager exited with status %s", qmgr.returncode)
     else:
         log.info("terminating on signal")
+    if daemon.http is not None:
+        await daemon.http.stop()
     await _shutdown(listener, servers, qmgr)
     syncer.close()
     stop_task.cancel()

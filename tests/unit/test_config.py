@@ -108,6 +108,8 @@ EXPECTED_DEFAULTS = {
     "smtpd_auth_failure_delay": "1s",
     "capture_mode": "no",
     "fault_injection": "",
+    "http_listen": "",
+    "http_admin": "no",
 }
 COMPUTED = {"queue_directory", "myhostname", "mydomain"}
 
