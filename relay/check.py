@@ -1,6 +1,6 @@
 """What ``relay check`` and the daemon's start-up look at before mail is taken (Postfix's
 ``postfix check``): the configuration, the spool's directories and permissions, the
-free space, the maillog, the listening ports.
+free space, the maillog and the accounting log, the listening ports.
 
 Each check returns the problems it found as ``Problem`` records, one sentence each;
 nothing here creates or repairs anything, and nothing needs the daemon, so ``relay
@@ -153,17 +153,30 @@ def maillog_problems(cfg: Config) -> list[Problem]:
             return [_error(f"maillog_file = syslog: {exc}")]
         handler.close()
         return []
+    return _appendable("maillog_file", path)
+
+
+def accounting_problems(cfg: Config) -> list[Problem]:
+    """Whether accounting_log can be opened for appending, in an existing directory."""
+    path = cfg.str("accounting_log")
+    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        return [_error(f"accounting_log {path}: {os.path.dirname(os.path.abspath(path))} "
+                       f"is not a directory")]
+    return _appendable("accounting_log", path)
+
+
+def _appendable(name: str, path: str) -> list[Problem]:
     if not path:
         return []
     if os.path.isdir(path):
-        return [_error(f"maillog_file {path} is a directory")]
+        return [_error(f"{name} {path} is a directory")]
     if os.path.lexists(path):
         if not os.access(path, os.W_OK):
-            return [_error(f"maillog_file {path}: permission denied")]
+            return [_error(f"{name} {path}: permission denied")]
         return []
     why = _writable_dir(_existing_ancestor(os.path.dirname(os.path.abspath(path))))
     if why is not None:
-        return [_error(f"maillog_file {path} cannot be created: {why}")]
+        return [_error(f"{name} {path} cannot be created: {why}")]
     return []
 
 
@@ -225,6 +238,7 @@ def problems(config_dir: str | None, overrides: Sequence[str] = ()) -> Iterator[
     yield from spool_problems(cfg.str("queue_directory"))
     yield from space_problems(cfg)
     yield from maillog_problems(cfg)
+    yield from accounting_problems(cfg)
     yield from port_problems(cfg)
 
 

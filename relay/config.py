@@ -375,6 +375,8 @@ _TABLE = (
     # http: the read API and the web page (relay.http)
     Parameter("http_listen", "", _H, hostport=HTTP_LISTENER),  # extension
     Parameter("http_admin", "no", _B),  # extension: queue changes over HTTP
+    Parameter("relay_metrics_domain_limit", "50", _I),  # extension: /metrics domain labels
+    Parameter("accounting_log", "", _S),  # extension: CSV row per recipient outcome
 )
 # fmt: on
 

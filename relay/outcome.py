@@ -1,4 +1,6 @@
-"""Pure decisions of the queue manager: backoff, expiry, delay warnings, log numbers.
+"""Pure decisions of the queue manager: backoff, expiry, delay warnings, log numbers; and
+the ``Report`` of each recipient outcome that the queue manager logs, which the
+accounting log and the metrics take from the same place.
 
 No I/O and no clock of its own: every function takes ``now``.  The rules are
 Postfix's qmgr (qmgr_active.c): after a failed attempt the next one is due after
@@ -22,6 +24,39 @@ class Policy:
     maximal_queue_lifetime: float = 5 * 86400.0
     bounce_queue_lifetime: float = 5 * 86400.0
     delay_warning_time: float = 0.0
+
+
+class Status(enum.Enum):
+    """A recipient outcome as the maillog says it (``status=``): sent, deferred and
+    bounced from an attempt, expired when the message outlived its queue lifetime."""
+
+    SENT = "sent"
+    DEFERRED = "deferred"
+    BOUNCED = "bounced"
+    EXPIRED = "expired"
+
+    @property
+    def final(self) -> bool:
+        return self is not Status.DEFERRED
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """One recipient outcome, as logged: what the accounting log and the metrics see."""
+
+    status: Status
+    time: float
+    queue_id: str
+    sender: str
+    recipient: str
+    relay: str  # Postfix's relay= field: host[address]:port, or "none"
+    dsn: str
+    reason: str  # the text in parentheses: the reply, or why
+    arrival_time: float
+
+    @property
+    def domain(self) -> str:
+        return self.recipient.rpartition("@")[2].lower()
 
 
 class Fate(enum.Enum):

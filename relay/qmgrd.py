@@ -28,9 +28,9 @@ import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+from relay import accounting, control
 from relay import clock as clock_mod
 from relay import config as config_mod
-from relay import control
 from relay import log as maillog
 from relay.config import Config, ConfigError
 from relay.delivery import SMTPDelivery
@@ -57,19 +57,44 @@ class Qmgr:
         self.spool = spool
         self.scheduler = scheduler
         self.trigger: socket.socket | None = None  # to and from the listener
+        self.accounting: accounting.AccountingLog | None = None
 
     def reload(self) -> None:
-        """SIGHUP: main.cf again, and the maillog reopened (logrotate moved it)."""
+        """SIGHUP: main.cf again, and the maillog and accounting log reopened (logrotate
+        moved them)."""
         maillog.reopen()
         try:
             cfg = config_mod.load(self.config_dir, overrides=self.overrides)
             router, resolver, settings = router_for(cfg), resolver_for(cfg), qmgr_settings(cfg)
         except (ConfigError, ValueError) as exc:
             log.warning("reload failed, keeping the old configuration: %s", exc)
+            if self.accounting is not None:
+                self.accounting.reopen()
             return
         old, self.cfg = self.cfg, cfg
         maillog.reconfigure(cfg, old)
+        self._reopen_accounting(cfg.str("accounting_log"), old.str("accounting_log"))
         self.scheduler.reconfigure(settings, router, resolver)
+
+    def _reopen_accounting(self, path: str, old_path: str) -> None:
+        if path == old_path:
+            if self.accounting is not None:
+                self.accounting.reopen()
+            return
+        try:
+            new = accounting.open_log(path)
+        except accounting.AccountingError as exc:
+            log.warning("cannot use the new accounting_log, keeping the old one: %s", exc)
+            if self.accounting is not None:
+                self.accounting.reopen()
+            return
+        observers = self.scheduler.observers
+        if self.accounting is not None:
+            observers.remove(self.accounting)
+            self.accounting.close()
+        self.accounting = new
+        if new is not None:
+            observers.append(new)
 
     async def on_control(self, verb: str, args: list[str]) -> str:
         sched = self.scheduler
@@ -188,6 +213,14 @@ async def run(config_dir: str | None, cfg: Config, trigger_fd: int,
     scheduler.syncer = Syncer()
     scheduler.syncer.start()
     qmgr = Qmgr(config_dir, cfg, spool, scheduler, overrides)
+    try:
+        qmgr.accounting = accounting.open_log(cfg.str("accounting_log"))
+    except accounting.AccountingError as exc:
+        print(f"relay: fatal: accounting_log: {exc}", file=sys.stderr, flush=True)
+        scheduler.syncer.close()
+        return 1
+    if qmgr.accounting is not None:
+        scheduler.observers.append(qmgr.accounting)
     try:
         ctl = await control.serve(spool.root, qmgr.on_control)
     except OSError as exc:

@@ -30,7 +30,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -46,7 +46,7 @@ from relay.delivery import (
     RcptStatus,
     SMTPDelivery,
 )
-from relay.outcome import Fate, Policy
+from relay.outcome import Fate, Policy, Report, Status
 from relay.routing import NextHop, Resolver, RouteError, Router
 from spool import CorruptEntry, EntryGone, Envelope, RcptState, Recipient, Spool, SpoolError
 from spool.fsync import Syncer
@@ -187,6 +187,10 @@ def _trace_reason(result: Result) -> str:
     return f"delivery via {result.relay}: {result.rcpt.reason}"
 
 
+_STATUS = {RcptStatus.SENT: Status.SENT, RcptStatus.BOUNCE: Status.BOUNCED,
+           RcptStatus.DEFER: Status.DEFERRED}
+
+
 def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
@@ -231,6 +235,9 @@ class Scheduler:
         # and stays queued until the peer says 250 (its refusals defer, never bounce).
         self.handoff: NextHop | None = None
         self._filling = False
+        # Each recipient outcome the maillog logs goes to these too (accounting_log,
+        # metrics); they may be called from a thread and must not raise.
+        self.observers: list[Callable[[Report], None]] = []
 
     # ---- triggers (in-process and from the control socket) ------------------------
 
@@ -737,17 +744,27 @@ class Scheduler:
 
     def _log_results(self, message: Message, results: list[Result]) -> None:
         now = self.clock.time()
+        env = message.envelope
         for res in results:
             r = res.rcpt
-            status = {RcptStatus.SENT: "sent", RcptStatus.BOUNCE: "bounced",
-                      RcptStatus.DEFER: "deferred"}[r.status]
+            status = _STATUS[r.status]
             a, b, c, d = res.delays
             agent_log.get(res.program, smtp_log).info(
                 "%s: to=<%s>, relay=%s, delay=%s, delays=%s/%s/%s/%s, dsn=%s, status=%s (%s)",
                 message.queue_id, r.address, res.relay,
-                outcome.format_delay(now - message.envelope.arrival_time),
-                *(outcome.format_delay(x) for x in (a, b, c, d)), r.dsn, status, r.reason,
+                outcome.format_delay(now - env.arrival_time),
+                *(outcome.format_delay(x) for x in (a, b, c, d)), r.dsn, status.value, r.reason,
             )
+            self._observe(Report(status, now, message.queue_id, env.sender, r.address,
+                                 res.relay, r.dsn, r.reason, env.arrival_time))
+
+    def _observe(self, report: Report) -> None:
+        for observer in self.observers:
+            try:
+                observer(report)
+            except Exception:
+                log.exception("%s: cannot record the outcome for %s", report.queue_id,
+                              report.recipient)
 
     def _record(self, message: Message, results: list[Result]) -> None:
         """Mark each recipient's fate durably, whatever queue the message is in now."""
@@ -797,6 +814,7 @@ class Scheduler:
                 if decision.fate is Fate.EXPIRE:
                     self._log_results(message, results)
                     results = []
+                    expiring = {r.address for r in env.recipients if r.state is RcptState.PENDING}
                     if env.sender:
                         log.info("%s: from=<%s>, status=expired, returned to sender",
                                  env.queue_id, env.sender)
@@ -807,6 +825,11 @@ class Scheduler:
                                 reason=r.reason or "message is administratively expired",
                                 dsn=r.dsn or "4.0.0")
                         if r.state is RcptState.PENDING else r for r in env.recipients))
+                    for r in env.recipients:
+                        if r.address in expiring:
+                            self._observe(Report(Status.EXPIRED, now, env.queue_id, env.sender,
+                                                 r.address, r.remote_mta or "none", r.dsn,
+                                                 r.reason, env.arrival_time))
                 env = yield from self._notices(env, now, notices)
                 if decision.fate in (Fate.DONE, Fate.EXPIRE):
                     yield from entry.remove_steps()

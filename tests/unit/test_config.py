@@ -111,6 +111,8 @@ EXPECTED_DEFAULTS = {
     "fault_injection": "",
     "http_listen": "",
     "http_admin": "no",
+    "relay_metrics_domain_limit": "50",
+    "accounting_log": "",
 }
 COMPUTED = {"queue_directory", "myhostname", "mydomain", "config_directory"}
 
