@@ -4,7 +4,9 @@ Postfix's postqueue -f writes a one-byte trigger to qmgr's fifo and never touche
 queue file; we do the same over a Unix socket in the queue directory.  A request is
 one line (``flush``, ``scan``, ``flush-id ID ...``, ``flush-site SITE``,
 ``pauses``, and for ``relay drain``: ``drain``, ``handoff HOST:PORT``, ``idle``), the
-answer one line (``ok``, ``ok yes``/``ok no`` for ``idle``, or ``error TEXT``).  Nothing here reads or
+answer one line (``ok``, ``ok yes``/``ok no`` for ``idle``, or ``error TEXT``); only
+``metrics`` answers ``ok`` and then the queue manager's metrics, many lines, until the
+connection closes (``fetch()``).  Nothing here reads or
 writes the spool.  A crash leaves a stale socket file, replaced at the next start.
 
 Unix socket paths are limited to 108 bytes, and spools live in deep directories,
@@ -93,3 +95,24 @@ def request(directory: str, verb: str, *args: str, timeout: float = 30.0) -> str
     finally:
         sock.close()
     return data.decode("utf-8", "replace").strip()
+
+
+async def fetch(directory: str, verb: str, *args: str, timeout: float = 2.0) -> str | None:
+    """A request whose answer is many lines (``metrics``), from an event loop: the text
+    after the ``ok`` line, or None if the daemon did not answer in time or refused."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_unix_connection(
+                f"/proc/self/fd/{fd}/{SOCKET_NAME}")
+            try:
+                writer.write(" ".join((verb, *args)).encode() + b"\n")
+                data = await reader.read()
+            finally:
+                writer.close()
+    except (OSError, TimeoutError):
+        return None
+    finally:
+        os.close(fd)
+    status, _, text = data.decode("utf-8", "replace").partition("\n")
+    return text if status == "ok" else None

@@ -281,6 +281,12 @@ async def run(config_dir: str | None, cfg: Config, overrides: tuple[str, ...] = 
     listener = Listener(spool, smtpd_settings(cfg), on_queued=link.queued, clock=clock)
     syncer = listener.cleanup.syncer = Syncer()
     syncer.start()
+    if http_socks:  # GET /metrics is served: count from the first connection on
+        from relay import metrics
+
+        listener_metrics = metrics.ListenerMetrics(spool)
+        listener.observe(listener_metrics)
+        metrics.install(listener_metrics)
     servers: list[asyncio.AbstractServer] = []
     for addr, sock in socks:
         sock.listen(512)

@@ -27,6 +27,7 @@ import signal
 import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from relay import accounting, control
 from relay import clock as clock_mod
@@ -40,6 +41,9 @@ from relay.settings import qmgr_settings, resolver_for, router_for
 from spool import Spool
 from spool.fsync import Syncer
 from spool.store import fault_hook_from
+
+if TYPE_CHECKING:
+    from relay.metrics import QmgrMetrics
 
 log = logging.getLogger("relay.qmgr")
 
@@ -58,6 +62,7 @@ class Qmgr:
         self.scheduler = scheduler
         self.trigger: socket.socket | None = None  # to and from the listener
         self.accounting: accounting.AccountingLog | None = None
+        self.metrics: QmgrMetrics | None = None
 
     def reload(self) -> None:
         """SIGHUP: main.cf again, and the maillog and accounting log reopened (logrotate
@@ -73,6 +78,8 @@ class Qmgr:
             return
         old, self.cfg = self.cfg, cfg
         maillog.reconfigure(cfg, old)
+        if self.metrics is not None:
+            self.metrics.deliveries.set_limit(cfg.int("relay_metrics_domain_limit"))
         self._reopen_accounting(cfg.str("accounting_log"), old.str("accounting_log"))
         self.scheduler.reconfigure(settings, router, resolver)
 
@@ -114,6 +121,11 @@ class Qmgr:
             return self.handoff(args[0] if args else "")
         elif verb == "idle":
             return "ok yes" if sched.idle else "ok no"
+        elif verb == "metrics":
+            if self.metrics is None:
+                return "error no metrics: http_listen is not set"
+            # On the loop: the scheduler's state is read as it stands, and it is small.
+            return "ok\n" + self.metrics.exposition()
         elif verb == "ping":
             pass
         else:
@@ -221,6 +233,11 @@ async def run(config_dir: str | None, cfg: Config, trigger_fd: int,
         return 1
     if qmgr.accounting is not None:
         scheduler.observers.append(qmgr.accounting)
+    if cfg.listen_addresses("http_listen"):  # /metrics is served: count
+        from relay.metrics import QmgrMetrics
+
+        qmgr.metrics = QmgrMetrics(scheduler, cfg.int("relay_metrics_domain_limit"))
+        scheduler.observers.append(qmgr.metrics)
     try:
         ctl = await control.serve(spool.root, qmgr.on_control)
     except OSError as exc:

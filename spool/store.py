@@ -566,6 +566,32 @@ class Spool:
                     continue  # lost a race with a move or delete
                 yield ScanEntry(entry.name, queue, st.st_mtime)
 
+    def queue_age(self, queue: str) -> tuple[int, float | None]:
+        """How many entries a queue holds, and when the oldest arrived (None if empty).
+
+        Arrival is the mtime of data/ID, written once when the message came (an
+        envelope's mtime is its next attempt in deferred/); an entry without content
+        (in corrupt/) counts with its envelope's mtime.  One listing and one stat per
+        entry; no lock, no read: for metrics."""
+        count, oldest = 0, None
+        data = os.path.join(self.root, "data")
+        try:
+            it = os.scandir(os.path.join(self.root, queue))
+        except FileNotFoundError:
+            return 0, None
+        with it:
+            for entry in it:
+                try:
+                    mtime = os.stat(os.path.join(data, entry.name)).st_mtime
+                except OSError:
+                    try:
+                        mtime = entry.stat(follow_symlinks=False).st_mtime
+                    except FileNotFoundError:
+                        continue  # lost a race with a move or delete
+                count += 1
+                oldest = mtime if oldest is None else min(oldest, mtime)
+        return count, oldest
+
     def envelopes(self, queues: Iterable[str]) -> Iterator[tuple[str, Envelope]]:
         """Stream (queue, envelope) for every readable entry; skips lost races and junk."""
         for queue in queues:

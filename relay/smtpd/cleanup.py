@@ -23,6 +23,7 @@ import asyncio
 import email.utils
 import logging
 import re
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,7 @@ from spool.fsync import Syncer
 from spool.store import Steps, run_steps, run_steps_async
 
 if TYPE_CHECKING:
+    from relay.smtpd.listener import SmtpdObserver
     from relay.smtpd.policy import SmtpdSettings
     from relay.smtpd.session import Session, Transaction
 
@@ -55,13 +57,17 @@ class Cleanup:
         self.on_queued = on_queued
         self.syncer: Syncer | None = None  # the daemon's fsync helper, when it has one
         self.committing = 0  # commits in progress, which a shutdown waits for
+        self.observer: SmtpdObserver | None = None  # the metrics, told of each commit
 
     async def enqueue(self, session: Session, mail: Transaction, content: bytes) -> str:
         """Commit the message; its queue ID once it is durable."""
         self.committing += 1
+        start = time.monotonic()
         task = asyncio.ensure_future(self._commit(session, mail, content))
         task.add_done_callback(self._committed)
         env = await asyncio.shield(task)
+        if self.observer is not None:
+            self.observer.queued(time.monotonic() - start)
         return env.queue_id
 
     def _committed(self, task: asyncio.Future[Envelope]) -> None:

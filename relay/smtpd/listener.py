@@ -13,6 +13,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from relay.anvil import Anvil, Event
 from relay.auth import LoginThrottle
@@ -25,6 +26,29 @@ from spool import Spool
 from spool.envelope import Envelope
 
 STATVFS_MAX_AGE = 0.2  # a statvfs() per MAIL costs; 0.2 s old is fresh enough
+
+
+class SmtpdObserver(Protocol):
+    """What the listener tells its metrics (relay.metrics): never blocks, never raises."""
+
+    def connected(self) -> None: ...
+
+    def refused(self, reply: str) -> None:
+        """A 4xx or 5xx reply was sent."""
+
+    def queued(self, commit_seconds: float) -> None:
+        """A message was committed; ``commit_seconds`` from the end of DATA to durable."""
+
+
+class _Unobserved:
+    def connected(self) -> None:
+        pass
+
+    def refused(self, reply: str) -> None:
+        pass
+
+    def queued(self, commit_seconds: float) -> None:
+        pass
 
 
 class Listener:
@@ -48,6 +72,12 @@ class Listener:
         self.password_checks = asyncio.Semaphore(4)
         self._statvfs_at = -1.0
         self._free = -1
+        self.observer: SmtpdObserver = _Unobserved()
+
+    def observe(self, observer: SmtpdObserver) -> None:
+        """Tell ``observer`` (the metrics) of connections, refusals and commits."""
+        self.observer = observer
+        self.cleanup.observer = observer
 
     def reconfigure(self, settings: SmtpdSettings) -> None:
         self.settings = settings

@@ -183,6 +183,7 @@ class Session:
         s = lst.settings
         client = self.client
         log.info("connect from %s", client.namaddr)
+        lst.observer.connected()
         n = lst.connected(client.address)
         self._counted = True
         rate = lst.over_rate(client, Event.CONNECT, s.connection_rate_limit)
@@ -207,6 +208,8 @@ class Session:
             return
         code = int(text[:3])
         self._last_code = code
+        if code >= 400:
+            self.listener.observer.refused(text)
         # 421 and 521 end the session (RFC 5321 §3.8, RFC 7504).
         self.conn.reply(text, hold=code not in (220, 221, 421, 521))
         if code in (421, 521):

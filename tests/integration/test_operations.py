@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from tests.support.daemon import RelayDaemon, free_port
-from tests.support.peers import PeerScript, Reply, threaded_peer  # noqa: F401
+from tests.support.peers import PeerScript, Reply, threaded_peer
 from tests.support.tools import require
 
 pytestmark = pytest.mark.timeout(90)
@@ -221,7 +221,7 @@ def test_maillog_reopened_on_sighup_and_relay_reload(relay_daemon: MakeDaemon) -
     log = d.wait_log(f"{second}: message-id")
     # Both processes write to the new file: the listener (smtpd, cleanup) and the queue
     # manager (qmgr) lines of the second message, none of the first.
-    assert f"relay/qmgr[" in d.wait_log(f"{second}: from=<a@example.org>")
+    assert "relay/qmgr[" in d.wait_log(f"{second}: from=<a@example.org>")
     assert first not in log
     old = rotated.read_text()
     assert f"{first}: message-id" in old and second not in old
@@ -266,7 +266,7 @@ def test_logrotate_recipe_rotates_without_copytruncate(relay_daemon: MakeDaemon,
 def test_empty_maillog_file_logs_to_stderr(relay_daemon: MakeDaemon) -> None:
     d = relay_daemon({**HOLD_DELIVERY, "maillog_file": ""})
     queue_id = send(d.port, "to stderr")
-    wait_for(lambda: f"relay/qmgr[" in d.stderr() and queue_id in d.stderr(), 10, "stderr")
+    wait_for(lambda: "relay/qmgr[" in d.stderr() and queue_id in d.stderr(), 10, "stderr")
     assert re.search(rf"relay/cleanup\[\d+\]: {queue_id}: message-id=", d.stderr())
 
 
