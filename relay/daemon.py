@@ -284,7 +284,8 @@ async def run(config_dir: str | None, cfg: Config, overrides: tuple[str, ...] = 
     if http_socks:  # GET /metrics is served: count from the first connection on
         from relay import metrics
 
-        listener_metrics = metrics.ListenerMetrics(spool)
+        listener_metrics = metrics.ListenerMetrics(
+            spool, lambda: daemon.cfg.int("relay_metrics_domain_limit"))
         listener.observe(listener_metrics)
         metrics.install(listener_metrics)
     servers: list[asyncio.AbstractServer] = []

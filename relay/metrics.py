@@ -7,7 +7,8 @@ What each process counts (prometheus_client, one plain registry per process):
   ``relay_spool_commit_seconds`` (from the end of DATA to the durable commit, the wait
   before 250), the spool's ``relay_queue_messages{queue}``,
   ``relay_queue_oldest_age_seconds{queue}`` and ``relay_spool_free_bytes`` (read at scrape
-  time, at most every few seconds), and the standard ``process_*`` of its own process;
+  time, at most every few seconds), ``relay_queue_deferred_domain_messages{domain}`` (read
+  at most once a minute), and the standard ``process_*`` of its own process;
 - the queue manager -- ``relay_deliveries_total{status,domain}`` (sent, deferred, bounced,
   expired, one per recipient outcome the maillog logs), ``relay_delivery_delay_seconds``
   (arrival to the final status), ``relay_destination_concurrency{destination}`` (deliveries
@@ -74,6 +75,7 @@ DELAY_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 36
                  2 * 86400, 5 * 86400)
 HALF_LIFE = 3600.0  # seconds: how fast "busiest" forgets
 SPOOL_MAX_AGE = 5.0  # seconds a spool reading is reused for
+DOMAINS_MAX_AGE = 60.0  # seconds the deferred-by-domain reading (every envelope) is reused
 OTHER = "other"
 
 # Which rejection a reply is, by its code and enhanced code, then its words: the listener's
@@ -111,20 +113,46 @@ def reject_reason(reply: str) -> str:
 
 
 class SpoolCollector:
-    """Queue depths and ages and free space, read from the spool at scrape time."""
+    """Queue depths and ages and free space, read from the spool at scrape time; and the
+    deferred queue by recipient domain, which reads every deferred envelope, so at most
+    once a minute (mailq reads them all too)."""
 
-    def __init__(self, spool: Spool) -> None:
+    def __init__(self, spool: Spool, limit: Callable[[], int]) -> None:
         self.spool = spool
+        self.limit = limit
         self._lock = threading.Lock()
-        self._at = -math.inf
+        self._at = self._domains_at = -math.inf
         self._families: list[Metric] = []
+        self._domains: Metric | None = None
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             if time.monotonic() - self._at > SPOOL_MAX_AGE:
                 self._families = self._read()
                 self._at = time.monotonic()
-            return iter(list(self._families))
+            if time.monotonic() - self._domains_at > DOMAINS_MAX_AGE:
+                self._domains = self._deferred_domains()
+                self._domains_at = time.monotonic()
+            return iter([*self._families, *([self._domains] if self._domains else [])])
+
+    def _deferred_domains(self) -> Metric:
+        counts: dict[str, int] = {}
+        for _, fields in self.spool.envelope_fields(("deferred",)):
+            domains = {str(r["address"]).rpartition("@")[2].lower()
+                       for r in fields["recipients"] if r["state"] == "pending"}
+            for domain in domains:
+                counts[domain] = counts.get(domain, 0) + 1
+        ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+        family = GaugeMetricFamily(
+            "relay_queue_deferred_domain_messages",
+            "Deferred messages with a pending recipient in each domain (the busiest "
+            "relay_metrics_domain_limit; the rest as other); read at most once a minute.",
+            labels=["domain"])
+        limit = self.limit()
+        for domain, n in ranked[:limit]:
+            family.add_metric([domain], n)
+        family.add_metric([OTHER], sum(n for _, n in ranked[limit:]))
+        return family
 
     def _read(self) -> list[Metric]:
         now = time.time()
@@ -167,7 +195,7 @@ class QmgrCollector:
 class ListenerMetrics:
     """The listener's counters (relay.smtpd.listener's SmtpdObserver) and the scrape."""
 
-    def __init__(self, spool: Spool) -> None:
+    def __init__(self, spool: Spool, domain_limit: Callable[[], int] = lambda: 50) -> None:
         self.registry = CollectorRegistry()
         self.connections = Counter("relay_smtpd_connections", "SMTP connections accepted.",
                                    registry=self.registry)
@@ -182,7 +210,7 @@ class ListenerMetrics:
                                 "the durable commit of the message (the wait before 250).",
                                 buckets=COMMIT_BUCKETS, registry=self.registry)
         ProcessCollector(registry=self.registry)
-        self.registry.register(SpoolCollector(spool))
+        self.registry.register(SpoolCollector(spool, domain_limit))
         self.qmgr = QmgrCollector()
         self.registry.register(self.qmgr)
         self._scrape = threading.Lock()  # one scrape at a time sets the qmgr's part

@@ -110,6 +110,8 @@ def test_one_scrape_shows_both_processes(relay_daemon: MakeDaemon, threaded_peer
     assert value(s, "relay_queue_messages", queue="incoming") == 0
     assert 0 < value(s, "relay_queue_oldest_age_seconds", queue="deferred") < 60
     assert value(s, "relay_queue_oldest_age_seconds", queue="hold") == 0
+    assert value(s, "relay_queue_deferred_domain_messages", domain="x.example") == 1
+    assert value(s, "relay_queue_deferred_domain_messages", domain="other") == 0
     assert value(s, "relay_spool_free_bytes") > 0
     assert value(s, "process_start_time_seconds") > 0
     # The queue manager's part.
