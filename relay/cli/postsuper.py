@@ -582,14 +582,13 @@ def _maillog_handler(cfg: config_mod.Config) -> logging.Handler | None:
     path = cfg.str("maillog_file")
     if not path:
         return None
-    from relay.log import MaillogFormatter
+    from relay.log import LogError, handler_for
 
-    try:
-        handler = logging.FileHandler(path, encoding="utf-8")
-    except OSError:
+    try:  # a file, or the syslog socket for maillog_file = syslog
+        return handler_for(cfg.str("myhostname"), cfg.str("syslog_name"), path,
+                           cfg.str("syslog_facility"))
+    except LogError:
         return None
-    handler.setFormatter(MaillogFormatter(cfg.str("myhostname"), cfg.str("syslog_name")))
-    return handler
 
 
 def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None,

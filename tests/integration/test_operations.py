@@ -284,8 +284,15 @@ def test_maillog_file_syslog(relay_daemon: MakeDaemon, tmp_path: Path) -> None:
         end = time.monotonic() + 10
         while not any(f"{queue_id}: from=<" in s for s in seen) and time.monotonic() < end:
             seen.append(server.recv(65536).decode())
+        # postsuper logs there too, not to a file named "syslog".
+        assert d.run_cmd("postsuper", "-h", queue_id).returncode == 0
+        while not any("postsuper[" in s for s in seen) and time.monotonic() < end:
+            seen.append(server.recv(65536).decode())
     finally:
         server.close()
+    assert any(re.match(rf"<158>.{{15}} postfix/postsuper\[\d+\]: {queue_id}: placed on hold",
+                        s) for s in seen), seen
+    assert not (d.config_dir / "syslog").exists() and not Path("syslog").exists()
     started = next(s for s in seen if "daemon started" in s)
     # RFC 3164 as syslog(3) writes it: <PRI>TIMESTAMP TAG[PID]: text; local3.info = 158.
     assert re.match(r"<158>\w{3} [ \d]\d \d\d:\d\d:\d\d postfix/master\[\d+\]: daemon "
