@@ -85,7 +85,7 @@ def network_rule(draw: st.DrawFn) -> tuple[str, tuple[bool, config.IPNetwork]]:
 
 
 @st.composite
-def listen_address(draw: st.DrawFn) -> tuple[str, ListenAddress]:
+def listen_address(draw: st.DrawFn, tls_suffix: bool = True) -> tuple[str, ListenAddress]:
     kind = draw(st.sampled_from(["v4", "v6", "name"]))
     if kind == "v4":
         host = str(draw(st.ip_addresses(v=4)))
@@ -96,7 +96,7 @@ def listen_address(draw: st.DrawFn) -> tuple[str, ListenAddress]:
     else:
         host = shown = draw(hostname)
     port = draw(st.integers(0, 65535))
-    tls = draw(st.booleans())
+    tls = tls_suffix and draw(st.booleans())
     return f"{shown}:{port}" + ("/tls" if tls else ""), ListenAddress(host, port, tls)
 
 
@@ -141,8 +141,12 @@ def value_for(draw: st.DrawFn, p: Parameter) -> Value:
             joined(draw, [t for t, _ in rules]), NetworkMatcher(tuple(r for _, r in rules))
         )
     if kind is Kind.HOSTPORTS:
-        entries = draw(st.lists(listen_address() if p.hostport is config.LISTENER else nameserver(),
-                                max_size=4))  # fmt: skip
+        rule = p.hostport
+        assert rule is not None
+        # A rule that needs the port (smtpd_listen, http_listen) or one that has a default
+        # (dns_nameservers: 53).
+        entries = draw(st.lists(listen_address(rule.tls_suffix) if rule.default_port is None
+                                else nameserver(), max_size=4))  # fmt: skip
         return Value(joined(draw, [t for t, _ in entries]), tuple(a for _, a in entries))
     # free text; "$$" is a literal "$"
     words = draw(st.lists(word | st.just("$$"), max_size=5))
@@ -218,6 +222,8 @@ def load_text(directory: str, text: str, home: str) -> config.Config:
 def assert_same(a: config.Config, b: config.Config) -> None:
     assert a.names() == b.names()
     for name in a.names():
+        if name == "config_directory" and name not in a.explicit:
+            continue  # where each main.cf was read: the round trip writes it elsewhere
         assert a.get(name) == b.get(name), name
         assert a.raw(name) == b.raw(name), name
 
