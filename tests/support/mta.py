@@ -272,6 +272,10 @@ class PrivateMTA:
     """One private instance; see the module docstring for its roles."""
 
     name: ClassVar[str] = "mta"
+    # SASL mechanisms it can be told to use as a client (Route.mechanism).
+    client_mechanisms: ClassVar[tuple[str, ...]] = ("PLAIN", "LOGIN")
+    # Whether its server side offers SMTPUTF8 (RFC 6531).
+    smtputf8: ClassVar[bool] = True
 
     def __init__(self, base: Path, *, local_domains: Iterable[str] = (),
                  routes: Mapping[str, Route] | None = None, tls: TLSFiles | None = None,
@@ -376,6 +380,10 @@ class PrivateMTA:
 
     # what happened
     def log(self) -> str:
+        raise NotImplementedError
+
+    def auth_log_pattern(self, mechanism: str) -> str:
+        """A regex for the log line of a client that authenticated with ``mechanism``."""
         raise NotImplementedError
 
     def wait_log(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
@@ -496,8 +504,9 @@ class PostfixPeer(PrivateMTA):
             (sasl / f"{service}.conf").write_text(
                 f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\n"
                 f"sasldb_path: {sasldb}\nmech_list: {mechanisms}\n")
-        passwords = "".join(f"[{r.host}]:{r.port} {r.account.user}:{r.account.password}\n"
-                            for r in self.routes.values() if r.account is not None)
+        passwords = "".join(dict.fromkeys(
+            f"[{r.host}]:{r.port} {r.account.user}:{r.account.password}\n"
+            for r in self.routes.values() if r.account is not None))
         (self.config / "sasl_passwd").write_text(passwords)
         os.chmod(self.config / "sasl_passwd", 0o600)
         transport = "".join(f"{domain} store:\n" for domain in self.local_domains)
@@ -638,6 +647,9 @@ store     unix  -       n       n       -       -       pipe flags=X user={store
         except FileNotFoundError:
             return ""
 
+    def auth_log_pattern(self, mechanism: str) -> str:
+        return rf"client=\S+, sasl_method={mechanism}, sasl_username={self.account.user}@"
+
 
 # -- Exim ----------------------------------------------------------------------------------
 
@@ -657,7 +669,8 @@ local_interfaces = <; 127.0.0.1
 host_lookup =
 rfc1413_hosts =
 log_selector = +smtp_connection +received_recipients +tls_cipher +smtp_protocol_error \\
-  +smtp_syntax_error +incoming_port +outgoing_port +deliver_time +return_path_on_delivery
+  +smtp_syntax_error +incoming_port +outgoing_port +deliver_time +return_path_on_delivery \\
+  -queue_run
 domainlist local_domains = @local_domains@
 hostlist relay_from_hosts = 127.0.0.0/8
 acl_smtp_mail = acl_mail
@@ -868,7 +881,12 @@ class EximPeer(PrivateMTA):
                 texts.append((self.base / "log" / name).read_text(errors="replace"))
         with contextlib.suppress(FileNotFoundError):
             texts.append((self.base / "stderr").read_text(errors="replace"))
-        return "".join(texts)
+        # Every process with -C FILE says so; nothing to learn from it.
+        return "".join(line for text in texts for line in text.splitlines(keepends=True)
+                       if "lost privilege for using -C option" not in line)
+
+    def auth_log_pattern(self, mechanism: str) -> str:
+        return rf"<= .* A={mechanism.lower()}:{self.account.user} "
 
 
 # -- OpenSMTPD -----------------------------------------------------------------------------
@@ -894,6 +912,8 @@ class OpenSMTPDPeer(PrivateMTA):
     """
 
     name = "opensmtpd"
+    client_mechanisms = ("PLAIN",)  # it picks PLAIN itself when offered
+    smtputf8 = False  # 6.8 does not offer SMTPUTF8
 
     @classmethod
     def listeners(cls) -> tuple[str, ...]:
