@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import smtplib
 import ssl
@@ -60,6 +61,12 @@ QUEUES = ("incoming", "active", "deferred", "hold")
 
 SINK_EHLO = Reply(250, "sink.test\nPIPELINING\nSIZE 52428800\nENHANCEDSTATUSCODES\n"
                        "8BITMIME\nDSN\nSMTPUTF8")
+
+
+def reported_by(notice: bytes) -> str:
+    """The host name in a notice's Reporting-MTA: field."""
+    found = re.search(rb"(?im)^Reporting-MTA:\s*dns;\s*(\S+)", notice)
+    return found.group(1).decode() if found else ""
 
 
 def default_variant(direction: str) -> str:
@@ -220,12 +227,17 @@ class World:
                 raise AssertionError(f"queues not empty after {timeout}s\n{self.diagnostics()}")
             time.sleep(0.1)
 
-    def wait_notices(self, sender: str, count: int = 1,
+    def notices(self, sender: str, reporter: str | None = None) -> list[bytes]:
+        """Notices (bounces, DSNs) that reached ``sender`` (kept in the peer's store),
+        those of the MTA named ``reporter`` (its Reporting-MTA) only if given."""
+        return [n for n in self.peer.store.messages(sender)
+                if reporter is None or reported_by(n) == reporter]
+
+    def wait_notices(self, sender: str, count: int = 1, reporter: str | None = None,
                      timeout: float = 60.0) -> list[bytes]:
-        """Notices (bounces, DSNs) that reached ``sender`` (kept in the peer's store)."""
         deadline = time.monotonic() + timeout
         while True:
-            notices = self.peer.store.messages(sender)
+            notices = self.notices(sender, reporter)
             if len(notices) >= count:
                 return notices
             if time.monotonic() > deadline:

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import base64
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from tests.interop.conftest import DOWN, UP, World, default_variant
+from tests.interop.conftest import DOWN, UP, World, default_variant, reported_by
 from tests.support.mta import message_difference
 
 pytestmark = pytest.mark.timeout(180)
@@ -109,16 +112,15 @@ def test_transport(request: pytest.FixtureRequest, world: World, direction: str,
 
 def notice_recipients(notice: bytes) -> dict[str, set[str]]:
     """{action: {final recipient}} from a notice's delivery-status part (RFC 3464, or
-    RFC 6533's message/global-delivery-status with UTF-8 in it)."""
+    RFC 6533's message/global-delivery-status with UTF-8 in it), fields in any order."""
     found: dict[str, set[str]] = {}
-    recipient = None
-    for line in notice.decode("utf-8", "replace").splitlines():
-        field, _, value = line.partition(":")
-        if field.lower() == "final-recipient":
-            recipient = value.split(";", 1)[-1].strip()
-        elif field.lower() == "action" and recipient is not None:
-            found.setdefault(value.strip().lower(), set()).add(recipient)
-            recipient = None
+    text = notice.decode("utf-8", "replace").replace("\r\n", "\n")
+    for group in re.split(r"\n\s*\n", text):
+        fields = dict(re.findall(r"(?im)^(final-recipient|action):[ \t]*(.*)$", group))
+        fields = {k.lower(): v for k, v in fields.items()}
+        if "final-recipient" in fields and "action" in fields:
+            recipient = fields["final-recipient"].split(";", 1)[-1].strip()
+            found.setdefault(fields["action"].strip().lower(), set()).add(recipient)
     return found
 
 
@@ -269,3 +271,175 @@ def test_dot_stuffing_over_smtp(world: World, direction: str) -> None:
     sent = message(tag, sender, rcpts, body=DOT_BODY + b"\r\n")
     world.submit(direction, sender, rcpts, sent)
     check_once_and_intact(world, direction, rcpts, sent)
+
+
+def sendmail_content(raw: bytes, dot_ends_input: bool) -> bytes:
+    """What Postfix's sendmail(1) makes of ``raw`` (LF line ends; the last line may lack
+    its LF): CRLF line ends, and without -i a line of a lone dot ends the input.  Measured
+    with a private Postfix 3.7 (see test_against_postfix.py)."""
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    if dot_ends_input and b"." in lines:
+        lines = lines[:lines.index(b".")]
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+@pytest.mark.parametrize("direction", [UP, DOWN])
+@pytest.mark.parametrize("options", [("-i",), ()], ids=["-i", "no-i"])
+def test_dots_from_sendmail(world: World, direction: str, options: tuple[str, ...]) -> None:
+    """A lone dot, two dots, and a dot as the last line without its LF, given to
+    sendmail(1): relay's own sendmail on the way down, the peer's on the way up."""
+    tag = world.tag("smdots")
+    sender = world.sender(tag)
+    head = message(tag, sender, [f"{tag}@x.test"], body=b"-").split(b"\r\n\r\n")[0]
+    raw = head.replace(b"\r\n", b"\n") + b"\n\nline\n.\n..\n.x\nend\n."
+    if direction == DOWN:
+        rcpts = world.rcpts(DOWN, tag)
+        sendmail = Path(sys.executable).parent / "sendmail"
+        done = subprocess.run([str(sendmail), "-C", str(world.relay.config_dir), *options,
+                               "-f", sender, "--", *rcpts], input=raw, capture_output=True,
+                              timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        check_once_and_intact(world, DOWN, rcpts, sendmail_content(raw, "-i" not in options))
+        return
+    # Up: the peer's own sendmail, one copy kept by the peer, one sent through relay; the
+    # two must be the same but for relay's Received: field.
+    local, remote = f"{tag}-local@plain.{DOWN}.test", world.rcpts(UP, tag)[0]
+    done = world.peer.sendmail(sender, [local, remote], raw, options)
+    assert done.returncode == 0, done.stderr
+    kept = world.peer.store.wait([local], mta=world.peer)[local][0]
+    check_once_and_intact(world, UP, [remote], kept)
+
+
+# -- DSN ----------------------------------------------------------------------------------
+
+DSN_NOT_OFFERED = ("issue 10: relay does not offer DSN (RFC 3461 NOTIFY, ORCPT, RET, ENVID "
+                   "refused), so a peer drops them and relay neither passes them on nor "
+                   "honours them in its own notices")
+
+
+def dsn_submission(world: World, direction: str, tag: str, ret: str = "HDRS"
+                   ) -> tuple[str, list[str], dict[str, tuple[str, ...]], tuple[str, ...]]:
+    sender = world.sender(tag)
+    rcpts = world.rcpts(direction, tag, 3)
+    options = {
+        rcpts[0]: ("NOTIFY=SUCCESS,FAILURE", f"ORCPT=rfc822;orig-{tag}@example.test"),
+        rcpts[1]: ("NOTIFY=NEVER",),
+        rcpts[2]: ("NOTIFY=FAILURE,DELAY",),
+    }
+    return sender, rcpts, options, (f"RET={ret}", f"ENVID=env-{tag}")
+
+
+def submit_dsn(world: World, direction: str, sender: str, rcpts: list[str], content: bytes,
+               mail_options: tuple[str, ...],
+               rcpt_options: dict[str, tuple[str, ...]]) -> None:
+    """One transaction, or one per recipient into OpenSMTPD: 6.8 carries NOTIFY flags from
+    one RCPT to the next ("553 NOTIFY option NEVER cannot be combined with other
+    options")."""
+    if world.peer.name == "opensmtpd" and direction == UP:
+        for rcpt in rcpts:
+            world.submit(direction, sender, [rcpt], content, mail_options=mail_options,
+                         rcpt_options=rcpt_options)
+    else:
+        world.submit(direction, sender, rcpts, content, mail_options=mail_options,
+                     rcpt_options=rcpt_options)
+
+
+@pytest.mark.parametrize("direction", [UP, DOWN])
+def test_dsn_passed_on(request: pytest.FixtureRequest, world: World, direction: str) -> None:
+    """RET, ENVID, NOTIFY and ORCPT reach the next hop, which offers DSN: the sink records
+    them (up); the peer honours NOTIFY=SUCCESS with its own "delivered" notice that names
+    the ENVID and the ORCPT (down).  Nobody sends another notice."""
+    known_bug(request, DSN_NOT_OFFERED)
+    tag = world.tag("dsnpass")
+    sender, rcpts, rcpt_options, mail_options = dsn_submission(world, direction, tag)
+    sent = message(tag, sender, rcpts)
+    submit_dsn(world, direction, sender, rcpts, sent, mail_options, rcpt_options)
+    check_once_and_intact(world, direction, rcpts, sent)
+    if direction == UP:
+        for rcpt in rcpts:
+            received = world.sink_messages(rcpt)[0]
+            params = {p.upper() for p in received.mail_params}
+            assert {"RET=HDRS", f"ENVID=ENV-{tag.upper()}"} <= params, params
+        commands = [c.line for s in world.sink.sessions for c in s.commands]
+        for rcpt, options in rcpt_options.items():
+            line = next(c for c in commands if c.upper().startswith("RCPT TO:")
+                        and f"<{rcpt}>" in c)
+            for option in options:
+                assert option.upper() in line.upper(), (option, line)
+        assert world.notices(sender) == [], "the sink takes DSN: nobody owes a notice"
+    else:
+        notice = world.wait_notices(sender)[0]
+        assert reported_by(notice) == world.peer.hostname
+        assert notice_recipients(notice) == {"delivered": {rcpts[0]}}
+        assert f"Original-Envelope-Id: env-{tag}".lower().encode() in notice.lower()
+        assert f"Original-Recipient: rfc822;orig-{tag}@example.test".encode() in notice
+        world.settle()
+        assert len(world.notices(sender)) == 1
+
+
+@pytest.mark.parametrize("ret", ["HDRS", "FULL"])
+@pytest.mark.parametrize("direction", [UP, DOWN])
+def test_dsn_honoured_in_relays_bounce(request: pytest.FixtureRequest, world: World,
+                                       direction: str, ret: str) -> None:
+    """The far end refuses all three recipients: relay's bounce names only those whose
+    NOTIFY asks for failures, carries the ENVID and ORCPT, and returns the headers only
+    (RET=HDRS, a text/rfc822-headers part) or the whole message (RET=FULL)."""
+    known_bug(request, DSN_NOT_OFFERED)
+    tag = world.tag(f"dsnbounce{ret.lower()}")
+    sender, rcpts, rcpt_options, mail_options = dsn_submission(world, direction, tag, ret)
+    far_side = world.peer.set_recipient_access if direction == DOWN else world.sink_policy.set
+    far_side(refuse=set(rcpts))
+    try:
+        body = f"The body of {tag}, which RET=HDRS leaves out.\r\n".encode()
+        submit_dsn(world, direction, sender, rcpts, message(tag, sender, rcpts, body=body),
+                   mail_options, rcpt_options)
+        world.wait_notices(sender, reporter="relay.test")
+        world.settle()
+    finally:
+        far_side()
+    notices = world.notices(sender)
+    assert {reported_by(n) for n in notices} == {"relay.test"}, "only relay's bounce"
+    failed: dict[str, set[str]] = {}
+    for notice in notices:
+        for action, who in notice_recipients(notice).items():
+            failed.setdefault(action, set()).update(who)
+        assert f"Original-Envelope-Id: env-{tag}".encode() in notice
+        if ret == "HDRS":
+            assert b"Content-Type: text/rfc822-headers" in notice
+            assert body not in notice
+        else:
+            assert b"Content-Type: message/rfc822" in notice
+            assert body in notice
+    assert failed == {"failed": {rcpts[0], rcpts[2]}}
+    assert any(f"Original-Recipient: rfc822;orig-{tag}@example.test".encode() in n
+               for n in notices)
+
+
+@pytest.mark.parametrize("direction", [UP, DOWN])
+def test_dsn_delay_notice(request: pytest.FixtureRequest, world: World,
+                          direction: str) -> None:
+    """With delay_warning_time reached, relay warns only the recipients whose NOTIFY
+    includes DELAY (NOTIFY=FAILURE,DELAY), never NOTIFY=NEVER or SUCCESS,FAILURE ones."""
+    known_bug(request, DSN_NOT_OFFERED)
+    tag = world.tag("dsndelay")
+    sender, rcpts, rcpt_options, mail_options = dsn_submission(world, direction, tag)
+    far_side = world.peer.set_recipient_access if direction == DOWN else world.sink_policy.set
+    world.relay.write_config(delay_warning_time="1s")
+    world.relay.hup()
+    far_side(defer=set(rcpts))
+    try:
+        sent = message(tag, sender, rcpts)
+        submit_dsn(world, direction, sender, rcpts, sent, mail_options, rcpt_options)
+        notice = world.wait_notices(sender, reporter="relay.test")[0]
+    finally:
+        far_side()
+        world.relay.write_config(delay_warning_time="0h")
+        world.relay.hup()
+    check_once_and_intact(world, direction, rcpts, sent)
+    notices = world.notices(sender)
+    assert {reported_by(n) for n in notices} == {"relay.test"}, "only relay's warning"
+    assert len(notices) == 1
+    assert notice_recipients(notice) == {"delayed": {rcpts[2]}}
+    assert f"Original-Envelope-Id: env-{tag}".encode() in notice
