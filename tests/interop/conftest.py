@@ -289,13 +289,14 @@ def relay_passwd(d: RelayDaemon, account: Account) -> None:
 
 
 def start_relay(base: Path, params: dict[str, str], port: int | None = None) -> RelayDaemon:
-    """``relay serve`` with ``params`` (on ``port`` if given) and RELAY_ACCOUNT as its
-    AUTH user."""
+    """``relay serve`` with ``params`` (on ``port`` if given), with RELAY_ACCOUNT as its
+    AUTH user where it has a smtpd_sasl_password_file."""
     d = RelayDaemon(base, params)
     if port is not None:
         d.port = port
         d.write_config(smtpd_listen=f"{d.host}:{port}")
-    relay_passwd(d, RELAY_ACCOUNT)
+    if params.get("smtpd_sasl_password_file"):
+        relay_passwd(d, RELAY_ACCOUNT)
     d.start()
     return d
 
