@@ -201,13 +201,19 @@ class World:
     def sink_messages(self, rcpt: str) -> list[ReceivedMessage]:
         return [m for m in self.sink.messages if rcpt in m.recipients]
 
-    def wait_delivered(self, direction: str, rcpts: list[str],
-                       timeout: float = 60.0) -> dict[str, list[bytes]]:
+    def wait_delivered(self, direction: str, rcpts: list[str], timeout: float = 60.0,
+                       sender: str | None = None) -> dict[str, list[bytes]]:
+        """Every recipient's copies, once each has one; fails at once if a notice
+        reaches ``sender`` first (the message bounced somewhere on the way)."""
         deadline = time.monotonic() + timeout
         while True:
             got = {r: self.delivered(direction, r) for r in rcpts}
             if all(got.values()):
                 return got
+            if sender is not None and (notices := self.notices(sender)):
+                raise AssertionError(
+                    f"{self.peer.name} {direction}: a notice reached {sender} instead:\n"
+                    f"{notices[0][:3000].decode(errors='replace')}")
             if time.monotonic() > deadline:
                 lacking = [r for r in rcpts if not got[r]]
                 raise AssertionError(
@@ -349,4 +355,4 @@ def world(request: pytest.FixtureRequest) -> Iterator[World]:
 
 
 def unverified_tls() -> ssl.SSLContext:
-    return ssl._create_unverified_context()  # noqa: S323 - loopback test peers
+    return ssl._create_unverified_context()  # the peers' certificates are throwaway

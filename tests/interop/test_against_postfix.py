@@ -12,12 +12,15 @@ Cells that differ today are marked xfail(strict=True) with the difference named.
 from __future__ import annotations
 
 import contextlib
+import email
+import email.policy
 import shutil
 import smtplib
 import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -273,7 +276,7 @@ ADDRESS_FORMS = [
 ]
 
 
-def _address_cells() -> list[object]:
+def _address_cells() -> list[Any]:
     cells = []
     for name, address, differs_mail, differs_rcpt in ADDRESS_FORMS:
         for verb, differs in (("MAIL FROM:", differs_mail), ("RCPT TO:", differs_rcpt)):
@@ -374,8 +377,6 @@ def test_auth_parameter_after_authentication(request: pytest.FixtureRequest,
 
 
 def content_types(notice: bytes) -> list[str]:
-    import email
-    import email.policy
     parsed = email.message_from_bytes(notice, policy=email.policy.SMTPUTF8)
     return [part.get_content_type() for part in parsed.walk()]
 

@@ -37,7 +37,7 @@ def test_swaks(world: World) -> None:
          "--auth-user", RELAY_ACCOUNT.user, "--auth-password", RELAY_ACCOUNT.password,
          "--data", f"@{path}"], capture_output=True, timeout=60, check=False)
     assert done.returncode == 0, (done.stdout + done.stderr).decode(errors="replace")[-3000:]
-    copies = check_once_and_intact(world, DOWN, rcpts, sent)
+    copies = check_once_and_intact(world, DOWN, rcpts, sent, sender=sender)
     assert world.relay.log().count(f"from=<{sender}>") == 1
     assert hop_protocol(copies[rcpts[0]]) == "ESMTP"  # relay -> peer, plain listener
     world.relay.wait_log("sasl_method=PLAIN, sasl_username=relayuser")
@@ -57,7 +57,7 @@ def test_msmtp(world: World) -> None:
     done = subprocess.run([msmtp, "-C", str(config), "-f", sender, "--", *rcpts], input=sent,
                           capture_output=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr.decode(errors="replace")
-    check_once_and_intact(world, DOWN, rcpts, sent)
+    check_once_and_intact(world, DOWN, rcpts, sent, sender=sender)
     world.relay.wait_log("sasl_method=LOGIN, sasl_username=relayuser")
 
 
@@ -71,7 +71,7 @@ def test_python_smtplib(world: World) -> None:
         smtp.login(RELAY_ACCOUNT.user, RELAY_ACCOUNT.password)
         refused = smtp.sendmail(sender, rcpts, sent)
     assert refused == {}
-    check_once_and_intact(world, DOWN, rcpts, sent)
+    check_once_and_intact(world, DOWN, rcpts, sent, sender=sender)
 
 
 def test_sendmail_t_i_as_php_calls_it(world: World) -> None:
@@ -90,4 +90,4 @@ def test_sendmail_t_i_as_php_calls_it(world: World) -> None:
                           capture_output=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     expected = (head.replace(f"Bcc: {bcc}\n", "") + "\n" + body).replace("\n", "\r\n")
-    check_once_and_intact(world, DOWN, [to, cc, bcc], expected.encode())
+    check_once_and_intact(world, DOWN, [to, cc, bcc], expected.encode(), sender=sender)

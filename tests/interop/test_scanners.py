@@ -9,10 +9,11 @@ Postfix set up alike, which passes them: the test is sound, a failure is relay's
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -35,7 +36,7 @@ class Server:
     name: str
     host: str
     port: int
-    log: object  # () -> str
+    log: Callable[[], str]
 
 
 @pytest.fixture(scope="module", params=["relay", "postfix"])
@@ -59,7 +60,6 @@ def server(request: pytest.FixtureRequest) -> Iterator[Server]:
             with p:
                 yield Server("postfix", p.host, p.ports["plain"], p.log)
     finally:
-        import shutil
         shutil.rmtree(base, ignore_errors=True)
 
 

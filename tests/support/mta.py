@@ -36,21 +36,23 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import smtplib
 import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Self
 
 from tests.support.tools import missing
 
 PEERS_DIR = Path(os.environ.get("RELAY_PEERS_DIR", "/opt/relay-peers"))
 POSTFIX = "/usr/sbin/postfix"
+# Longer than the connection caches of the clients in the tests (relay's
+# smtp_connection_cache_time_limit is 2s).
+POSTFIX_POLICY_SETTLE = 2.5
 EXIM = PEERS_DIR / "exim4/usr/sbin/exim4"
 OPENSMTPD = PEERS_DIR / "opensmtpd/usr/sbin/smtpd"
 LISTENERS = ("plain", "tls", "auth", "login")
@@ -238,9 +240,10 @@ def message_difference(sent: bytes, got: bytes) -> str | None:
     # Report against the unfolded form unless the folded one is the closer.
     best = max(candidates, key=lambda c: _common_prefix(c, tail))
     at = _common_prefix(best, tail)
+    around = slice(max(0, at - 40), at + 40)
     return (f"after the added Received: fields, {len(tail)} octets where {len(best)} were "
-            f"expected; first difference at octet {at}: expected {best[max(0, at - 40):at + 40]!r}, "
-            f"got {tail[max(0, at - 40):at + 40]!r}")
+            f"expected; first difference at octet {at}: expected {best[around]!r}, "
+            f"got {tail[around]!r}")
 
 
 def _common_prefix(a: bytes, b: bytes) -> int:
@@ -313,13 +316,13 @@ class PrivateMTA:
         raise NotImplementedError
 
     # lifecycle
-    def start(self) -> PrivateMTA:
+    def start(self) -> Self:
         raise NotImplementedError
 
     def stop(self) -> None:
         raise NotImplementedError
 
-    def __enter__(self) -> PrivateMTA:
+    def __enter__(self) -> Self:
         try:
             return self.start()
         except BaseException:
@@ -337,12 +340,12 @@ class PrivateMTA:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n"
                                    f"{self.log()[-3000:]}")
             for listener, port in list(pending.items()):
-                with contextlib.suppress(OSError):
-                    with socket.create_connection((self.host, port), timeout=2) as s:
-                        s.settimeout(5)
-                        if s.recv(100).startswith(b"220"):
-                            s.sendall(b"QUIT\r\n")
-                            del pending[listener]
+                with contextlib.suppress(OSError), \
+                        socket.create_connection((self.host, port), timeout=2) as s:
+                    s.settimeout(5)
+                    if s.recv(100).startswith(b"220"):
+                        s.sendall(b"QUIT\r\n")
+                        del pending[listener]
             time.sleep(0.05)
         if pending:
             raise TimeoutError(f"{self.name} does not listen on {pending}:\n{self.log()[-3000:]}")
@@ -460,7 +463,7 @@ class PostfixPeer(PrivateMTA):
         self.maillog = base / "maillog"
         self.main: dict[str, str] = {}
 
-    def start(self) -> PostfixPeer:
+    def start(self) -> Self:
         self._write_config()
         _run([POSTFIX, "-c", str(self.config), "start"], "postfix start")
         self.started = True
@@ -562,6 +565,9 @@ class PostfixPeer(PrivateMTA):
             "minimal_backoff_time": "2s",
             "maximal_backoff_time": "4s",
             "queue_run_delay": "2s",
+            # No tarpit: tests refuse recipients on purpose, and smtpd would sleep a
+            # second per error after the tenth (smtpd_error_sleep_time).
+            "smtpd_error_sleep_time": "0",
             "smtpd_client_connection_count_limit": "0",
             "smtpd_client_connection_rate_limit": "0",
             "multi_instance_enable": "no",
@@ -608,7 +614,8 @@ discard   unix  -       -       n       -       -       discard
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
-store     unix  -       n       n       -       -       pipe flags=X user={store_user} argv=/bin/sh {self.store.script} ${{recipient}}
+store     unix  -       n       n       -       -       pipe flags=X user={store_user}
+  argv=/bin/sh {self.store.script} ${{recipient}}
 """ + "".join(f"smtp-{key} unix - - n - - smtp {options}\n" for key, options in clients.items())
         (self.config / "master.cf").write_text(master)
 
@@ -625,8 +632,11 @@ store     unix  -       n       n       -       -       pipe flags=X user={store
     def _apply_policy(self) -> None:
         self._write_access()
         if self.started:
+            # texthash is read when a process starts: reload, and let an smtpd process
+            # that still serves a client's cached connection (an SMTP client keeps one
+            # idle for a couple of seconds) finish it with the old table.
             _run([POSTFIX, "-c", str(self.config), "reload"], "postfix reload")
-            time.sleep(0.5)  # master restarts smtpd processes as they finish
+            time.sleep(POSTFIX_POLICY_SETTLE)
 
     def flush(self) -> None:
         _run(["postqueue", "-c", str(self.config), "-f"], "postqueue -f")
@@ -823,7 +833,7 @@ class EximPeer(PrivateMTA):
             user=self.account.user, password=self.account.password,
             client_user=client.user, client_password=client.password)
 
-    def start(self) -> EximPeer:
+    def start(self) -> Self:
         exim = pwd.getpwnam("Debian-exim")
         # Exim reads the key when a session starts TLS, as its own user: with -C FILE it
         # gives up root ("exim user lost privilege for using -C option").
@@ -834,10 +844,10 @@ class EximPeer(PrivateMTA):
         self._write_access()
         self.config.write_text(self._config_text())
         _run([str(EXIM), "-C", str(self.config), "-bV"], "exim -bV", env={})
-        self.proc = subprocess.Popen(
-            [str(EXIM), "-C", str(self.config), "-bdf", "-q2s"], env={},
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=open(self.base / "stderr", "wb"))
+        with open(self.base / "stderr", "wb") as stderr:
+            self.proc = subprocess.Popen(
+                [str(EXIM), "-C", str(self.config), "-bdf", "-q2s"], env={},
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
         self.started = True
         self.wait_listening()
         return self
@@ -958,13 +968,13 @@ class OpenSMTPDPeer(PrivateMTA):
             f"table defer file:{base}/defer",
             f"table vusers file:{base}/vusers",
             f"table secrets file:{base}/secrets",
-            'filter "refuse" phase rcpt-to match rcpt-to <refuse> reject '
-            '"550 5.1.1 Recipient address rejected: refused by test"',
-            'filter "defer" phase rcpt-to match rcpt-to <defer> reject '
-            '"450 4.2.0 Recipient address rejected: deferred by test"',
+            ('filter "refuse" phase rcpt-to match rcpt-to <refuse> reject '
+             '"550 5.1.1 Recipient address rejected: refused by test"'),
+            ('filter "defer" phase rcpt-to match rcpt-to <defer> reject '
+             '"450 4.2.0 Recipient address rejected: deferred by test"'),
             'filter "access" chain { "refuse", "defer" }',
-            f"listen on 127.0.0.1 port {self.ports['plain']} hostname {self.hostname} "
-            'filter "access"',
+            (f"listen on 127.0.0.1 port {self.ports['plain']} hostname {self.hostname} "
+             'filter "access"'),
             "queue ttl 1h",
             # Connections on one route (our routes all go to 127.0.0.1) are otherwise
             # seconds apart.
@@ -993,7 +1003,7 @@ class OpenSMTPDPeer(PrivateMTA):
         os.chmod(base / "secrets", 0o640)
         return "\n".join(lines) + "\n"
 
-    def start(self) -> OpenSMTPDPeer:
+    def start(self) -> Self:
         base = self.base
         for sub in ("var-spool", "run", "var-lib/opensmtpd/empty"):
             (base / sub).mkdir(parents=True, exist_ok=True)
@@ -1001,12 +1011,13 @@ class OpenSMTPDPeer(PrivateMTA):
         (base / "vusers").write_text("@ nobody\n")
         self._write_access()
         self.config.write_text(self._config_text())
-        self.proc = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
-             OPENSMTPD_NAMESPACE, "opensmtpd", str(base),
-             str(PEERS_DIR / "opensmtpd/usr/libexec"), str(OPENSMTPD)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=open(self.errors, "wb"), env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        with open(self.errors, "wb") as stderr:
+            self.proc = subprocess.Popen(
+                ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
+                 OPENSMTPD_NAMESPACE, "opensmtpd", str(base),
+                 str(PEERS_DIR / "opensmtpd/usr/libexec"), str(OPENSMTPD)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
         self.started = True
         self.wait_listening()
         return self
