@@ -303,7 +303,11 @@ def start_relay(base: Path, params: dict[str, str], port: int | None = None) -> 
         d.write_config(smtpd_listen=f"{d.host}:{port}")
     if params.get("smtpd_sasl_password_file"):
         relay_passwd(d, RELAY_ACCOUNT)
-    d.start()
+    try:
+        d.start()
+    except BaseException:
+        d.stop()  # a daemon that started but never listened must not outlive the test
+        raise
     return d
 
 

@@ -86,7 +86,6 @@ def pair() -> Iterator[Pair]:
                 "smtpd_forbid_unauth_pipelining": "no",
             })
             relay_passwd(d, RELAY_ACCOUNT)
-            d.start()
             postfix = PostfixPeer(base / "postfix", routes={
                 REFUSED: Route("127.0.0.1", refuser.port), "*": Route("127.0.0.1", sink.port)})
             postfix.main.update(smtpd_forbid_bare_newline="normalize",
@@ -94,6 +93,7 @@ def pair() -> Iterator[Pair]:
                                 smtpd_error_sleep_time="0", smtpd_soft_error_limit="100",
                                 smtpd_hard_error_limit="100")
             try:
+                d.start()
                 with postfix:
                     yield Pair(d, postfix, sink)
             finally:

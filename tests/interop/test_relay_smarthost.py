@@ -40,22 +40,24 @@ def chain() -> Iterator[tuple[RelayDaemon, RelayDaemon, ThreadedPeer]]:
                 "smtpd_tls_security_level": "may", "smtpd_sasl_auth_enable": "yes",
                 "smtpd_sasl_password_file": "sasl_passwd",
             }, free_port())
-            credentials = base / "sasl_passwd"
-            credentials.write_text(f"[127.0.0.1]:{upstream.port} "
-                                   f"{RELAY_ACCOUNT.user}:{RELAY_ACCOUNT.password}\n")
-            lan = start_relay(base / "lan", {
-                "myhostname": "lan.test",
-                "relayhost": f"[127.0.0.1]:{upstream.port}",
-                "smtp_tls_security_level": "encrypt",
-                "smtp_sasl_auth_enable": "yes",
-                "smtp_sasl_password_maps": f"texthash:{credentials}",
-                "minimal_backoff_time": "2s", "maximal_backoff_time": "4s",
-                "queue_run_delay": "1s",
-            }, free_port())
             try:
-                yield lan, upstream, sink
+                credentials = base / "sasl_passwd"
+                credentials.write_text(f"[127.0.0.1]:{upstream.port} "
+                                       f"{RELAY_ACCOUNT.user}:{RELAY_ACCOUNT.password}\n")
+                lan = start_relay(base / "lan", {
+                    "myhostname": "lan.test",
+                    "relayhost": f"[127.0.0.1]:{upstream.port}",
+                    "smtp_tls_security_level": "encrypt",
+                    "smtp_sasl_auth_enable": "yes",
+                    "smtp_sasl_password_maps": f"texthash:{credentials}",
+                    "minimal_backoff_time": "2s", "maximal_backoff_time": "4s",
+                    "queue_run_delay": "1s",
+                }, free_port())
+                try:
+                    yield lan, upstream, sink
+                finally:
+                    lan.stop()
             finally:
-                lan.stop()
                 upstream.stop()
     finally:
         shutil.rmtree(base, ignore_errors=True)

@@ -46,8 +46,8 @@ def server(request: pytest.FixtureRequest) -> Iterator[Server]:
         if request.param == "relay":
             d = RelayDaemon(base / "relay", {"mynetworks": "127.0.0.2/32",
                                             "relay_domains": ""})
-            d.start()
             try:
+                d.start()
                 yield Server("relay", d.host, d.port, d.log)
             finally:
                 d.stop()
