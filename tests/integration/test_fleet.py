@@ -17,6 +17,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -270,9 +272,11 @@ def test_drain_behind_haproxy_hands_deferred_mail_to_the_fleet(
 
 def test_drain_keeps_each_message_until_the_peer_says_250(relay_daemon: MakeDaemon,
                                                           threaded_peer: Any) -> None:
+    http = f"127.0.0.1:{free_port()}"
     d = relay_daemon({"transport_maps": "inline:{ * = smtp:[127.0.0.1]:1 }",
                       "minimal_backoff_time": "1h", "maximal_backoff_time": "1h",
-                      "queue_run_delay": "1h"})
+                      "queue_run_delay": "1h", "http_listen": http})
+    assert urllib.request.urlopen(f"http://{http}/readyz", timeout=5).status == 200
     ids = [submit(d.port, f"keep-{n}") for n in range(3)]
     assert all(ids)
     d.wait_log("status=deferred", count=3)
@@ -284,6 +288,9 @@ def test_drain_keeps_each_message_until_the_peer_says_250(relay_daemon: MakeDaem
                                             "--to HOST:PORT hands them to a peer")
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", d.port), timeout=1).close()
+    with pytest.raises(urllib.error.HTTPError) as refused:  # an orchestrator's check too
+        urllib.request.urlopen(f"http://{http}/readyz", timeout=5)
+    assert refused.value.code == 503
 
     # A peer that refuses for good: nothing is bounced, everything stays.
     refusing = threaded_peer(PeerScript(rcpt=Reply(554, "5.7.1 Relay access denied")))
