@@ -38,7 +38,7 @@ from relay import clock as clock_mod
 from relay import config as config_mod
 from relay import log as maillog
 from relay import pidfile, sdnotify
-from relay.check import spool_problems
+from relay.check import Severity, spool_problems
 from relay.config import Config, ConfigError
 from relay.loop import run_loop
 from relay.settings import qmgr_settings, resolver_for, router_for, sasl_credentials, smtpd_settings
@@ -205,8 +205,8 @@ def _open_spool(cfg: Config) -> Spool:
     """The spool, created where missing; StartupError for one this process cannot use."""
     fault = fault_hook_from(os.environ.get("RELAY_FAULT", "") or cfg.str("fault_injection"))
     root = cfg.str("queue_directory")
-    problems = spool_problems(root)
-    errors = [p for p in problems if p.severity.value == "error"]
+    # Looked at before creating anything, for a sentence better than makedirs' own ...
+    errors = [p for p in spool_problems(root) if p.severity is Severity.ERROR]
     if errors:
         raise StartupError(errors[0].text)
     try:
@@ -215,7 +215,8 @@ def _open_spool(cfg: Config) -> Spool:
     except OSError as exc:
         raise StartupError(f"queue_directory {os.path.abspath(root)}: cannot create "
                            f"{exc.filename or root}: {exc.strerror or exc}") from None
-    errors = [p for p in spool_problems(spool.root) if p.severity.value == "error"]
+    # ... and after, for what creating left as it was (a file where a directory should be).
+    errors = [p for p in spool_problems(spool.root) if p.severity is Severity.ERROR]
     if errors:
         raise StartupError(errors[0].text)
     return spool

@@ -6,6 +6,10 @@ It never talks SMTP itself (relay.delivery does, and returns values) and never
 builds a spool path (spool.store does).  Every state change goes through the
 spool under the message's lock, so an admin command that moved or removed a
 message meanwhile wins: we then only record which recipients were delivered.
+Each recipient outcome it logs (a ``to=`` line, or an expiry) also goes, as a
+relay.outcome.Report, to its ``observers``: the accounting log and the metrics.
+``relay drain --to`` makes it send every message to one peer relay (``hand_off``),
+where a refusal defers instead of bouncing.
 
 What a crash leaves: messages in active/ whose recipients are marked as far as
 the last completed transaction; at start they are scheduled again and only their
