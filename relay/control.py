@@ -12,14 +12,14 @@ so both sides address the socket through /proc/self/fd/N/ of an open directory.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING
 
-log = logging.getLogger("relay.master")
+if TYPE_CHECKING:
+    import asyncio
 
 SOCKET_NAME = "control"
 
@@ -41,6 +41,12 @@ def _short_path(directory: str) -> Iterator[str]:
 
 async def serve(directory: str, handler: Handler) -> asyncio.AbstractServer:
     """Listen on DIR/control; ``handler(verb, args)`` returns the reply text."""
+    # Imported here: the commands' client side (request) starts in a third of the time
+    # without them.
+    import asyncio
+    import logging
+
+    log = logging.getLogger("relay.master")
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

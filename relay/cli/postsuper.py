@@ -26,6 +26,12 @@ picked up within seconds (a daemon that is down reads the queue when it starts).
 
 Unlike Postfix, it does not require root: the spool belongs to the user running relay.
 
+Exit status, as Postfix 3.7.11's (FORMATS.md 1.4): 0; 1 for a bad option or an option
+without its queue ID (getopt's ``postsuper: invalid option -- 'x'`` or ``option
+requires an argument -- 'd'``, then ``postsuper: fatal: usage: ...``), an unknown queue
+name, a bad main.cf or a missing queue directory (msg_fatal()); 75 when the spool fails
+under it (a full or broken disk).
+
 What a crash leaves: each action is one rename (or a rewrite then a rename, or an
 unlink of the envelope then of the content) under the lock; a crash between two steps
 leaves the message in its old or its new queue, never in two (spool.store).
@@ -61,19 +67,17 @@ from dataclasses import dataclass, field, replace
 from typing import TextIO, TypeVar
 
 from relay import config as config_mod
+from relay.cli.command import EX_TEMPFAIL, Fatal, UsageError, getopt
 from spool import CorruptEntry, EntryGone, Envelope, Spool, SpoolError
 from spool.store import Entry
 
 log = logging.getLogger("relay.postsuper")
 
-EX_USAGE = 64
-EX_TEMPFAIL = 75
-
 USAGE = (
     "usage: postsuper [-c config_dir] [-d queue_id (delete)] [-e queue_id (expire)] "
     "[-f queue_id (expire and/or un-hold)] [-h queue_id (hold)] [-H queue_id (un-hold)] "
     "[-p (purge temporary files)] [-r queue_id (requeue)] [-s (structure fix)] "
-    "[-S (redundant structure fix)] [-v (verbose)] [queue...]"
+    "[-S (redundant structure fix)][-v (verbose)] [queue...]"  # sic: no space, as Postfix
 )
 
 # Queues in the order a mass operation walks them.  hold comes last so that
@@ -345,14 +349,6 @@ class Report:
         return out
 
 
-class UsageError(Exception):
-    """A bad command line; ``show_usage`` adds Postfix's usage line."""
-
-    def __init__(self, message: str, show_usage: bool = True) -> None:
-        super().__init__(message)
-        self.show_usage = show_usage
-
-
 @dataclass(frozen=True, slots=True)
 class Options:
     config_dir: str | None
@@ -362,48 +358,32 @@ class Options:
 
 
 def parse_args(argv: Sequence[str]) -> Options:
-    """Postfix's getopt("c:d:e:f:h:H:pr:sSv"), options before the queue names."""
+    """Postfix's getopt("c:d:e:f:h:H:pr:sSv"), options before the queue names.
+
+    A bad command line raises Fatal as Postfix's postsuper reports it: getopt's line,
+    then the usage line, exit 1; an unknown queue name, exit 1 too."""
+    try:
+        opts, names = getopt(argv, "c:d:e:f:h:H:pr:sSv")
+    except UsageError as exc:
+        raise Fatal(USAGE, before=[str(exc)]) from None
     config_dir: str | None = None
     requests: list[Request] = []
     purge = False
     structure = False
-    args = list(argv)
-    i = 0
     with_arg = {a.value: a for a in Action}
-    while i < len(args):
-        arg = args[i]
-        if arg == "--":
-            i += 1
-            break
-        if not arg.startswith("-") or arg == "-":
-            break
-        j = 1
-        while j < len(arg):
-            flag = arg[j]
-            if flag in with_arg or flag == "c":
-                value = arg[j + 1:]
-                if not value:
-                    i += 1
-                    if i >= len(args):
-                        raise UsageError(f"option requires an argument -- '{flag}'")
-                    value = args[i]
-                if flag == "c":
-                    config_dir = value
-                else:
-                    requests.append(Request(with_arg[flag], value))
-                break
-            if flag == "p":
-                purge = True
-            elif flag in "sS":
-                structure = True
-            elif flag != "v":
-                raise UsageError(f"invalid option -- '{flag}'")
-            j += 1
-        i += 1
-    queues = tuple(args[i:]) or None
+    for letter, value in opts:
+        if letter == "c":
+            config_dir = value
+        elif letter in with_arg:
+            requests.append(Request(with_arg[letter], value))
+        elif letter == "p":
+            purge = True
+        elif letter in "sS":
+            structure = True
+    queues = tuple(names) or None
     for name in queues or ():
         if name not in KNOWN_QUEUES:
-            raise UsageError(f"invalid directory name: {name}", show_usage=False)
+            raise Fatal(f"invalid directory name: {name}")
     # Postfix's default action, with no option at all, is -s -p.
     purge = purge or (not requests and not structure)
     return Options(config_dir, tuple(requests), queues, purge)
@@ -605,11 +585,11 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None,
 
     try:
         options = parse_args(args)
-    except UsageError as exc:
+    except Fatal as exc:
+        for line in exc.before:
+            say(line)
         say(f"fatal: {exc}")
-        if exc.show_usage:
-            say(f"fatal: {USAGE}")
-        return EX_USAGE
+        return exc.status
     try:
         cfg = config_mod.load(config_mod.config_dir_from(options.config_dir, env), environ=env,
                               warn=lambda m: say(f"warning: {m}"))
