@@ -30,6 +30,12 @@ class MailSystemDown(Exception):
     """No daemon answers on this queue directory's control socket."""
 
 
+def socket_path(directory: str) -> str:
+    """The control socket of the queue directory ``directory`` (for messages; connect
+    through request())."""
+    return os.path.join(directory, SOCKET_NAME)
+
+
 @contextlib.contextmanager
 def _short_path(directory: str) -> Iterator[str]:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -77,7 +83,7 @@ async def serve(directory: str, handler: Handler) -> asyncio.AbstractServer:
 
 def request(directory: str, verb: str, *args: str, timeout: float = 30.0) -> str:
     """Send one request to the daemon; MailSystemDown when nobody listens."""
-    if not os.path.exists(os.path.join(directory, SOCKET_NAME)):
+    if not os.path.exists(socket_path(directory)):
         raise MailSystemDown("No such file or directory")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)

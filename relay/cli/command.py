@@ -8,9 +8,10 @@ Each of ``postqueue``, ``mailq``, ``postsuper``, ``postcat``, ``qshape``, ``post
   before it (getopt's own complaint, ``PROG: invalid option -- 'x'``, has no level);
 * the exit statuses are sysexits(3), with 1 for Postfix's plain ``msg_fatal()``;
 * options are read as Postfix reads them, by :func:`getopt`: glibc's getopt(3) with
-  Postfix's ``+`` (options end at the first operand), or for relay's own commands and
-  qshape by an :class:`argparse.ArgumentParser` that raises instead of exiting
-  (:class:`Parser`);
+  Postfix's ``+`` (options end at the first operand), a bad one reported by
+  :func:`parse_options` as Postfix reports it; relay's own commands, qshape (a Perl
+  script in Postfix) and postconf use an :class:`argparse.ArgumentParser` that raises
+  instead of exiting (:class:`Parser`);
 * a reader that goes away (``mailq | head``) ends the output quietly, with status 0,
   where SIGPIPE would end a Postfix command (:func:`run`, :func:`silence_stdout`).
 
@@ -91,6 +92,16 @@ def getopt(args: Sequence[str], optstring: str) -> tuple[list[tuple[str, str]], 
                 raise UsageError(f"option requires an argument -- '{letter}'")
             break
     return opts, list(args[i:])
+
+
+def parse_options(args: Sequence[str], optstring: str, usage: str, status: int = EX_FATAL
+                  ) -> tuple[list[tuple[str, str]], list[str]]:
+    """getopt(), a bad option reported as Postfix's commands report it: getopt's line,
+    then ``PROG: fatal: USAGE``, exit ``status`` (a Fatal)."""
+    try:
+        return getopt(args, optstring)
+    except UsageError as exc:
+        raise Fatal(usage, status, before=[str(exc)]) from None
 
 
 class Parser(argparse.ArgumentParser):

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, TextIO
 
 from relay import config
-from relay.cli.command import EX_OK, Fatal, UsageError, getopt, run
+from relay.cli.command import EX_OK, Fatal, parse_options, run
 from spool import CorruptEntry, EntryGone, Envelope, RcptState, Spool
 from spool import envelope as envfmt
 from spool.store import valid_queue_id
@@ -80,11 +80,8 @@ class _Options:
 
 
 def _options(argv: Sequence[str]) -> _Options:
-    try:
-        # -h is "header", as in Postfix, not help.
-        opts, names = getopt(argv, "bc:ehqv")
-    except UsageError as exc:
-        raise Fatal(USAGE, before=[str(exc)]) from None
+    # -h is "header", as in Postfix, not help.
+    opts, names = parse_options(argv, "bc:ehqv", USAGE)
     given = {letter for letter, _ in opts}
     config_dir = next((value for letter, value in reversed(opts) if letter == "c"), None)
     return _Options(config_dir, "e" in given, "h" in given, "b" in given, "q" in given,

@@ -47,7 +47,7 @@ from typing import TextIO
 
 from relay import config, control
 from relay.cli import showq
-from relay.cli.command import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, Fatal, UsageError, getopt, run
+from relay.cli.command import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, Fatal, parse_options, run
 from spool.store import valid_queue_id
 
 USAGE = ("usage: postqueue -f | postqueue -i queueid | postqueue -j | postqueue -p"
@@ -103,8 +103,7 @@ def mail_system_down(queue_dir: str) -> str | None:
     try:
         control.request(queue_dir, "ping", timeout=PING_TIMEOUT)
     except control.MailSystemDown as exc:
-        socket_path = os.path.join(queue_dir, control.SOCKET_NAME)
-        return f"Connect to the relay control socket {socket_path}: {exc}"
+        return f"Connect to the relay control socket {control.socket_path(queue_dir)}: {exc}"
     return None
 
 
@@ -146,16 +145,8 @@ def _flush(cfg: config.Config, verb: str, *args: str) -> int:
     raise Fatal(f"Cannot flush mail queue - {text}", EX_UNAVAILABLE)
 
 
-def _getopt(argv: Sequence[str], optstring: str, usage: str, status: int
-            ) -> tuple[list[tuple[str, str]], list[str]]:
-    try:
-        return getopt(argv, optstring)
-    except UsageError as exc:
-        raise Fatal(usage, status, before=[str(exc)]) from None
-
-
 def _run_postqueue(argv: list[str], out: TextIO, err: TextIO) -> int:
-    opts, operands = _getopt(argv, "c:fi:jps:v", USAGE, EX_UNAVAILABLE)
+    opts, operands = parse_options(argv, "c:fi:jps:v", USAGE, EX_UNAVAILABLE)
     config_dir: str | None = None
     mode = ""
     queue_ids: list[str] = []
@@ -198,7 +189,7 @@ def _run_postqueue(argv: list[str], out: TextIO, err: TextIO) -> int:
 def _run_mailq(argv: list[str], out: TextIO, err: TextIO) -> int:
     # Postfix's mailq is sendmail -bp, whose -C names the configuration (file or
     # directory); its fatal errors exit 75, as all of sendmail's.
-    opts, operands = _getopt(argv, "c:C:v", MAILQ_USAGE, EX_TEMPFAIL)
+    opts, operands = parse_options(argv, "c:C:v", MAILQ_USAGE, EX_TEMPFAIL)
     config_dir: str | None = None
     config_file = ""
     for letter, value in opts:

@@ -67,7 +67,8 @@ from dataclasses import dataclass, field, replace
 from typing import TextIO, TypeVar
 
 from relay import config as config_mod
-from relay.cli.command import EX_TEMPFAIL, Fatal, UsageError, getopt
+from relay.cli import command
+from relay.cli.command import EX_OK, EX_TEMPFAIL, Fatal, parse_options
 from spool import CorruptEntry, EntryGone, Envelope, Spool, SpoolError
 from spool.store import Entry
 
@@ -362,10 +363,7 @@ def parse_args(argv: Sequence[str]) -> Options:
 
     A bad command line raises Fatal as Postfix's postsuper reports it: getopt's line,
     then the usage line, exit 1; an unknown queue name, exit 1 too."""
-    try:
-        opts, names = getopt(argv, "c:d:e:f:h:H:pr:sSv")
-    except UsageError as exc:
-        raise Fatal(USAGE, before=[str(exc)]) from None
+    opts, names = parse_options(argv, "c:d:e:f:h:H:pr:sSv", USAGE)
     config_dir: str | None = None
     requests: list[Request] = []
     purge = False
@@ -578,32 +576,27 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None,
     err = sys.stderr if stderr is None else stderr
     inp = sys.stdin if stdin is None else stdin
     env = os.environ if environ is None else environ
+    if stdin is None and hasattr(inp, "reconfigure"):
+        inp.reconfigure(errors="surrogateescape")  # a bad byte is an invalid ID, not a crash
+    return command.run("postsuper", lambda: _main(args, inp, err, env), stderr=err)
 
+
+def _main(args: Sequence[str], inp: TextIO, err: TextIO, env: Mapping[str, str]) -> int:
     def say(text: str) -> None:
         err.write(f"postsuper: {text}\n")
         err.flush()
 
-    try:
-        options = parse_args(args)
-    except Fatal as exc:
-        for line in exc.before:
-            say(line)
-        say(f"fatal: {exc}")
-        return exc.status
+    options = parse_args(args)
     try:
         cfg = config_mod.load(config_mod.config_dir_from(options.config_dir, env), environ=env,
                               warn=lambda m: say(f"warning: {m}"))
     except config_mod.ConfigError as exc:
-        say(f"fatal: {exc}")
-        return 1
+        raise Fatal(str(exc)) from None
     queue_dir = cfg.str("queue_directory")
     spool = Spool(queue_dir, long_ids=cfg.bool("enable_long_queue_ids"), create=False)
     if not spool.exists():
         # Postfix's commands chdir(queue_directory) first; msg_fatal() exits 1.
-        say(f"fatal: chdir {queue_dir}: No such file or directory")
-        return 1
-    if stdin is None and hasattr(inp, "reconfigure"):
-        inp.reconfigure(errors="surrogateescape")  # a bad byte is an invalid ID, not a crash
+        raise Fatal(f"chdir {queue_dir}: No such file or directory")
 
     handler = _maillog_handler(cfg)
     if handler is not None:
@@ -628,10 +621,9 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None,
         for line in report.summary():
             info(line)
     except SpoolError as exc:
-        say(f"fatal: {exc}")
         if handler is not None:
             log.critical("%s", exc)
-        return EX_TEMPFAIL
+        raise Fatal(str(exc), EX_TEMPFAIL) from None
     finally:
         if handler is not None:
             log.removeHandler(handler)
@@ -639,7 +631,7 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None,
             handler.close()
     if report.counts.get(Counter.RELEASED) or report.counts.get(Counter.REQUEUED):
         notify_daemon(spool.root)
-    return 0
+    return EX_OK
 
 
 if __name__ == "__main__":

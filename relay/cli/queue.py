@@ -55,25 +55,19 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NoReturn, TextIO
+from typing import TextIO
 
 from relay import config as config_mod
 from relay.cli import postsuper, showq
+from relay.cli.command import EX_OK, EX_TEMPFAIL, EX_USAGE, Fatal, Parser, UsageError, run
 from relay.cli.postsuper import Action, Counter
 from spool import CorruptEntry, EntryGone, Envelope, Spool, SpoolError
 from spool.envelope import Fields
-
-EX_USAGE = 64
-EX_TEMPFAIL = 75
 
 LIST_QUEUES = showq.LISTED_QUEUES  # active, incoming, deferred, hold
 _TIME = re.compile(r"([0-9]+)([smhdw]?)\Z")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 FLUSH_BATCH = 200  # queue IDs per flush-id request; the control line stays short
-
-
-class UsageError(Exception):
-    pass
 
 
 def parse_time(text: str) -> float:
@@ -363,11 +357,6 @@ def _tell_daemon(queue_dir: str, verb: str, args: Sequence[str], err: TextIO) ->
 # ---- command line -------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
-
-
 def _add_filters(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("filters (combined; repeat one to allow several values)")
     g.add_argument("--queue", action="append", default=[], metavar="NAME",
@@ -387,9 +376,9 @@ def _config_arg(p: argparse.ArgumentParser, top: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="relay queue", description="Inspect and act on the mail queue.")
+    parser = Parser(prog="relay queue", description="Inspect and act on the mail queue.")
     _config_arg(parser, top=True)
-    sub = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=Parser)
     p = sub.add_parser("ls", help="list matching messages in mailq format")
     _config_arg(p)
     _add_filters(p)
@@ -465,6 +454,10 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
     out = sys.stdout if stdout is None else stdout
     err = sys.stderr if stderr is None else stderr
     env = os.environ if environ is None else environ
+    return run("relay queue", lambda: _main(args, out, err, env), stdout=out, stderr=err)
+
+
+def _main(args: list[str], out: TextIO, err: TextIO, env: Mapping[str, str]) -> int:
     parser = build_parser()
     try:
         ns = parser.parse_args(args)
@@ -478,15 +471,13 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
         if ns.verb in ("pause", "resume"):
             name = pause_name(ns.domain, ns.nexthop)
     except UsageError as exc:
-        err.write(f"relay queue: fatal: {exc}\n")
-        err.write(parser.format_usage().replace("usage: ", "relay queue: usage: ", 1))
-        return EX_USAGE
+        usage = parser.format_usage().rstrip("\n").replace("usage: ", "relay queue: usage: ", 1)
+        raise Fatal(f"{exc}\n{usage}", EX_USAGE) from None
     try:
         cfg = config_mod.load(config_mod.config_dir_from(ns.config_dir, env), environ=env,
                               warn=lambda m: print(f"relay queue: warning: {m}", file=err))
     except config_mod.ConfigError as exc:
-        err.write(f"relay queue: fatal: {exc}\n")
-        return 1
+        raise Fatal(str(exc)) from None
     queue_dir = cfg.str("queue_directory")
     long_ids = cfg.bool("enable_long_queue_ids")
     now = time.time()
@@ -501,21 +492,20 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
             if changed and not _tell_daemon(spool.root, "pauses", (), err):
                 err.write("relay queue: warning: the mail system is down; "
                           "the daemon reads the pause file when it starts\n")
-            return 0
+            return EX_OK
         spool = Spool(queue_dir, long_ids=long_ids, create=False)
         if ns.verb == "paused":
-            for entry in sorted(spool.pauses()):
-                out.write(entry + "\n")
-            return 0
+            out.writelines(entry + "\n" for entry in sorted(spool.pauses()))
+            return EX_OK
         if ns.verb == "ls":
             items = select_records(spool, filt, _queues(filt, (*LIST_QUEUES, "corrupt")), now)
             showq.write(showq.json_records(items) if ns.json else
                         showq.sendmail_records(items, long_ids=long_ids), out)
-            return 0
+            return EX_OK
         if ns.verb == "summary":
             stats, dests = summarize(spool, filt, now)
             print_summary(stats, dests, now, out, ns.json)
-            return 0
+            return EX_OK
         done = act(spool, ns.verb, filt, out, err, now)
         if ns.verb == "retry" and done:
             told = True
@@ -528,14 +518,9 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
                           "the messages are due and are tried when it starts\n")
         elif ns.verb == "release" and done:
             _tell_daemon(spool.root, "scan", (), err)
-        return 0
+        return EX_OK
     except SpoolError as exc:
-        err.write(f"relay queue: fatal: {exc}\n")
-        return EX_TEMPFAIL
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, out.fileno())
-        return 0
+        raise Fatal(str(exc), EX_TEMPFAIL) from None
 
 
 if __name__ == "__main__":
