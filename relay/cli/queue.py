@@ -24,8 +24,8 @@ refused, not mail that has any refused recipient and any example.com recipient.
 This is an extension beyond Postfix (whose closest tools are the ``mailq | awk |
 postsuper -d -`` pipelines in postsuper(1)).  ``ls`` prints postqueue -p blocks (or with
 ``--json`` the postqueue -j objects, one per line) so the same scripts parse it.  The
-actions use postsuper's functions under each message's lock and re-check the filters
-once the message is locked, so a message that changed meanwhile is left alone; they
+actions take spool.transitions' rows (retry, remove, hold, release), as postsuper does,
+under each message's lock and re-check the filters once the message is locked, so a message that changed meanwhile is left alone; they
 print ``ID: removed`` (``requeued`` for retry, ``placed on hold``, ``released from
 hold``) per message and a count line as postsuper does, on standard output.  ``retry``
 makes deferred mail due now and asks the daemon for it (``flush-id``); held mail stays
@@ -37,8 +37,8 @@ mail for it with ``destination paused`` and, on ``resume``, tries it at once.  A
 names one domain exactly: pausing example.com does not pause sub.example.com.  The
 pause file outlives daemon restarts; telling the daemon (``pauses``) is best effort.
 
-It never talks SMTP and never builds a spool path.  A crash leaves what postsuper's
-functions leave: each message is in its old or its new queue, never two.  The actions
+It never talks SMTP and never builds a spool path.  A crash leaves what a transition
+leaves: each message is in its old or its new queue, never two.  The actions
 are mass operations as postsuper's ``ALL``: the per-message directory fsyncs are left
 out and each changed queue directory is fsync'ed once at the end, so a crash before
 that may undo some of them (a deleted message comes back whole, a held one is back in
@@ -58,11 +58,11 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from relay import config as config_mod
-from relay.cli import postsuper, showq
+from relay.cli import showq
 from relay.cli.command import EX_OK, EX_TEMPFAIL, EX_USAGE, Fatal, Parser, UsageError, run
-from relay.cli.postsuper import Action, Counter
-from spool import CorruptEntry, EntryGone, Envelope, Spool, SpoolError
+from spool import CorruptEntry, Envelope, Spool, SpoolError, transitions
 from spool.envelope import Fields
+from spool.transitions import Transition
 
 LIST_QUEUES = showq.LISTED_QUEUES  # active, incoming, deferred, hold
 _TIME = re.compile(r"([0-9]+)([smhdw]?)\Z")
@@ -253,30 +253,26 @@ def print_summary(stats: Mapping[str, QueueStats], dests: Mapping[str, list[int]
 
 
 def retry(spool: Spool, queue_id: str, *, now: float | None = None,
-          accept: postsuper.Accept | None = None) -> bool:
-    """Make one deferred message due now (its mtime is its next attempt time)."""
-    now = time.time() if now is None else now
-    try:
-        with spool.locked(queue_id, ("deferred",)) as entry:
-            if accept is not None:
-                try:
-                    if not accept(entry.read()):
-                        return False
-                except CorruptEntry:
-                    return False
-            entry.move("deferred", mtime=now)
-            return True
-    except EntryGone:
-        return False
+          accept: transitions.Accept | None = None) -> bool:
+    """Make one deferred message due now."""
+    return bool(transitions.change(spool, queue_id, Transition.RETRY, now=now, accept=accept))
 
 
-# subcommand -> (postsuper action or None for retry, default queues, per-message text, counter)
-_VERBS: Mapping[str, tuple[Action | None, tuple[str, ...], str, Counter]] = {
-    "retry": (None, ("deferred",), "requeued", Counter.REQUEUED),
-    "delete": (Action.DELETE, ("hold", "incoming", "active", "deferred", "corrupt"),
-               "removed", Counter.DELETED),
-    "hold": (Action.HOLD, ("incoming", "active", "deferred"), "placed on hold", Counter.HELD),
-    "release": (Action.RELEASE, ("hold",), "released from hold", Counter.RELEASED),
+@dataclass(frozen=True, slots=True)
+class Verb:
+    transition: Transition
+    queues: tuple[str, ...]  # searched by default
+    done: str  # printed after each queue ID, as postsuper prints it
+    counter: str  # postsuper's summary word
+
+
+VERBS: Mapping[str, Verb] = {
+    "retry": Verb(Transition.RETRY, ("deferred",), "requeued", "Requeued"),
+    "delete": Verb(Transition.REMOVE, ("hold", "incoming", "active", "deferred", "corrupt"),
+                   "removed", "Deleted"),
+    "hold": Verb(Transition.HOLD, ("incoming", "active", "deferred"), "placed on hold",
+                 "Placed on hold"),
+    "release": Verb(Transition.RELEASE, ("hold",), "released from hold", "Released from hold"),
 }
 
 
@@ -286,8 +282,8 @@ def act(spool: Spool, verb: str, filt: Filter, out: TextIO, err: TextIO,
 
     Returns the queue IDs acted upon.
     """
-    action, default, text, counter = _VERBS[verb]
-    queues = _queues(filt, default)
+    v = VERBS[verb]
+    queues = _queues(filt, v.queues)
     t = time.time() if now is None else now
     # A corrupt envelope cannot be read, so only a bare "--queue corrupt" selects it.
     corrupt_ok = filt == Filter(queues=filt.queues)
@@ -299,30 +295,27 @@ def act(spool: Spool, verb: str, filt: Filter, out: TextIO, err: TextIO,
         """Act on one message (in any thread): whether it was done, and a warning."""
         queue, queue_id = item
         try:
-            if action is None:
-                return retry(spool, queue_id, now=t, accept=accept), ""
             if queue == "corrupt":
-                return bool(postsuper.apply(spool, action, queue_id, ("corrupt",), now=t,
-                                            durable=False)), ""
-            return bool(postsuper.apply(spool, action, queue_id, queues, now=t,
-                                        accept=accept, durable=False)), ""
+                return bool(transitions.change(spool, queue_id, v.transition, ("corrupt",),
+                                               now=t, durable=False)), ""
+            return bool(transitions.change(spool, queue_id, v.transition, queues, now=t,
+                                           accept=accept, durable=False)), ""
         except CorruptEntry as exc:
             return False, str(exc)
 
     done: list[str] = []
     try:
-        for (_, queue_id), (ok, warning) in postsuper.in_parallel(
+        for (_, queue_id), (ok, warning) in transitions.in_parallel(
                 one, _candidates(spool, filt, queues, corrupt_ok, t)):
             if warning:
                 err.write(f"relay queue: warning: {warning}\n")
             if ok:
                 done.append(queue_id)
-                out.write(f"{queue_id}: {text}\n")
+                out.write(f"{queue_id}: {v.done}\n")
     finally:
-        # retry only changes mtimes in place; the others rename or unlink.
-        spool.sync_queues(postsuper.synced_queues(action, queues) if action else ())
+        spool.sync_queues(transitions.deferred_syncs(v.transition, queues))
     n = len(done)
-    out.write(f"{counter.value}: {n} message{'' if n == 1 else 's'}\n")
+    out.write(f"{v.counter}: {n} message{'' if n == 1 else 's'}\n")
     return done
 
 
