@@ -499,6 +499,9 @@ def _main(args: list[str], out: TextIO, err: TextIO, env: Mapping[str, str]) -> 
             stats, dests = summarize(spool, filt, now)
             print_summary(stats, dests, now, out, ns.json)
             return EX_OK
+        if not spool.exists():
+            # As postsuper: Postfix's commands chdir(queue_directory) first.
+            raise Fatal(f"chdir {queue_dir}: No such file or directory")
         done = act(spool, ns.verb, filt, out, err, now)
         if ns.verb == "retry" and done:
             told = True
