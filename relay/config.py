@@ -98,6 +98,7 @@ class HostPortRule:
 
 LISTENER = HostPortRule(default_port=None, hostnames=True, tls_suffix=True)
 NAMESERVER = HostPortRule(default_port=53, hostnames=False, tls_suffix=False)
+HTTP_LISTENER = HostPortRule(default_port=None, hostnames=True, tls_suffix=False)
 
 
 class DefaultContext:
@@ -290,6 +291,8 @@ _TABLE = (
     Parameter("smtpd_timeout", "300s", _T),
     Parameter("smtpd_client_connection_count_limit", "50", _I),
     Parameter("smtpd_forbid_bare_newline", "normalize", _E, choices=_BARE_NL, aliases=_YES_NORM),
+    Parameter("smtpd_forbid_bare_newline_exclusions", "$mynetworks", _N),
+    Parameter("smtpd_forbid_bare_newline_reject_code", "550", _I),
     Parameter("smtpd_relay_restrictions", _RELAY_RESTRICTIONS, _L),
     Parameter("smtpd_client_connection_rate_limit", "0", _I),
     Parameter("smtpd_client_message_rate_limit", "0", _I),
@@ -347,6 +350,9 @@ _TABLE = (
     Parameter("smtp_tls_CAfile", "", _S),
     Parameter("smtp_sasl_auth_enable", "no", _B),
     Parameter("smtp_sasl_password_maps", "", _L),
+    # http: the read API and the web page (relay.http)
+    Parameter("http_listen", "", _H, hostport=HTTP_LISTENER),  # extension
+    Parameter("http_admin", "no", _B),  # extension: queue changes over HTTP
 )
 # fmt: on
 

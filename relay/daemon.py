@@ -22,192 +22,30 @@ import logging
 import os
 import signal
 import socket
-import ssl
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay import clock as clock_mod
 from relay import config as config_mod
 from relay import log as maillog
-from relay.auth import PasswordFile, PasswordFileError, password_file_path
 from relay.config import Config, ConfigError
-from relay.delivery import DeliverySettings
-from relay.listener import Listener, SmtpdSettings, check_relay_restrictions
-from relay.outcome import Policy
-from relay.routing import Resolver, Router, open_table
-from relay.scheduler import QmgrSettings
+from relay.loop import run_loop
+from relay.settings import qmgr_settings, resolver_for, router_for, sasl_credentials, smtpd_settings
+from relay.smtpd.listener import Listener
 from spool import Envelope, Spool
 from spool.fsync import Syncer
 from spool.store import fault_hook_from
+
+if TYPE_CHECKING:
+    from relay.http.server import HttpServer
 
 log = logging.getLogger("relay.master")
 
 SHUTDOWN_GRACE = 5.0
 SPOOL_THREADS = 16
-
-
-def smtpd_settings(cfg: Config) -> SmtpdSettings:
-    return SmtpdSettings(
-        myhostname=cfg.str("myhostname"),
-        banner=cfg.str("smtpd_banner"),
-        mynetworks=cfg.network_matcher("mynetworks"),
-        relay_domains=cfg.list("relay_domains"),
-        message_size_limit=cfg.int("message_size_limit"),
-        queue_minfree=cfg.int("queue_minfree"),
-        recipient_limit=cfg.int("smtpd_recipient_limit"),
-        timeout=cfg.time("smtpd_timeout"),
-        connection_count_limit=cfg.int("smtpd_client_connection_count_limit"),
-        bare_newline=_bare_newline(cfg.str("smtpd_forbid_bare_newline")),
-        mail_name=cfg.str("mail_name"),
-        **_smtpd_security(cfg),
-    )
-
-
-def _smtpd_security(cfg: Config) -> dict[str, Any]:
-    """The listener's TLS, AUTH, relay-control and abuse-limit settings.  ValueError for
-    a configuration that must not run: an unloadable certificate, TLS required without
-    one, AUTH without a readable password file, relay restrictions that cannot refuse."""
-    restrictions = cfg.list("smtpd_relay_restrictions")
-    check_relay_restrictions(restrictions)
-    level = cfg.str("smtpd_tls_security_level") or "none"
-    tls = smtpd_tls_context(cfg)
-    if tls is None and (level != "none" or any(a.tls for a in cfg.listen_addresses())):
-        raise ValueError("TLS is required (smtpd_tls_security_level or a /tls listener) "
-                         "but smtpd_tls_cert_file is not set")
-    passwords = None
-    if cfg.bool("smtpd_sasl_auth_enable"):
-        path = password_file_path(cfg.str("smtpd_sasl_password_file"), cfg.path)
-        if not path:
-            raise ValueError("smtpd_sasl_auth_enable = yes needs smtpd_sasl_password_file")
-        passwords = PasswordFile(path)
-        try:
-            passwords.load()
-        except PasswordFileError as exc:
-            raise ValueError(f"smtpd_sasl_password_file: {exc}") from None
-    return {
-        "tls_context": tls,
-        "tls_security_level": level,
-        "tls_auth_only": cfg.bool("smtpd_tls_auth_only"),
-        "sasl_auth_enable": passwords is not None,
-        "passwords": passwords,
-        "auth_failure_delay": cfg.time("smtpd_auth_failure_delay"),
-        "relay_restrictions": restrictions,
-        "allow_untrusted_routing": cfg.bool("allow_untrusted_routing"),
-        "connection_rate_limit": cfg.int("smtpd_client_connection_rate_limit"),
-        "message_rate_limit": cfg.int("smtpd_client_message_rate_limit"),
-        "recipient_rate_limit": cfg.int("smtpd_client_recipient_rate_limit"),
-        "anvil_rate_time_unit": cfg.time("anvil_rate_time_unit"),
-        "event_limit_exceptions": cfg.network_matcher("smtpd_client_event_limit_exceptions"),
-        "hard_error_limit": cfg.int("smtpd_hard_error_limit"),
-        "hopcount_limit": cfg.int("hopcount_limit"),
-        "session_time_limit": cfg.time("smtpd_session_time_limit"),
-        "greet_wait": cfg.time("postscreen_greet_wait"),
-        "forbid_unauth_pipelining": cfg.bool("smtpd_forbid_unauth_pipelining"),
-        "proxy_protocol": cfg.str("smtpd_upstream_proxy_protocol"),
-        "proxy_timeout": cfg.time("smtpd_upstream_proxy_timeout"),
-    }
-
-
-def smtpd_tls_context(cfg: Config) -> ssl.SSLContext | None:
-    """The server TLS context from smtpd_tls_cert_file and smtpd_tls_key_file (the key
-    may be in the certificate file, as Postfix allows); None if no certificate is set."""
-    cert = cfg.str("smtpd_tls_cert_file")
-    if not cert:
-        return None
-    key = cfg.str("smtpd_tls_key_file") or cert
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ValueError(f"cannot load certificate {cert} and key {key}: {exc}") from None
-    return context
-
-
-def _bare_newline(value: str) -> str:
-    return {"yes": "normalize", "normalize": "normalize", "reject": "reject"}.get(value, "no")
-
-
-def sasl_credentials(cfg: Config) -> object:
-    maps = cfg.list("smtp_sasl_password_maps")
-    tables = [open_table(spec) for spec in maps]
-
-    def lookup(label: str, target: object) -> tuple[str, str] | None:
-        host = getattr(target, "hostname", "")
-        port = getattr(target, "port", 25)
-        address = getattr(target, "address", "")
-        keys = [label, f"[{host}]:{port}", f"{host}:{port}", f"[{host}]", host,
-                f"[{address}]:{port}", f"[{address}]"]
-        for table in tables:
-            for key in keys:
-                value = table.get(key) if key else None
-                if value:
-                    user, _, password = value.partition(":")
-                    return user, password
-        return None
-
-    return lookup
-
-
-def qmgr_settings(cfg: Config) -> QmgrSettings:
-    tls = cfg.str("smtp_tls_security_level") or "none"
-    delivery = DeliverySettings(
-        helo_name=cfg.str("myhostname"),
-        connect_timeout=cfg.time("smtp_connect_timeout"),
-        helo_timeout=cfg.time("smtp_helo_timeout"),
-        mail_timeout=cfg.time("smtp_mail_timeout"),
-        rcpt_timeout=cfg.time("smtp_rcpt_timeout"),
-        data_init_timeout=cfg.time("smtp_data_init_timeout"),
-        data_xfer_timeout=cfg.time("smtp_data_xfer_timeout"),
-        data_done_timeout=cfg.time("smtp_data_done_timeout"),
-        quit_timeout=cfg.time("smtp_quit_timeout"),
-        starttls_timeout=cfg.time("smtp_starttls_timeout"),
-        tls_level=tls,
-        tls_ca_file=cfg.str("smtp_tls_CAfile"),
-        sasl_enable=cfg.bool("smtp_sasl_auth_enable"),
-        sasl_credentials=sasl_credentials(cfg),  # type: ignore[arg-type]
-        connection_reuse_time_limit=cfg.time("smtp_connection_reuse_time_limit"),
-        connection_cache_time_limit=cfg.time("smtp_connection_cache_time_limit"),
-    )
-    return QmgrSettings(
-        myhostname=cfg.str("myhostname"),
-        mail_name=cfg.str("mail_name"),
-        queue_run_delay=cfg.time("queue_run_delay"),
-        active_limit=cfg.int("qmgr_message_active_limit"),
-        recipient_limit=cfg.int("default_destination_recipient_limit"),
-        concurrency_limit=cfg.int("default_destination_concurrency_limit"),
-        initial_concurrency=cfg.int("initial_destination_concurrency"),
-        process_limit=cfg.int("default_process_limit"),
-        failed_cohort_limit=float(cfg.int("default_destination_concurrency_failed_cohort_limit")),
-        policy=Policy(
-            minimal_backoff_time=cfg.time("minimal_backoff_time"),
-            maximal_backoff_time=cfg.time("maximal_backoff_time"),
-            maximal_queue_lifetime=cfg.time("maximal_queue_lifetime"),
-            bounce_queue_lifetime=cfg.time("bounce_queue_lifetime"),
-            delay_warning_time=cfg.time("delay_warning_time"),
-        ),
-        delivery=delivery,
-    )
-
-
-def self_addresses(cfg: Config) -> list[tuple[str, int]]:
-    return [(a.host, a.port) for a in cfg.listen_addresses()]
-
-
-def router_for(cfg: Config) -> Router:
-    return Router(cfg.list("transport_maps"), cfg.str("relayhost"))
-
-
-def resolver_for(cfg: Config) -> Resolver:
-    return Resolver(
-        nameservers=cfg.list("dns_nameservers"),
-        myhostname=cfg.str("myhostname"),
-        self_addresses=self_addresses(cfg),
-        mx_address_limit=cfg.int("smtp_mx_address_limit"),
-    )
 
 
 class QmgrLink:
@@ -250,6 +88,7 @@ class Daemon:
     listener: Listener
     servers: list[asyncio.AbstractServer]
     qmgr: asyncio.subprocess.Process | None = None
+    http: HttpServer | None = None
 
     def reload(self) -> None:
         try:
@@ -263,6 +102,8 @@ class Daemon:
             return
         self.cfg = cfg
         self.listener.reconfigure(smtpd)
+        if self.http is not None:
+            self.http.ctx.config = cfg
         if self.qmgr is not None and self.qmgr.returncode is None:
             self.qmgr.send_signal(signal.SIGHUP)
         log.info("reload -- configuration %s", cfg.path or "(built-in defaults)")
@@ -321,6 +162,17 @@ async def run(config_dir: str | None, cfg: Config) -> int:
         for _, sock in socks:
             sock.close()
         return 1
+    http_socks: list[socket.socket] = []
+    if cfg.listen_addresses("http_listen"):
+        from relay.http import server as http_server
+
+        try:
+            http_socks = http_server.bind(cfg.listen_addresses("http_listen"))
+        except OSError as exc:
+            log.critical("bind http_listen %s: %s", cfg.str("http_listen"), exc.strerror)
+            for _, sock in socks:
+                sock.close()
+            return 1
 
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     mine.setblocking(False)
@@ -335,8 +187,8 @@ async def run(config_dir: str | None, cfg: Config) -> int:
 
     clock = clock_mod.from_environ()
     listener = Listener(spool, smtpd_settings(cfg), on_queued=link.queued, clock=clock)
-    listener.syncer = Syncer()
-    listener.syncer.start()
+    syncer = listener.cleanup.syncer = Syncer()
+    syncer.start()
     servers: list[asyncio.AbstractServer] = []
     for addr, sock in socks:
         sock.listen(512)
@@ -350,6 +202,11 @@ async def run(config_dir: str | None, cfg: Config) -> int:
         servers.append(server)
         log.info("listening on %s:%d", addr.host, addr.port)
     daemon = Daemon(config_dir, cfg, spool, listener, servers, qmgr)
+    if http_socks:
+        from relay.http.server import HttpContext, HttpServer
+
+        daemon.http = HttpServer(HttpContext(spool, cfg), http_socks)
+        await daemon.http.start()
 
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -370,8 +227,10 @@ async def run(config_dir: str | None, cfg: Config) -> int:
         log.critical("the queue manager exited with status %s", qmgr.returncode)
     else:
         log.info("terminating on signal")
+    if daemon.http is not None:
+        await daemon.http.stop()
     await _shutdown(listener, servers, qmgr)
-    listener.syncer.close()
+    syncer.close()
     stop_task.cancel()
     os.close(lock_fd)
     return status
@@ -387,8 +246,7 @@ async def _shutdown(listener: Listener, servers: Sequence[asyncio.AbstractServer
     end = loop.time() + 3.0
     while listener.committing and loop.time() < end:
         await asyncio.sleep(0.02)
-    for session in list(listener.sessions):
-        await session.shutdown()
+    listener.shutdown_sessions()
     if qmgr.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             qmgr.send_signal(signal.SIGTERM)
@@ -456,18 +314,3 @@ def serve(config_dir: str | None) -> int:
         print(f"relay: fatal: {exc}", file=sys.stderr)
         return 1
     return run_loop(run(config_dir, cfg))
-
-
-def run_loop(main: Coroutine[Any, Any, int]) -> int:
-    """Run a daemon process's main coroutine on uvloop where installed; its exit status."""
-    try:
-        import uvloop
-
-        runner: Any = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    try:
-        return int(runner(main))
-    except KeyboardInterrupt:
-        return 0
-

@@ -32,7 +32,9 @@ from relay import control
 from relay import log as maillog
 from relay.config import Config, ConfigError
 from relay.delivery import SMTPDelivery
+from relay.loop import run_loop
 from relay.scheduler import Scheduler
+from relay.settings import qmgr_settings, resolver_for, router_for
 from spool import Spool
 from spool.fsync import Syncer
 from spool.store import fault_hook_from
@@ -53,8 +55,6 @@ class Qmgr:
         self.scheduler = scheduler
 
     def reload(self) -> None:
-        from relay.daemon import qmgr_settings, resolver_for, router_for
-
         try:
             cfg = config_mod.load(self.config_dir)
             router, resolver, settings = router_for(cfg), resolver_for(cfg), qmgr_settings(cfg)
@@ -121,8 +121,6 @@ def _die_with_parent(parent: int) -> None:
 
 
 async def run(config_dir: str | None, cfg: Config, trigger_fd: int) -> int:
-    from relay.daemon import qmgr_settings, resolver_for, router_for
-
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(max_workers=THREADS,
                                                  thread_name_prefix="qmgr"))
@@ -186,6 +184,4 @@ def main(argv: list[str]) -> int:
         print(f"relay: fatal: {exc}", file=sys.stderr)
         return 1
     maillog.setup(cfg.str("myhostname"), cfg.str("syslog_name"), cfg.str("maillog_file"))
-    from relay.daemon import run_loop
-
     return run_loop(run(ns.config_dir, cfg, ns.trigger_fd))

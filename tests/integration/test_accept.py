@@ -1,6 +1,6 @@
 """Accepting mail durably: ``relay serve`` as a subprocess, spoken to over real sockets.
 
-Covers the promises of the listener (relay.listener) as a client sees them: the EHLO
+Covers the promises of the listener (relay.smtpd) as a client sees them: the EHLO
 keywords, ``250 ... queued as ID`` only with the message in the spool byte for byte,
 relay control, limits and bad addresses (with nothing partial left behind and the
 session still usable), the end-of-DATA rule and SMTP smuggling in every
@@ -515,7 +515,7 @@ def test_bad_address_syntax(relay_for: Callable[..., RelayDaemon], address: byte
     with Client(d.port) as c:
         c.cmd("EHLO client.example")
         reply = c.cmd(b"MAIL FROM:" + address)
-        assert reply.startswith("501 5.1.3"), reply
+        assert reply.startswith("501 5.1.7 Bad sender address syntax"), reply
         assert c.cmd("MAIL FROM:<a@b.example>").startswith("250 2.1.0")
         reply = c.cmd(b"RCPT TO:" + address)
         assert reply.startswith("501 5.1.3"), reply
@@ -534,12 +534,17 @@ SEQUENCES = {"lf-dot-lf": b"\n.\n", "cr-dot-cr": b"\r.\r", "lf-dot-crlf": b"\n.\
              "crlf-dot-lf": b"\r\n.\n"}
 
 
-@pytest.mark.parametrize("mode", ["normalize", "yes", "reject", "no"])
+# Postfix exempts the clients in mynetworks (smtpd_forbid_bare_newline_exclusions); these
+# tests talk from loopback, so they clear the exclusions to see the rule at work.
+ENFORCED = {"smtpd_forbid_bare_newline_exclusions": ""}
+
+
+@pytest.mark.parametrize("mode", ["normalize", "yes", "reject"])
 @pytest.mark.parametrize("seq", list(SEQUENCES.values()), ids=list(SEQUENCES))
 def test_smuggling_never_makes_two_messages(
     relay_for: Callable[..., RelayDaemon], mode: str, seq: bytes,
 ) -> None:
-    d = relay_for(smtpd_forbid_bare_newline=mode)
+    d = relay_for(smtpd_forbid_bare_newline=mode, **ENFORCED)
     before = assert_consistent(d)
     with Client(d.port) as c:
         c.cmd("EHLO client.example")
@@ -549,8 +554,9 @@ def test_smuggling_never_makes_two_messages(
         c.send(b"Subject: innocent\r\n\r\nbody" + seq + SMUGGLED + b".\r\n")
         reply = c.reply()
         if mode == "reject" and b"\n" in seq.replace(b"\r\n", b""):
-            assert reply == "521 5.5.2 Error: bare <LF> received"
-            assert c.closed()
+            assert reply == "550 5.5.2 Error: bare <LF> received"
+            assert c.quiet(), "the server answered the smuggled commands"
+            assert c.cmd("QUIT").startswith("221")
             assert assert_consistent(d) == before
             return
         queue_id = queue_id_of(reply)
@@ -564,13 +570,52 @@ def test_smuggling_never_makes_two_messages(
     assert find_envelope(d, queue_id).sender == "alice@example.org"
 
 
-@pytest.mark.parametrize("mode,stored", [
-    ("normalize", b"one\r\ntwo\r\nthree\r\n"),
-    ("yes", b"one\r\ntwo\r\nthree\r\n"),
-    ("no", b"one\ntwo\r\nthree\r\n"),
-])
-def test_bare_lf_in_content(relay_for: Callable[..., RelayDaemon], mode: str, stored: bytes) -> None:
-    d = relay_for(smtpd_forbid_bare_newline=mode)
+@pytest.mark.parametrize("exclusions", ["", "$mynetworks"], ids=["no", "excluded-client"])
+def test_lone_dot_after_bare_lf_ends_data_without_the_rule(
+    relay_for: Callable[..., RelayDaemon], exclusions: str,
+) -> None:
+    """With smtpd_forbid_bare_newline = no, or for a client it excludes (by default the
+    ones in mynetworks), any lone dot ends the data, as in Postfix 3.7: what follows is
+    commands.  The stored lines end in CR LF all the same."""
+    mode = "no" if not exclusions else "normalize"
+    d = relay_for(smtpd_forbid_bare_newline=mode,
+                  smtpd_forbid_bare_newline_exclusions=exclusions)
+    with Client(d.port) as c:
+        c.cmd("EHLO client.example")
+        c.cmd("MAIL FROM:<alice@example.org>")
+        c.cmd("RCPT TO:<bob@example.net>")
+        assert c.cmd("DATA").startswith("354")
+        c.send(b"Subject: one\r\n\r\nbody\n.\nNOOP\r\n")
+        first = queue_id_of(c.reply())
+        assert c.reply() == "250 2.0.0 Ok"
+    assert split_received(content_of(d, first))[1] == b"Subject: one\r\n\r\nbody\r\n"
+
+
+@pytest.mark.parametrize("body,stored", [
+    (b"x\n..y\r\n.\r\n", b"x\r\n.y\r\n"),  # the stuffing dot goes after a bare LF too
+    (b"x\n.\r\nafter\r\n.\r\n", b"x\r\nafter\r\n"),  # a lone dot after a bare LF: dropped
+    (b"x\r\n.\nafter\r\n.\r\n", b"x\r\nafter\r\n"),  # a lone dot ending in a bare LF: dropped
+    (b"x\n.\nafter\r\n.\r\n", b"x\r\nafter\r\n"),
+], ids=["stuffed", "dot-after-lf", "dot-lf", "lf-dot-lf"])
+def test_dots_and_bare_lf_as_postfix(relay_for: Callable[..., RelayDaemon], body: bytes,
+                                     stored: bytes) -> None:
+    """smtpd_forbid_bare_newline = normalize, measured against Postfix 3.7.11: only CR LF .
+    CR LF ends the data, and a lone dot on or after a bare-LF line is neither an end nor
+    content."""
+    d = relay_for(**ENFORCED)
+    with Client(d.port) as c:
+        c.cmd("EHLO client.example")
+        c.cmd("MAIL FROM:<a@example.org>")
+        c.cmd("RCPT TO:<b@example.net>")
+        c.cmd("DATA")
+        c.send(b"Subject: dots\r\n\r\n" + body)
+        queue_id = queue_id_of(c.reply())
+    assert split_received(content_of(d, queue_id))[1] == b"Subject: dots\r\n\r\n" + stored
+
+
+@pytest.mark.parametrize("mode", ["normalize", "yes", "no"])
+def test_bare_lf_in_content(relay_for: Callable[..., RelayDaemon], mode: str) -> None:
+    d = relay_for(smtpd_forbid_bare_newline=mode, **ENFORCED)
     with Client(d.port) as c:
         c.cmd("EHLO client.example")
         c.cmd("MAIL FROM:<a@example.org>")
@@ -578,11 +623,14 @@ def test_bare_lf_in_content(relay_for: Callable[..., RelayDaemon], mode: str, st
         c.cmd("DATA")
         c.send(b"Subject: lf\r\n\r\none\ntwo\r\nthree\r\n.\r\n")
         queue_id = queue_id_of(c.reply())
-    assert split_received(content_of(d, queue_id))[1] == b"Subject: lf\r\n\r\n" + stored
+    assert split_received(content_of(d, queue_id))[1] == \
+        b"Subject: lf\r\n\r\none\r\ntwo\r\nthree\r\n"
 
 
-def test_bare_lf_rejected(relay_for: Callable[..., RelayDaemon]) -> None:
-    d = relay_for(smtpd_forbid_bare_newline="reject")
+@pytest.mark.parametrize("code", [550, 521])
+def test_bare_lf_rejected(relay_for: Callable[..., RelayDaemon], code: int) -> None:
+    d = relay_for(smtpd_forbid_bare_newline="reject",
+                  smtpd_forbid_bare_newline_reject_code=str(code), **ENFORCED)
     before = assert_consistent(d)
     with Client(d.port) as c:
         c.cmd("EHLO client.example")
@@ -590,8 +638,13 @@ def test_bare_lf_rejected(relay_for: Callable[..., RelayDaemon]) -> None:
         c.cmd("RCPT TO:<b@example.net>")
         c.cmd("DATA")
         c.send(b"Subject: lf\r\n\r\none\ntwo\r\n.\r\n")
-        assert c.reply() == "521 5.5.2 Error: bare <LF> received"
-        assert c.closed()
+        assert c.reply() == f"{code} 5.5.2 Error: bare <LF> received"
+        if code == 521:
+            assert c.closed()
+        else:
+            c.send(b"NOOP\n")
+            assert c.reply() == "550 5.5.2 Error: bare <LF> received"  # commands too
+            assert c.cmd("NOOP") == "250 2.0.0 Ok"
     assert assert_consistent(d) == before
     d.wait_log("reject: bare <LF> received from localhost[127.0.0.1]")
 

@@ -146,7 +146,7 @@ def test_hard_error_limit(rated: RelayDaemon) -> None:
         c.cmd("EHLO client.example")
         c.cmd("MAIL FROM:<a@sender.example>")
         assert c.cmd("RCPT TO:<a@other.org>").startswith("554 5.7.1")  # 1
-        assert c.cmd("XYZZY") == "502 5.5.2 Error: command not recognized"  # 2
+        assert c.cmd("XYZZY") == "500 5.5.2 Error: command not recognized"  # 2
         assert c.cmd("MAIL FROM:<a@b@c>").startswith("5")  # 3
         assert c.cmd("") == "500 5.5.2 Error: bad syntax"  # 4
         assert c.cmd("VRFY") .startswith("5")  # 5: the limit
@@ -154,7 +154,8 @@ def test_hard_error_limit(rated: RelayDaemon) -> None:
         assert c.closed()
     log = d.wait_log("too many errors after VRFY from localhost[127.0.0.14]")
     wait_idle(d, "127.0.0.14")
-    assert re.search(r"disconnect from localhost\[127\.0\.0\.14\] .*unknown=0/1",
+    # The empty line counts as an unknown command, as Postfix counts malformed ones.
+    assert re.search(r"disconnect from localhost\[127\.0\.0\.14\] .*unknown=0/2",
                      d.log()), log[-500:]
     serves_next_client(d)
 
@@ -212,7 +213,10 @@ def test_command_line_too_long(plain: RelayDaemon) -> None:
         c.cmd("EHLO client.example")
         assert c.cmd("NOOP " + "x" * 600) == "500 5.5.2 Error: command line too long"
         assert c.cmd("NOOP " + "x" * 5000) == "500 5.5.2 Error: command line too long"
-        assert c.cmd("MAIL FROM:<" + "a" * 600 + "@example.org>") == \
+        # MAIL may be longer by what its parameters add (RFC 1870, 3461, 4954, 6152, 6531).
+        assert c.cmd("MAIL FROM:<" + "a" * 1200 + "@example.org>") == \
+            "500 5.5.2 Error: command line too long"
+        assert c.cmd("RCPT TO:<" + "a" * 1100 + "@example.org>") == \
             "500 5.5.2 Error: command line too long"
         assert c.cmd("NOOP " + "x" * 400).startswith("250")
         queue_id = still_usable(c, d)
@@ -220,14 +224,17 @@ def test_command_line_too_long(plain: RelayDaemon) -> None:
     serves_next_client(d)
 
 
-@pytest.mark.parametrize("line,accepted", [
-    (b"x" * 998 + b"\r\n", True),  # 1000 octets with CR LF: the longest allowed
-    (b"." + b"y" * 997 + b"\r\n", True),  # 1001 on the wire once the dot is doubled
-    (b"x" * 999 + b"\r\n", False),
-    (b"x" * 5000 + b"\r\n", False),
-    (b"x" * 999 + b"\n", False),
-], ids=["998", "998-stuffed", "999", "5000", "999-bare-lf"])
-def test_text_line_length(plain: RelayDaemon, line: bytes, accepted: bool) -> None:
+@pytest.mark.parametrize("line", [
+    b"x" * 998 + b"\r\n",  # 1000 octets with CR LF: the longest RFC 5321 allows
+    b"." + b"y" * 997 + b"\r\n",  # 1001 on the wire once the dot is doubled
+    b"x" * 999 + b"\r\n",
+    b"x" * 5000 + b"\r\n",
+    b"x" * 200_000 + b"\r\n",  # longer than the reader's buffer: read in pieces
+    b"." * 70_000 + b"\r\n",  # only the first dot of a long line is a stuffing dot
+], ids=["998", "998-stuffed", "999", "5000", "200000", "dots-70000"])
+def test_long_text_lines_are_accepted(plain: RelayDaemon, line: bytes) -> None:
+    """Postfix accepts lines of any length (and breaks them on the way out at
+    smtp_line_length_limit); so does relay, storing them whole."""
     d = plain
     before = assert_consistent(d)
     content = b"Subject: long\r\n\r\n" + line + b"end\r\n"
@@ -235,15 +242,10 @@ def test_text_line_length(plain: RelayDaemon, line: bytes, accepted: bool) -> No
         c.cmd("EHLO client.example")
         c.cmd("MAIL FROM:<a@example.org>")
         c.cmd("RCPT TO:<b@example.com>")
-        reply = c.data(content)
-        if accepted:
-            queue_id = queue_id_of(reply)
-            assert split_received(content_of(d, queue_id))[1] == content
-            assert assert_consistent(d) - before == {queue_id}
-        else:
-            assert reply == "500 5.5.2 Error: text line too long"
-            assert assert_consistent(d) == before
-        queue_id = still_usable(c, d)
+        queue_id = queue_id_of(c.data(content))  # data() stuffs the leading dots
+        assert split_received(content_of(d, queue_id))[1] == content
+        assert assert_consistent(d) - before == {queue_id}
+        still_usable(c, d)
     serves_next_client(d)
 
 
@@ -280,7 +282,8 @@ def test_overlong_addresses(plain: RelayDaemon, address: str, reply: str) -> Non
         c.cmd("MAIL FROM:<a@example.org>")
         assert c.cmd(f"RCPT TO:{address}") == reply
         c.cmd("RSET")
-        assert c.cmd(f"MAIL FROM:{address}") == reply.replace("recipient", "sender")
+        assert c.cmd(f"MAIL FROM:{address}") == \
+            reply.replace("recipient", "sender").replace("5.1.3", "5.1.7")
         queue_id = still_usable(c, d)
     assert assert_consistent(d) - before == {queue_id}
 

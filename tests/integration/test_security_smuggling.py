@@ -3,11 +3,14 @@
 Every end-of-data look-alike (any mix of bare CR, bare LF and the dot other than
 CR LF . CR LF) is sent between an innocent body and a smuggled transaction, in one
 packet and split at every point across two packets, under each smtpd_forbid_bare_newline
-mode.  It must never end DATA: the spool gets exactly one message whose content is,
-byte for byte, what RFC 5321 §4.5.2 makes of the bytes sent (modelled by ``server_view``),
-or, with ``reject`` and a bare LF, nothing and a 521.  Then the stored message is relayed
-to a recording next hop, which must see one MAIL transaction and a body in which no
-line-ending convention (CR LF, LF, CR) yields a lone dot.
+mode that enforces the standard end of data (``normalize``, ``reject``; the client is not
+excluded).  It must never end DATA: the spool gets exactly one message whose content is,
+byte for byte, what Postfix 3.7's smtpd makes of the bytes sent (modelled by
+``server_view``), or, with ``reject`` and a bare LF, nothing and a 550.  Under ``no``, as in
+Postfix, a lone dot ends the data however its line ends; the look-alikes that are not such
+a line must still not.  Then the stored message is relayed to a recording next hop, which
+must see one MAIL transaction and a body in which no line-ending convention (CR LF, LF, CR)
+yields a lone dot.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from tests.integration.test_accept import (
 )
 from tests.support.daemon import RelayDaemon
 from tests.support.peers import ThreadedPeer
+from tests.support.smtp_model import stored_content
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -51,17 +55,18 @@ SEQUENCES = {
     "crlf-dot-crlf-of-data-start": b"\r\n\r\n.\n\r\n",
 }
 MODES = ["normalize", "reject", "no"]
+# Postfix exempts clients in mynetworks from the rule; these tests talk from loopback.
+ENFORCED = {"smtpd_forbid_bare_newline_exclusions": ""}
 
 
-def server_view(wire: bytes, mode: str) -> bytes:
-    """What the listener must store for DATA content ``wire`` (CR LF terminated, final
-    dot line not included): lines end at CR LF only (RFC 5321 §2.3.8), a leading dot is
-    removed (§4.5.2), then bare LF becomes CR LF under ``normalize`` and bare CR always."""
-    lines = wire.split(b"\r\n")
-    content = b"\r\n".join(ln[1:] if ln.startswith(b".") else ln for ln in lines)
-    if mode == "normalize":
-        content = re.sub(rb"(?<!\r)\n", b"\r\n", content)
-    return re.sub(rb"\r(?!\n)", b"\r\n", content)
+def server_view(wire: bytes, mode: str) -> bytes | None:
+    return stored_content(wire, mode)
+
+
+def lookalikes(mode: str) -> dict[str, bytes]:
+    """The look-alikes that must not end the data under ``mode``."""
+    return {name: seq for name, seq in SEQUENCES.items()
+            if server_view(PREFIX + seq + SMUGGLED, mode) is not None}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +76,7 @@ def relay_in(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str
     def get(mode: str) -> RelayDaemon:
         if mode not in started:
             started[mode] = RelayDaemon(tmp_path_factory.mktemp("relay"), {
-                **HOLD_DELIVERY, "smtpd_forbid_bare_newline": mode}).start()
+                **HOLD_DELIVERY, **ENFORCED, "smtpd_forbid_bare_newline": mode}).start()
         return started[mode]
 
     yield get
@@ -93,8 +98,9 @@ def transaction(c: Client) -> None:
     assert c.cmd("DATA") == "354 End data with <CR><LF>.<CR><LF>"
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("seq", list(SEQUENCES.values()), ids=list(SEQUENCES))
+@pytest.mark.parametrize("mode,seq", [(mode, seq) for mode in MODES
+                                      for seq in lookalikes(mode).values()],
+                         ids=[f"{name}-{mode}" for mode in MODES for name in lookalikes(mode)])
 def test_no_lookalike_ends_data(relay_in: Callable[[str], RelayDaemon], mode: str,
                                 seq: bytes) -> None:
     d = relay_in(mode)
@@ -114,10 +120,7 @@ def test_no_lookalike_ends_data(relay_in: Callable[[str], RelayDaemon], mode: st
             c.send(wire[split:] + b".\r\n")
         reply = c.reply()
         if mode == "reject" and bare_lf:
-            assert reply == "521 5.5.2 Error: bare <LF> received"
-            assert c.closed()
-            c.sock.close()
-            c = greeted(d)
+            assert reply == "550 5.5.2 Error: bare <LF> received"
             continue
         queue_id = queue_id_of(reply)
         stored = split_received(content_of(d, queue_id))[1]
@@ -134,8 +137,9 @@ def test_no_lookalike_ends_data(relay_in: Callable[[str], RelayDaemon], mode: st
 
 # ---- the next hop ------------------------------------------------------------------------------
 
-EVERY_LOOKALIKE = PREFIX + b"".join(seq + b"line %d\r\n" % n
-                                    for n, seq in enumerate(SEQUENCES.values())) + SMUGGLED
+def every_lookalike(mode: str) -> bytes:
+    return PREFIX + b"".join(seq + b"line %d\r\n" % n
+                             for n, seq in enumerate(lookalikes(mode).values())) + SMUGGLED
 
 
 def lone_dot_lines(raw: bytes) -> list[str]:
@@ -152,11 +156,12 @@ def test_one_message_at_the_next_hop(tmp_path_factory: pytest.TempPathFactory,
                                      mode: str) -> None:
     with ThreadedPeer() as peer:
         d = RelayDaemon(tmp_path_factory.mktemp("relay"), {
-            "relayhost": f"[127.0.0.1]:{peer.port}", "smtpd_forbid_bare_newline": mode}).start()
+            "relayhost": f"[127.0.0.1]:{peer.port}", "smtpd_forbid_bare_newline": mode,
+            **ENFORCED}).start()
         try:
             with greeted(d) as c:
                 transaction(c)
-                c.send(EVERY_LOOKALIKE + b".\r\n")
+                c.send(every_lookalike(mode) + b".\r\n")
                 queue_id = queue_id_of(c.reply())
                 assert c.quiet(0.05)
             (message,) = peer.wait_for(1)
@@ -164,7 +169,7 @@ def test_one_message_at_the_next_hop(tmp_path_factory: pytest.TempPathFactory,
             assert len(peer.all_messages) == 1 and peer.transaction_count == 1
             assert message.sender == "alice@example.org"
             assert message.recipients == ("bob@example.net",)
-            assert split_received(message.data)[1] == server_view(EVERY_LOOKALIKE, mode)
+            assert split_received(message.data)[1] == server_view(every_lookalike(mode), mode)
             assert f"queued as {queue_id}" not in message.raw_data.decode("latin-1")
             body = message.raw_data[: -len(b".\r\n")]
             assert lone_dot_lines(body) == [], lone_dot_lines(body)

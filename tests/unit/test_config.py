@@ -41,6 +41,8 @@ EXPECTED_DEFAULTS = {
     "smtpd_timeout": "300s",
     "smtpd_client_connection_count_limit": "50",
     "smtpd_forbid_bare_newline": "normalize",
+    "smtpd_forbid_bare_newline_exclusions": "$mynetworks",
+    "smtpd_forbid_bare_newline_reject_code": "550",
     "maillog_file": "",
     "smtpd_listen": "127.0.0.1:2525",
     "enable_long_queue_ids": "no",
@@ -104,6 +106,8 @@ EXPECTED_DEFAULTS = {
     "smtpd_auth_failure_delay": "1s",
     "capture_mode": "no",
     "fault_injection": "",
+    "http_listen": "",
+    "http_admin": "no",
 }
 COMPUTED = {"queue_directory", "myhostname", "mydomain"}
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.listener import Listener, SmtpdSettings
+from relay.smtpd.listener import Listener
+from relay.smtpd.policy import SmtpdSettings
 from spool import Envelope, Spool
 from spool.fsync import Syncer
 
@@ -77,7 +78,7 @@ async def accept_one(root: Path, fail_at: int | None = None
                         on_queued=queued.append)
     syncer = Recording(spool, fail_at)
     syncer.start()
-    listener.syncer = syncer
+    listener.cleanup.syncer = syncer
     server = await asyncio.get_running_loop().create_server(listener.factory, "127.0.0.1", 0)
     try:
         port = server.sockets[0].getsockname()[1]
@@ -123,25 +124,3 @@ def test_a_failed_fsync_is_a_4xx_and_leaves_nothing_half_written(
         assert os.listdir(os.path.join(spool.root, "data")) == [qid]
         assert queued == []
 
-
-def test_the_auth_member_shortcut_finds_what_inspect_finds(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """relay.listener answers aiosmtpd's per-connection inspect.getmembers() from a
-    cache: the session must see the very AUTH mechanisms inspect itself would give."""
-    import inspect
-
-    import aiosmtpd.smtp
-
-    from relay.listener import RelaySMTP
-
-    async def mechanisms() -> dict[str, tuple[str, bool]]:
-        listener = Listener(Spool(str(tmp_path / "spool")),
-                            SmtpdSettings(myhostname="relay.test", timeout=10.0))
-        session = RelaySMTP(listener)
-        return {name: (impl.method.__name__, impl.is_builtin)
-                for name, impl in session._auth_methods.items()}
-
-    fast = asyncio.run(mechanisms())
-    assert {"LOGIN", "PLAIN"} <= set(fast)
-    monkeypatch.setattr(aiosmtpd.smtp, "inspect", inspect)
-    assert asyncio.run(mechanisms()) == fast

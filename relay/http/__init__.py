@@ -1,0 +1,1 @@
+"""The daemon's HTTP listener (``http_listen``): relay.http.server and its route providers."""

@@ -1,0 +1,247 @@
+"""The seam between relay's listener and aiosmtpd: the only module that imports aiosmtpd.
+
+aiosmtpd is the listener's SMTP engine.  ``Engine`` subclasses its ``SMTP`` protocol class
+and keeps what aiosmtpd does well: the asyncio protocol object with its stream reader and
+writer, the connection's life (``connection_made``, ``connection_lost``), the STARTTLS
+upgrade of a live connection with its RFC 3207 §4.2 rule (plaintext that arrived behind
+STARTTLS is discarded, never read as TLS data), and the PROXY protocol v1/v2 parser.  The
+dialogue itself (every command, every reply, every limit) is relay's: the engine runs a
+relay.smtpd.session.Session in aiosmtpd's per-connection task and serves it lines, replies,
+a TLS handshake and a per-read deadline (``Connection``, defined by the session).
+
+What this module relies on, and why (tests/unit/test_engine_contract.py checks each one
+against the installed aiosmtpd, naming the member when an upgrade changes it):
+
+- ``SMTP.connection_made`` and ``SMTP.connection_lost``: the connection's life, called by
+  asyncio; connection_made starts ``_handle_client`` as the session's task and, after a
+  STARTTLS handshake, moves the reader and writer onto the TLS transport and empties the
+  read buffer.  They read and set ``loop``, ``session``, ``envelope``, ``transport``,
+  ``_handler_coroutine``, ``_timeout_handle``, ``_tls_protocol``, ``_original_transport``,
+  ``_tls_handshake_okay`` and ``_handle_hooks``, and call ``_create_session``,
+  ``_set_rset_state``, ``_reset_timeout`` and ``_cb_client_connected`` (which sets
+  ``_reader``/``_writer``).  ``Engine.__init__`` sets exactly these instead of calling
+  ``SMTP.__init__``, which inspects the handler and the class (``inspect.getmembers``,
+  ``dir``) for every connection: a millisecond per connection that relay has no use for.
+- ``_handle_client``: overridden; it is where aiosmtpd runs a session.
+- ``_reset_timeout`` and ``_timeout_cb``: overridden; smtpd_timeout is a per-read deadline
+  that a line only moves, with one timer per connection.
+- ``_reader._buffer``: what the client has sent and nobody read yet (RFC 2920 pipelining,
+  pregreet); cleared to forget unread input when a session is ended.
+- ``sslproto.SSLProtocol`` wired as ``SMTP.smtp_STARTTLS`` does (its ``_app_transport``),
+  since smtp_STARTTLS itself would send aiosmtpd's own 220 text.
+- ``aiosmtpd.proxy_protocol.get_proxy``: public.
+
+A crash of the engine ends its connection only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import ssl
+from asyncio import sslproto
+from collections.abc import Callable
+from typing import Any, cast
+
+from aiosmtpd.proxy_protocol import get_proxy
+from aiosmtpd.smtp import SMTP
+
+from relay.smtpd.session import Connection, Session
+
+log = logging.getLogger("relay.smtpd")
+
+# The stream reader's limit: the longest piece of a line handed over at once (longer
+# lines come in pieces), and half of what is buffered before reading pauses.
+READ_LIMIT = 64 * 1024
+
+# What Engine.__init__ sets in place of SMTP.__init__: the attributes aiosmtpd's own
+# connection_made/connection_lost read (the contract test compares this with SMTP's).
+AIOSMTPD_ATTRIBUTES = ("loop", "session", "envelope", "transport", "_handler_coroutine",
+                       "_timeout_handle", "_timeout_duration", "_tls_protocol",
+                       "_original_transport", "_tls_handshake_okay", "_handle_hooks")
+
+
+class Engine(SMTP):
+    """aiosmtpd's protocol object running a relay session; also its ``Connection``."""
+
+    def __init__(self, make_session: Callable[[Connection], Session], timeout: float) -> None:
+        loop = asyncio.get_event_loop()
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(limit=READ_LIMIT, loop=loop),
+            client_connected_cb=self._cb_client_connected, loop=loop)
+        self.loop = loop
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._timeout_handle = None
+        self._timeout_duration = timeout
+        self._tls_protocol = None
+        self._original_transport = None
+        self._tls_handshake_okay = True
+        self._handle_hooks: dict[str, Any] = {}
+        self._deadline = 0.0
+        self._moving = True  # input moves the deadline (not so for the PROXY header)
+        self._closing = False
+        self._tls = False
+        self._unsent: list[bytes] = []
+        self.dialogue = make_session(self)
+
+    # ---- aiosmtpd's hooks ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if transport.get_extra_info("ssl_object") is not None:
+            self._tls = True  # implicit TLS, or the end of a STARTTLS handshake
+        super().connection_made(transport)
+
+    async def _handle_client(self) -> None:
+        try:
+            await self.dialogue.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s: internal error", self.dialogue.namaddr())
+            self.close()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._closing = True
+        super().connection_lost(error)
+        self.dialogue.ended()
+
+    def eof_received(self) -> bool | None:
+        # The reader sees the end of input and the session says "lost connection"; the
+        # transport closes (aiosmtpd's own eof_received cancels the session instead).
+        asyncio.StreamReaderProtocol.eof_received(self)
+        return False
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return  # the session is over: nothing more is read, let alone executed
+        if self._moving:
+            # smtpd_timeout applies to each read, DATA lines included: a slow but steady
+            # client is never cut off, a silent one is.
+            self._deadline = self.loop.time() + self._timeout_duration
+        super().data_received(data)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd re-arms a timer at every line read; here a read only moves the
+        deadline, and the one timer, when it fires early, waits for the rest."""
+        if duration is not None:
+            self._timeout_duration = duration
+        deadline = self.loop.time() + self._timeout_duration
+        self._deadline = deadline
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = self.loop.call_at(deadline, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+            return
+        self._timeout_cb()
+
+    def _timeout_cb(self) -> None:
+        if not self._closing:
+            self.dialogue.timed_out()
+        self.close()
+
+    # ---- the Connection a session uses ------------------------------------------------
+
+    @property
+    def peer_address(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return str(peer[0]) if peer else ""
+
+    @property
+    def tls_active(self) -> bool:
+        return self._tls
+
+    def reply(self, text: str, *, hold: bool) -> None:
+        if self._closing or self.transport is None:
+            return
+        self._unsent.append(text.encode("utf-8", "surrogateescape") + b"\r\n")
+        if not hold:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._unsent and not self._closing and self.transport is not None:
+            self._writer.write(b"".join(self._unsent))
+        self._unsent.clear()
+
+    async def drain(self) -> None:
+        """Send what is held back, and wait while the client is slow to read it."""
+        self._flush()
+        if not self._closing:
+            try:
+                await self._writer.drain()
+            except ConnectionError:
+                pass
+
+    def pending(self) -> bytes:
+        return bytes(self._reader._buffer)  # type: ignore[attr-defined]
+
+    async def read_line(self) -> bytes | None:
+        # Replies wait while more pipelined commands are already here, and go out in one
+        # write before we wait for input (Postfix's smtpd flushes before it reads).
+        if b"\n" not in self._reader._buffer:  # type: ignore[attr-defined]
+            await self.drain()
+        if self._closing:
+            return None
+        if self._moving:
+            self._reset_timeout()
+        try:
+            return await self._reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError:
+            return None
+        except asyncio.LimitOverrunError as exc:
+            return await self._reader.read(exc.consumed)
+        except (ConnectionError, OSError):
+            return None
+
+    async def read_proxy(self) -> tuple[str, str]:
+        try:
+            data = await get_proxy(self._reader)
+            error = data.error or ("" if data.valid else "invalid header")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return "", "lost connection"
+        except Exception as exc:  # noqa: BLE001 - a malformed header, whatever it raised
+            return "", f"malformed header: {exc!r}"
+        if error:
+            return "", error
+        # v2 LOCAL (the proxy's own health check) and v1 UNKNOWN carry no client address:
+        # the proxy itself is the client then.
+        if isinstance(data.src_addr, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            return str(data.src_addr), ""
+        return self.peer_address, ""
+
+    async def start_tls(self, context: ssl.SSLContext) -> None:
+        self._flush()
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        # As SMTP.smtp_STARTTLS does, minus its reply: aiosmtpd's connection_made moves
+        # the reader and writer onto the TLS transport once the handshake is done.
+        tls = sslproto.SSLProtocol(self.loop, self, context, waiter, server_side=True)
+        self._tls_protocol = tls
+        self._original_transport = self.transport
+        assert self._original_transport is not None
+        self._original_transport.set_protocol(tls)
+        self.transport = cast(Any, tls)._app_transport
+        tls.connection_made(self._original_transport)
+        await waiter
+        self._tls = True
+
+    def deadline(self, seconds: float, *, moving: bool = True) -> None:
+        self._moving = moving
+        self._reset_timeout(seconds)
+
+    def close(self) -> None:
+        """Forget unread input and close; held replies go out first."""
+        if self._closing:
+            return
+        self._flush()
+        self._closing = True
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
+        if self.transport is not None:
+            self.transport.close()

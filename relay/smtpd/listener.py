@@ -1,0 +1,114 @@
+"""What the listener's sessions share: settings, per-client counts, the login throttle, the
+free-space reading, the cleanup that commits their mail, and the list of open sessions.
+
+relay.daemon makes one ``Listener`` per process and gives ``factory`` to the event loop's
+servers; each connection becomes an engine (relay.smtpd.engine) around a session
+(relay.smtpd.session).  Nothing here reads the network or decides a reply.  It holds no
+state that outlives the process: a crash loses counts and throttles, nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+
+from relay.anvil import Anvil, Event
+from relay.auth import LoginThrottle
+from relay.clock import Clock, SystemClock
+from relay.smtpd.cleanup import Cleanup
+from relay.smtpd.engine import Engine
+from relay.smtpd.policy import Client, SmtpdSettings
+from relay.smtpd.session import Session
+from spool import Spool
+from spool.envelope import Envelope
+
+STATVFS_MAX_AGE = 0.2  # a statvfs() per MAIL costs; 0.2 s old is fresh enough
+
+
+class Listener:
+    """The shared state of all sessions of one listener process."""
+
+    def __init__(self, spool: Spool, settings: SmtpdSettings,
+                 on_queued: Callable[[Envelope], None] = lambda env: None,
+                 clock: Clock | None = None) -> None:
+        self.clock: Clock = clock or SystemClock()
+        self.spool = spool
+        self.settings = settings
+        self.cleanup = Cleanup(spool, settings, self.clock, on_queued)
+        self.sessions: set[Session] = set()
+        self.per_client: dict[str, int] = {}
+        self.shutting_down = False
+        self.anvil = Anvil(settings.anvil_rate_time_unit)
+        self.logins = LoginThrottle(self.anvil, settings.auth_failure_limit,
+                                    settings.auth_failure_delay)
+        # scrypt costs 16 MiB and tens of milliseconds a try: a flood of AUTH attempts
+        # must not take every worker thread (or the memory) from the spool.
+        self.password_checks = asyncio.Semaphore(4)
+        self._statvfs_at = -1.0
+        self._free = -1
+
+    def reconfigure(self, settings: SmtpdSettings) -> None:
+        self.settings = settings
+        self.cleanup.settings = settings
+        self.anvil.reconfigure(settings.anvil_rate_time_unit)
+        self.logins.limit = settings.auth_failure_limit
+        self.logins.delay = settings.auth_failure_delay
+
+    def factory(self, implicit_tls: bool = False) -> Engine:
+        """A connection's protocol object; ``implicit_tls`` for a ``host:port/tls``
+        listener, whose server socket does the TLS handshake before the session starts."""
+        return Engine(lambda conn: Session(self, conn, implicit_tls=implicit_tls),
+                      self.settings.timeout)
+
+    # ---- per-client accounting (Postfix's anvil) --------------------------------------
+
+    def connected(self, client: str) -> int:
+        """Count a connection; the client's connections now."""
+        n = self.per_client.get(client, 0) + 1
+        self.per_client[client] = n
+        return n
+
+    def disconnected(self, client: str) -> None:
+        n = self.per_client.get(client, 1) - 1
+        if n <= 0:
+            self.per_client.pop(client, None)
+        else:
+            self.per_client[client] = n
+
+    def over_rate(self, client: Client, event: Event, limit: int) -> int:
+        """Count an event for the client; the rate if it is now over ``limit``, else 0."""
+        if not limit or client.exempt:
+            return 0
+        rate = self.anvil.record(event, client.address)
+        return rate if rate > limit else 0
+
+    # ---- the spool's free space --------------------------------------------------------
+
+    def free_space(self) -> int:
+        """Bytes available to us in the spool's file system; -1 if unknown."""
+        now = time.monotonic()
+        if now - self._statvfs_at > STATVFS_MAX_AGE:
+            try:
+                st = os.statvfs(self.spool.root)
+                self._free = st.f_bavail * st.f_frsize
+            except OSError:
+                self._free = -1
+            self._statvfs_at = now
+        return self._free
+
+    def space_changed(self) -> None:
+        """A write failed for want of space: look again at the next MAIL."""
+        self._statvfs_at = -1.0
+
+    # ---- shutdown ----------------------------------------------------------------------
+
+    @property
+    def committing(self) -> int:
+        return self.cleanup.committing
+
+    def shutdown_sessions(self) -> None:
+        """Tell every open session we are going away (421) and close it."""
+        for session in list(self.sessions):
+            session.shutdown()

@@ -1,0 +1,50 @@
+"""The daemon's HTTP listener (http_listen): off by default, on where told, and its guard.
+
+Over real sockets against ``relay serve`` as a subprocess: the health routes answer, a
+Host that does not name the server is refused (DNS rebinding), a cross-origin request that
+would act is refused, and with ``http_listen`` empty nothing listens.
+"""
+
+from __future__ import annotations
+
+import http.client
+
+from tests.support.daemon import free_port
+
+
+def request(port: int, method: str, path: str, headers: dict[str, str] | None = None,
+            body: bytes | None = None) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_health_routes_and_the_guard(relay_daemon) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    d = relay_daemon({"http_listen": f"127.0.0.1:{port}"})
+    d.wait_log(f"http listening on 127.0.0.1:{port}")
+    assert request(port, "GET", "/livez")[0] == 200
+    assert request(port, "GET", "/readyz")[0] == 200
+    assert request(port, "GET", "/livez", {"Host": f"localhost:{port}"})[0] == 200
+    assert request(port, "GET", "/livez", {"Host": "relay.test"})[0] == 200  # $myhostname
+    status, body = request(port, "GET", "/livez", {"Host": f"attacker.example:{port}"})
+    assert status == 403
+    assert b"does not name this server" in body
+    status, body = request(port, "POST", "/livez", {"Origin": "http://attacker.example"})
+    assert status == 403
+    assert b"cross-origin" in body
+    status, _ = request(port, "POST", "/livez", {"Sec-Fetch-Site": "cross-site"})
+    assert status == 403
+    # Same origin passes the guard and meets the route table (no POST route: 405).
+    status, _ = request(port, "POST", "/livez", {"Origin": f"http://127.0.0.1:{port}"})
+    assert status == 405
+
+
+def test_no_http_listener_by_default(relay_daemon) -> None:  # type: ignore[no-untyped-def]
+    d = relay_daemon()
+    assert "http listening" not in d.log()
+    assert d.run_cmd("postconf", "-h", "http_listen").stdout == b"\n"

@@ -1,0 +1,90 @@
+"""The contract between relay.smtpd.engine and the installed aiosmtpd.
+
+relay.smtpd.engine lists, in its docstring, every member of aiosmtpd it relies on.  These
+tests check each one against the aiosmtpd that is installed, so an upgrade that removes or
+changes one fails here, naming the member, instead of breaking the listener quietly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from importlib.metadata import version
+
+import aiosmtpd.proxy_protocol
+import aiosmtpd.smtp
+import pytest
+
+from relay.smtpd import engine
+
+SMTP = aiosmtpd.smtp.SMTP
+
+# (member, its parameters after self) for the methods the engine calls or overrides.
+METHODS = [
+    ("connection_made", ["transport"]),
+    ("connection_lost", ["error"]),
+    ("eof_received", []),
+    ("data_received", ["data"]),
+    ("_handle_client", []),
+    ("_reset_timeout", ["duration"]),
+    ("_timeout_cb", []),
+    ("_cb_client_connected", ["reader", "writer"]),
+    ("_set_rset_state", []),
+    ("_create_session", []),
+]
+
+
+def test_the_pinned_minor_version_is_installed() -> None:
+    """pyproject.toml pins aiosmtpd to the minor version these tests were written for."""
+    assert version("aiosmtpd").startswith("1.4."), version("aiosmtpd")
+
+
+@pytest.mark.parametrize("name,params", METHODS, ids=[m for m, _ in METHODS])
+def test_methods_the_engine_relies_on(name: str, params: list[str]) -> None:
+    member = getattr(SMTP, name, None)
+    assert member is not None, f"aiosmtpd.smtp.SMTP.{name} is gone"
+    got = list(inspect.signature(member).parameters)[1:]
+    assert got == params, f"aiosmtpd.smtp.SMTP.{name}{tuple(got)} changed"
+
+
+def test_attributes_smtp_init_sets_are_the_ones_the_engine_sets() -> None:
+    """Engine.__init__ stands in for SMTP.__init__: every attribute aiosmtpd's connection
+    handling reads must be one SMTP.__init__ sets, and the engine must set it too."""
+
+    async def made() -> tuple[set[str], set[str]]:
+        real = SMTP(object())
+        ours = engine.Engine(lambda conn: None, 300.0)  # type: ignore[arg-type, return-value]
+        return set(vars(real)), set(vars(ours))
+
+    real, ours = asyncio.run(made())
+    for name in engine.AIOSMTPD_ATTRIBUTES:
+        assert name in real, f"aiosmtpd's SMTP.__init__ no longer sets {name}"
+        assert name in ours, f"Engine.__init__ does not set {name}"
+
+
+def test_connection_made_still_uses_what_the_engine_provides() -> None:
+    """The STARTTLS branch of connection_made moves the reader and writer onto the TLS
+    transport and clears the read buffer (RFC 3207 §4.2); the engine relies on it."""
+    source = inspect.getsource(SMTP.connection_made)
+    for needle in ("_original_transport", "_reader._buffer.clear()", "_tls_protocol._extra",
+                   "_handle_client()", "_reset_timeout()", "_handle_hooks"):
+        assert needle in source, f"SMTP.connection_made no longer uses {needle}"
+    assert "_handler_coroutine.cancel()" in inspect.getsource(SMTP.connection_lost), \
+        "SMTP.connection_lost no longer cancels the session task"
+
+
+def test_proxy_parser_is_there() -> None:
+    signature = inspect.signature(aiosmtpd.proxy_protocol.get_proxy)
+    assert list(signature.parameters)[0] == "reader_func", signature
+
+
+def test_only_the_engine_imports_aiosmtpd() -> None:
+    """The queue manager process must not load aiosmtpd through the settings."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, relay.qmgrd, relay.settings, relay.cli.postqueue; "
+             "print('aiosmtpd' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"
