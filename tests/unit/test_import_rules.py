@@ -23,11 +23,7 @@ CLI = ROOT / "relay" / "cli"
 FORBIDDEN_TO_COMMANDS = ("relay.listener", "relay.smtpd", "relay.delivery", "relay.scheduler")
 # Who may import each third-party SMTP library.
 SMTP_LIBRARIES = {
-    "aiosmtpd": {
-        "relay/smtpd/engine.py",
-        # Today's listener; this line goes when the listener moves to relay/smtpd/engine.py.
-        "relay/listener.py",
-    },
+    "aiosmtpd": {"relay/smtpd/engine.py"},
     "aiosmtplib": {"relay/delivery.py"},
 }
 # Calls that would mean a command handles spool files itself.
