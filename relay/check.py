@@ -16,7 +16,6 @@ Nothing is written, so a crash leaves nothing behind.
 
 from __future__ import annotations
 
-import argparse
 import enum
 import errno
 import os
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from relay import config as config_mod
 from relay import log as maillog
 from relay import pidfile
+from relay.cli.command import EX_FATAL, EX_OK, EX_USAGE, Fatal, Parser, UsageError, run
 from relay.config import Config, ConfigError
 
 # Every directory a spool has (spool.store's layout), the queue manager's and the
@@ -243,20 +243,26 @@ def problems(config_dir: str | None, overrides: Sequence[str] = ()) -> Iterator[
 
 
 def main(argv: Sequence[str]) -> int:
-    """``relay check [-c DIR] [-o name=value ...]``: 0 if nothing is wrong (warnings allowed), else 1."""
-    parser = argparse.ArgumentParser(
+    """``relay check [-c DIR] [-o name=value ...]``: 0 if nothing is wrong (warnings
+    allowed), else 1."""
+    return run("relay", lambda: _main(list(argv)))
+
+
+def _main(args: list[str]) -> int:
+    parser = Parser(
         prog="relay check",
         description="check main.cf, the spool, its free space, the maillog and the ports")
     parser.add_argument("-c", dest="config_dir", metavar="CONFIG_DIR")
     parser.add_argument("-o", dest="overrides", metavar="NAME=VALUE", action="append",
                         default=[], help="override a main.cf parameter, as relay serve -o")
     try:
-        ns = parser.parse_args(list(argv))
-    except SystemExit as exc:
-        return 0 if exc.code == 0 else 64
-    status = 0
+        ns = parser.parse_args(args)
+    except UsageError as exc:
+        usage = parser.format_usage().strip().removeprefix("usage: ")
+        raise Fatal(f"{exc}; usage: {usage}", EX_USAGE) from None
+    status = EX_OK
     for problem in problems(config_mod.config_dir_from(ns.config_dir), ns.overrides):
         print(f"relay: {problem.severity.value}: {problem.text}", file=sys.stderr)
         if problem.severity is Severity.ERROR:
-            status = 1
+            status = EX_FATAL
     return status

@@ -6,8 +6,7 @@ one line (``flush``, ``scan``, ``flush-id ID ...``, ``flush-site SITE``,
 ``pauses``, and for ``relay drain``: ``drain``, ``handoff HOST:PORT``, ``idle``), the
 answer one line (``ok``, ``ok yes``/``ok no`` for ``idle``, or ``error TEXT``); only
 ``metrics`` answers ``ok`` and then the queue manager's metrics, many lines, until the
-connection closes (``fetch()``).  Nothing here reads or
-writes the spool.  A crash leaves a stale socket file, replaced at the next start.
+connection closes (``fetch()``).  Nothing here reads or writes the spool.  A crash leaves a stale socket file, replaced at the next start.
 
 Unix socket paths are limited to 108 bytes, and spools live in deep directories,
 so both sides address the socket through /proc/self/fd/N/ of an open directory.
@@ -15,14 +14,14 @@ so both sides address the socket through /proc/self/fd/N/ of an open directory.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING
 
-log = logging.getLogger("relay.master")
+if TYPE_CHECKING:
+    import asyncio
 
 SOCKET_NAME = "control"
 
@@ -31,6 +30,12 @@ Handler = Callable[[str, list[str]], Awaitable[str]]
 
 class MailSystemDown(Exception):
     """No daemon answers on this queue directory's control socket."""
+
+
+def socket_path(directory: str) -> str:
+    """The control socket of the queue directory ``directory`` (for messages; connect
+    through request())."""
+    return os.path.join(directory, SOCKET_NAME)
 
 
 @contextlib.contextmanager
@@ -44,6 +49,12 @@ def _short_path(directory: str) -> Iterator[str]:
 
 async def serve(directory: str, handler: Handler) -> asyncio.AbstractServer:
     """Listen on DIR/control; ``handler(verb, args)`` returns the reply text."""
+    # Imported here: the commands' client side (request) starts in a third of the time
+    # without them.
+    import asyncio
+    import logging
+
+    log = logging.getLogger("relay.master")
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -74,7 +85,7 @@ async def serve(directory: str, handler: Handler) -> asyncio.AbstractServer:
 
 def request(directory: str, verb: str, *args: str, timeout: float = 30.0) -> str:
     """Send one request to the daemon; MailSystemDown when nobody listens."""
-    if not os.path.exists(os.path.join(directory, SOCKET_NAME)):
+    if not os.path.exists(socket_path(directory)):
         raise MailSystemDown("No such file or directory")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
@@ -100,6 +111,8 @@ def request(directory: str, verb: str, *args: str, timeout: float = 30.0) -> str
 async def fetch(directory: str, verb: str, *args: str, timeout: float = 2.0) -> str | None:
     """A request whose answer is many lines (``metrics``), from an event loop: the text
     after the ``ok`` line, or None if the daemon did not answer in time or refused."""
+    import asyncio  # here, as in serve(): the commands that import this module never need it
+
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         async with asyncio.timeout(timeout):

@@ -94,6 +94,7 @@ _REASONS: tuple[tuple[str, str], ...] = (
     (r"timeout exceeded", "timeout"),
     (r"Service shutting down", "shutdown"),
     (r"NUL character in message|Too many hops", "content"),
+    (r"service unavailable|Unable to queue messages", "etrn"),
     (r"^503 |^554 5\.5\.1 ", "sequence"),  # RFC 3463 X.5.1 after a good command
     (r"^50[012] |^555 ", "syntax"),
 )

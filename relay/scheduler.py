@@ -52,9 +52,19 @@ from relay.delivery import (
 )
 from relay.outcome import Fate, Policy, Report, Status
 from relay.routing import NextHop, Resolver, RouteError, Router
-from spool import CorruptEntry, EntryGone, Envelope, RcptState, Recipient, Spool, SpoolError
+from spool import (
+    CorruptEntry,
+    EntryGone,
+    Envelope,
+    RcptState,
+    Recipient,
+    Spool,
+    SpoolError,
+    transitions,
+)
 from spool.fsync import Syncer
 from spool.store import Steps, run_steps, run_steps_async
+from spool.transitions import Transition
 
 # Messages up to this size keep their content in memory while active (at most
 # qmgr_message_active_limit of them); bigger ones are read from disk per attempt.
@@ -391,7 +401,7 @@ class Scheduler:
 
     def _quarantine(self, queue: str, name: str, why: str) -> None:
         try:
-            saved = self.spool.quarantine(queue, name, why)
+            saved = transitions.quarantine(self.spool, queue, name, why)
         except (EntryGone, OSError):
             return
         log.warning('saving corrupt file "%s" from queue "%s" to queue "corrupt" (%s)',
@@ -445,7 +455,7 @@ class Scheduler:
         for entry in self.spool.scan(queue):
             if entry.queue_id in self.messages:
                 continue
-            if queue == "deferred" and not ignore_times and entry.mtime > now + 1:
+            if queue == "deferred" and not ignore_times and not transitions.is_due(entry, now):
                 due = self._redate(entry.queue_id, entry.mtime) if redate else entry.mtime
                 redated += due != entry.mtime
                 if due > now + 1:
@@ -460,14 +470,17 @@ class Scheduler:
         return out
 
     def _redate(self, queue_id: str, mtime: float) -> float:
-        """The next attempt of a deferred message under the current backoff times, set as
-        its mtime (under its lock: an admin command may be moving it)."""
+        """The next attempt of a deferred message under the current backoff times, written
+        to its envelope and set as its mtime (spool.transitions' redate, under its lock:
+        an admin command may be moving it).  One rewrite per message whose date moves,
+        once per reload that changed the backoff times."""
         try:
             with self.spool.locked(queue_id, ("deferred",)) as entry:
-                due = outcome.next_attempt(entry.read(), self.settings.policy)
+                env = entry.read()
+                due = outcome.next_attempt(env, self.settings.policy)
                 if not due or abs(due - mtime) < 1:
                     return mtime
-                entry.move("deferred", mtime=due)
+                transitions.apply(entry, Transition.REDATE, env=replace(env, next_attempt=due))
                 return due
         except (SpoolError, OSError):
             return mtime  # gone, or unreadable: the next scan sees it as it is
@@ -550,7 +563,7 @@ class Scheduler:
                 content = self.spool.read_content(queue_id, env.size)
             else:
                 self.spool.read_content_check(queue_id, env.size)
-            entry.move("active", durable=False)  # a crash leaves it where it was: fine
+            transitions.apply(entry, Transition.ACTIVATE)
             return env, content
 
     def _plan(self, message: Message) -> None:
@@ -774,7 +787,8 @@ class Scheduler:
         """Mark each recipient's fate durably, whatever queue the message is in now."""
         try:
             with self.spool.locked(message.queue_id) as entry:
-                entry.write(self._merge(entry.read(), results))
+                transitions.apply(entry, Transition.RECORD,
+                                  env=self._merge(entry.read(), results))
         except EntryGone:
             log.info("%s: message was removed during delivery", message.queue_id)
         self._log_results(message, results)
@@ -810,7 +824,7 @@ class Scheduler:
                     # postsuper moved it meanwhile: the operator's state wins, and
                     # what was delivered stays delivered.
                     if results:
-                        yield from entry.write_steps(env)
+                        yield from transitions.steps(entry, Transition.RECORD, env=env)
                     message.again = entry.queue in ("incoming", "deferred")
                     self._log_results(message, results)
                     return notices
@@ -836,7 +850,7 @@ class Scheduler:
                                                  r.reason, env.arrival_time))
                 env = yield from self._notices(env, now, notices)
                 if decision.fate in (Fate.DONE, Fate.EXPIRE):
-                    yield from entry.remove_steps()
+                    yield from transitions.steps(entry, Transition.REMOVE)
                     self._log_results(message, results)
                     log.info("%s: removed", env.queue_id)
                     return notices
@@ -847,11 +861,7 @@ class Scheduler:
                     env = replace(env, warned=True)
                 env = replace(env, attempts=env.attempts + 1, last_attempt=now,
                               next_attempt=decision.next_attempt)
-                # The rewrite is durable; the move to deferred/ need not be (a crash
-                # leaves it in active/, and it is scheduled again at start).
-                yield from entry.write_and_move_steps(env, "deferred",
-                                                      mtime=decision.next_attempt,
-                                                      durable_move=False)
+                yield from transitions.steps(entry, Transition.DEFER, env=env)
                 self._log_results(message, results)
         except EntryGone:
             log.info("%s: message was removed during delivery", message.queue_id)

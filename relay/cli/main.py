@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from relay import __version__
 from relay.cli import service
+from relay.cli.command import EX_USAGE
 from relay.config import config_dir_from
 
 
@@ -55,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return daemon.serve(config_dir_from(ns.config_dir), ns.overrides)
     parser.print_usage(sys.stderr)
-    return 64
+    return EX_USAGE
 
 
 if __name__ == "__main__":

@@ -32,19 +32,21 @@ from collections.abc import Callable, Sequence
 
 from relay import config as config_mod
 from relay import control, pidfile
+from relay.cli.command import (
+    EX_FATAL,
+    EX_OK,
+    EX_TEMPFAIL,
+    EX_USAGE,
+    Fatal,
+    Parser,
+    UsageError,
+    run,
+)
 from relay.config import ConfigError
 from spool import Spool
 
-EX_OK = 0
-EX_FATAL = 1
-EX_USAGE = 64
-EX_TEMPFAIL = 75
 STOP_TIMEOUT = 15.0
 DRAIN_TIMEOUT = 600.0
-
-
-class Fatal(Exception):
-    """``relay: fatal: TEXT`` and exit 1."""
 
 
 def _say(text: str) -> None:
@@ -209,9 +211,13 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
 
 
 def main(command: str, argv: Sequence[str]) -> int:
-    """``relay COMMAND [-c DIR]``; the exit status."""
+    """``relay COMMAND [-c DIR] ...``; the exit status (a Fatal as ``relay: fatal: ...``)."""
+    return run("relay", lambda: _main(command, list(argv)))
+
+
+def _main(command: str, args: list[str]) -> int:
     help_text, body = COMMANDS[command]
-    parser = argparse.ArgumentParser(prog=f"relay {command}", description=help_text)
+    parser = Parser(prog=f"relay {command}", description=help_text)
     parser.add_argument("-c", dest="config_dir", metavar="CONFIG_DIR")
     if command == "stop":
         parser.add_argument("--timeout", type=float, default=STOP_TIMEOUT, metavar="SECONDS",
@@ -222,11 +228,8 @@ def main(command: str, argv: Sequence[str]) -> int:
         parser.add_argument("--timeout", type=float, default=DRAIN_TIMEOUT, metavar="SECONDS",
                             help="stop waiting after this long (default %(default)s)")
     try:
-        ns = parser.parse_args(list(argv))
-    except SystemExit as exc:
-        return EX_OK if exc.code == 0 else EX_USAGE
-    try:
-        return body(ns)
-    except Fatal as exc:
-        _say(f"fatal: {exc}")
-        return EX_FATAL
+        ns = parser.parse_args(args)
+    except UsageError as exc:
+        usage = parser.format_usage().strip().removeprefix("usage: ")
+        raise Fatal(f"{exc}; usage: {usage}", EX_USAGE) from None
+    return body(ns)

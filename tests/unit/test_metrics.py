@@ -42,6 +42,8 @@ EXPECTED = {
     "ACCESS_DENIED": "relay_denied", "ACCESS_DEFERRED": "relay_denied",
     "DATA_SYNTAX": "syntax", "NEED_RCPT": "sequence", "NO_VALID_RECIPIENTS": "sequence",
     "NUL_IN_CONTENT": "content", "TOO_MANY_HOPS": "content", "WRITE_ERROR": "storage",
+    "ETRN_SYNTAX": "syntax", "ETRN_BAD_SITE": "syntax",
+    "ETRN_IN_TRANSACTION": "sequence", "ETRN_DENIED": "etrn", "ETRN_UNAVAILABLE": "etrn",
 }
 
 
@@ -53,7 +55,8 @@ def refusals() -> dict[str, str]:
             continue
         filled = text.format(code=550, myhostname="mx.test", client="192.0.2.1",
                              recipient="a@b.test", option="X=1", mechanism="X",
-                             challenge="", banner="x", address="a@b.test", queue_id="X")
+                             challenge="", banner="x", address="a@b.test", queue_id="X",
+                             site="example.com")
         if int(filled[:3]) >= 400:
             found[name] = filled
     return found
