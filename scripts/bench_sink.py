@@ -1,4 +1,5 @@
-"""The sink at the far end of the benchmarks: it accepts every message and says when it came.
+"""The sink at the far end of the benchmarks, which says when each message came, and the
+messages the benchmarks' own clients send (``make_message``: tagged, of a given size).
 
 Two kinds, both on a free loopback port, both child processes of the benchmark:
 
@@ -35,9 +36,26 @@ import time
 
 from postfix_instance import free_port, wait_banner
 
+SENDER = "from@example.org"
+RECIPIENT = "to@example.net"
 TAG = b"X-Bench-Tag: "
 SMTP_SINK = "/usr/sbin/smtp-sink"
 _RECEIVED_ID = re.compile(rb"\bid ([0-9A-Za-z]+)")
+
+
+def make_message(size: int, n: int) -> bytes:
+    """A CRLF message of about ``size`` bytes, tagged ``n``, no line starting with '.'."""
+    head = (f"From: {SENDER}\r\nTo: {RECIPIENT}\r\nSubject: bench {n}\r\n"
+            f"Message-ID: <bench.{n}.{os.getpid()}@example.org>\r\n").encode()
+    head += TAG + b"%d\r\n\r\n" % n
+    room = max(0, size - len(head))
+    line = b"x" * 76 + b"\r\n"
+    body = line * (room // len(line))
+    rest = room - len(body)
+    if rest >= 3:
+        body += b"y" * (rest - 2) + b"\r\n"
+    return head + body
+
 
 
 def queue_id_of(message: bytes) -> str:
