@@ -60,7 +60,7 @@ def make_message(size: int, n: int) -> bytes:
 
 def queue_id_of(message: bytes) -> str:
     """The queue ID in the topmost Received header (with its folded lines), or "?"."""
-    if not message[:9].lower() == b"received:":
+    if message[:9].lower() != b"received:":
         return "?"
     end = 0
     while True:
@@ -179,7 +179,7 @@ class Sink:
         # "sess=0 quit=0 mesg=3\r" after each completed DATA.
         assert self.proc is not None and self.proc.stdout is not None
         buf = b""
-        while chunk := self.proc.stdout.read1(4096):
+        while chunk := os.read(self.proc.stdout.fileno(), 4096):
             buf += chunk
             *done, buf = re.split(rb"[\r\n]", buf)
             for item in done:

@@ -108,6 +108,16 @@ def update_params(main: dict[str, str], changes: Mapping[str, str | None]) -> No
             main[k] = v
 
 
+def describe_filesystem(path: str) -> str:
+    """The filesystem holding ``path``: "ext4 on /dev/vda, no journal", say."""
+    mount = _mount_of(path)
+    if mount is None:
+        return "unknown"
+    device, fstype = mount
+    journal = {True: ", no journal", False: ", with a journal", None: ""}
+    return f"{fstype} on {device}" + (journal[unjournaled_ext4(path)] if fstype == "ext4" else "")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -229,8 +239,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
         (self.config / "master.cf").write_text(master)
         self.started = False
-        self._run("start")
-        self.started = True
+        self._start()
 
     def _write_main(self) -> None:
         (self.config / "main.cf").write_text(
@@ -241,7 +250,17 @@ postlog   unix-dgram n  -       n       -       1       postlogd
         self.stop()
         update_params(self.main, changes)
         self._write_main()
-        self._run("start")
+        self._start()
+
+    def _start(self) -> None:
+        try:
+            self._run("start")
+        except BaseException:
+            # A start cut short (Ctrl-C, a timeout) may have left a master running.
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run([POSTFIX, "-c", str(self.config), "stop"],
+                               capture_output=True, timeout=60, check=False)
+            raise
         self.started = True
 
     def _run(self, verb: str) -> None:
@@ -271,8 +290,8 @@ postlog   unix-dgram n  -       n       -       1       postlogd
         """The master's pid: every Postfix process of this instance is below it."""
         return int((self.base / "spool" / "pid" / "master.pid").read_text().split()[0])
 
-    def mailq_argv(self) -> list[str]:
-        return ["postqueue", "-c", str(self.config), "-p"]
+    def postqueue_argv(self, *args: str) -> list[str]:
+        return ["postqueue", "-c", str(self.config), *args]
 
     def stop(self) -> None:
         if self.started:

@@ -91,8 +91,8 @@ class RelayUnderTest:
     def left_in_queue(self) -> int:
         return sum(self.queue_counts().values())
 
-    def mailq_argv(self) -> list[str]:
-        return [str(BIN / "mailq"), "-c", str(self.config)]
+    def postqueue_argv(self, *args: str) -> list[str]:
+        return [str(BIN / "postqueue"), "-c", str(self.config), *args]
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
