@@ -15,7 +15,7 @@ Two kinds, both on a free loopback port, both child processes of the benchmark:
   it drops privileges to nobody).
 
 ``Sink`` runs one of them and reads its reports in a daemon thread; callers read
-``count``, ``last_arrival``, ``arrivals`` (by tag) and ``by_queue_id``.  It never
+``count``, ``last_arrival``, ``arrivals`` (by tag) and ``arrival(queue_id, recipients)``.  It never
 writes anything to disk and holds no message.
 
     python scripts/bench_sink.py      # serves until SIGTERM; prints PORT, then a line a message
@@ -73,12 +73,14 @@ def queue_id_of(message: bytes) -> str:
 
 
 async def serve_sink() -> None:
-    """Accept everything; print "PORT" first, then "TAG QUEUEID MONOTONIC" per message."""
+    """Accept everything; print "PORT" first, then "TAG QUEUEID RECIPIENTS MONOTONIC" per
+    message (RECIPIENTS: how many RCPT commands it came with)."""
     out = sys.stdout
     pending: list[str] = []
 
     async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 sink.test ESMTP bench sink\r\n")
+        recipients = 0
         try:
             while True:
                 line = await reader.readline()
@@ -95,13 +97,16 @@ async def serve_sink() -> None:
                     start = data.find(TAG)
                     tag = data[start + len(TAG):data.find(b"\r\n", start)] if start >= 0 else b"?"
                     pending.append(f"{tag.decode('ascii', 'replace')} {queue_id_of(data)} "
-                                   f"{at:.6f}\n")
+                                   f"{recipients} {at:.6f}\n")
                     writer.write(b"250 2.0.0 Ok: queued\r\n")
                 elif verb == b"QUIT":
                     writer.write(b"221 2.0.0 Bye\r\n")
                     await writer.drain()
                     return
                 else:  # HELO, MAIL, RCPT, RSET, NOOP
+                    if verb in (b"MAIL", b"RSET"):
+                        recipients = 0
+                    recipients += verb == b"RCPT"
                     writer.write(b"250 2.0.0 Ok\r\n")
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
@@ -127,12 +132,14 @@ async def serve_sink() -> None:
 
 
 class Sink:
-    """A sink child process; ``count``, ``arrivals`` and ``by_queue_id`` fill in as it reports."""
+    """A sink child process; ``count``, ``arrivals`` and ``arrival()`` fill in as it reports."""
 
     def __init__(self, kind: str = "python") -> None:
         self.kind = kind
         self.arrivals: dict[int, float] = {}  # X-Bench-Tag -> first arrival
-        self.by_queue_id: dict[str, float] = {}  # the relaying MTA's queue ID -> first arrival
+        # The relaying MTA's queue ID -> (recipients so far, time of the latest delivery):
+        # an MTA may deliver one message's recipients in several transactions.
+        self._by_queue_id: dict[str, tuple[int, float]] = {}
         self.count = 0
         self.last_arrival = 0.0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -166,14 +173,21 @@ class Sink:
     def _read_python(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
-            tag, queue_id, at = line.decode().split()
+            tag, queue_id, recipients, at = line.decode().split()
             when = float(at)
             with contextlib.suppress(ValueError):
                 self.arrivals.setdefault(int(tag), when)
             if queue_id != "?":
-                self.by_queue_id.setdefault(queue_id, when)
+                before = self._by_queue_id.get(queue_id, (0, 0.0))[0]
+                self._by_queue_id[queue_id] = (before + int(recipients), when)
             self.last_arrival = max(self.last_arrival, when)
             self.count += 1
+
+    def arrival(self, queue_id: str, recipients: int = 1) -> float | None:
+        """When the message the MTA queued as ``queue_id`` had reached the sink for
+        ``recipients`` recipients, or None (python sink only)."""
+        got, when = self._by_queue_id.get(queue_id, (0, 0.0))
+        return when if got >= recipients else None
 
     def _read_smtp_sink(self) -> None:
         # "sess=0 quit=0 mesg=3\r" after each completed DATA.
