@@ -22,14 +22,18 @@ only 127.0.0.1 is ever contacted.  Nothing is written to disk.
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import re
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from bench_sink import RECIPIENT, SENDER, make_message
 
@@ -56,6 +60,26 @@ class ClientRun:
     @property
     def last_queued(self) -> float:
         return max(self.queued.values(), default=self.started)
+
+    def to_json(self) -> str:
+        return json.dumps({"started": self.started, "finished": self.finished,
+                           "queued": self.queued, "failures": self.failures,
+                           "banner": self.banner, "refused": self.refused,
+                           "handshakes": self.handshakes, "resumed": self.resumed})
+
+    @classmethod
+    def merged(cls, parts: list[dict[str, Any]]) -> ClientRun:
+        """One run from the JSON of runs made at the same time by several processes."""
+        run = cls(started=min(p["started"] for p in parts),
+                  finished=max(p["finished"] for p in parts))
+        for p in parts:
+            run.queued.update(p["queued"])
+            run.failures.update(p["failures"])
+            run.banner += p["banner"]
+            run.refused += p["refused"]
+            run.handshakes += p["handshakes"]
+            run.resumed += p["resumed"]
+        return run
 
 
 def recipients_of(count: int) -> list[str]:
@@ -207,12 +231,24 @@ def _record(run: ClientRun, attempt: Attempt) -> None:
             run.resumed += attempt.resumed
 
 
+def client_context(cafile: str) -> ssl.SSLContext:
+    """A TLS client context that trusts only the benchmark's certificate."""
+    return ssl.create_default_context(cafile=cafile)
+
+
+def _wait_until(at: float | None) -> None:
+    if at is not None:
+        time.sleep(max(0.0, at - time.monotonic()))
+
+
 def python_load(port: int, messages: int, sessions: int, size: int, recipients: int = 1,
                 tls: ssl.SSLContext | None = None, resume: bool = False,
                 rate: float | None = None, timeout: float = 60.0,
-                time_limit: float = 600.0) -> ClientRun:
-    """``messages`` messages, one connection each, from ``sessions`` threads; with ``rate``,
-    message n is sent no sooner than n / rate seconds after the start."""
+                time_limit: float = 600.0, at: float | None = None) -> ClientRun:
+    """``messages`` messages, one connection each, from ``sessions`` threads, starting at
+    time.monotonic() ``at`` (or now); with ``rate``, message n is sent no sooner than
+    n / rate seconds after the start."""
+    _wait_until(at)
     run = ClientRun(started=time.monotonic())
     numbers = itertools.count()  # next() on it is atomic under the GIL
     rcpts = recipients_of(recipients)
@@ -239,8 +275,10 @@ def python_load(port: int, messages: int, sessions: int, size: int, recipients: 
     return run
 
 
-def burst(port: int, connections: int, size: int, timeout: float = 60.0) -> ClientRun:
-    """``connections`` connections opened at once, one message each."""
+def burst(port: int, connections: int, size: int, timeout: float = 60.0,
+          at: float | None = None) -> ClientRun:
+    """``connections`` connections opened at once, at time.monotonic() ``at`` (or as soon
+    as every thread is ready), one message each."""
     run = ClientRun()
     barrier = threading.Barrier(connections + 1, timeout=60)
     rcpts = recipients_of(1)
@@ -264,6 +302,7 @@ def burst(port: int, connections: int, size: int, timeout: float = 60.0) -> Clie
         raise
     finally:
         threading.stack_size(old)
+    _wait_until(at)
     barrier.wait()
     run.started = time.monotonic()
     deadline = run.started + 2 * timeout
@@ -271,3 +310,58 @@ def burst(port: int, connections: int, size: int, timeout: float = 60.0) -> Clie
         t.join(max(0.0, deadline - time.monotonic()))
     run.finished = time.monotonic()
     return run
+
+
+# ---- the python clients in several processes ----------------------------------------------
+
+
+def in_processes(processes: int, load: str, port: int, messages: int, sessions: int,
+                 size: int, time_limit: float, **params: Any) -> ClientRun:
+    """``python_load`` (``load="load"``) or ``burst`` (``load="burst"``, ``sessions`` is
+    then the number of connections) split over ``processes`` children, this file run as a
+    script, each with its share of the messages and the threads, all starting at the same
+    moment; ``tls_ca`` (a CA file) stands for ``tls``.  Threads of one process wait for one
+    GIL before they can read the clock, so spreading them keeps each 250 and each banner
+    stamped within a short time of its arrival."""
+    processes = max(1, min(processes, sessions, messages))
+    at = time.monotonic() + 1.0 + processes * 0.1  # when every child is up
+    children = []
+    try:
+        for i in range(processes):
+            share = {"messages": messages // processes + (i < messages % processes),
+                     "sessions": sessions // processes + (i < sessions % processes)}
+            call = {"load": load, "port": port, "size": size, "time_limit": time_limit,
+                    "at": at, **params, **share}
+            children.append(subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), json.dumps(call)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE))
+        parts = []
+        deadline = at + time_limit + 180
+        for child in children:
+            out, _ = child.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            if child.returncode != 0 or not out:
+                raise RuntimeError(f"a client process exited with status {child.returncode}")
+            parts.append(json.loads(out))
+        return ClientRun.merged(parts)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+
+def _child() -> None:
+    call = json.loads(sys.argv[1])
+    load, cafile = call.pop("load"), call.pop("tls_ca", None)
+    if load == "burst":
+        call.pop("time_limit")
+        call["connections"] = call.pop("messages")
+        del call["sessions"]
+        run = burst(**call)
+    else:
+        run = python_load(**call, tls=client_context(cafile) if cafile else None)
+    sys.stdout.write(run.to_json())
+
+
+if __name__ == "__main__":
+    _child()
