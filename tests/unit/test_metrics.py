@@ -42,7 +42,7 @@ EXPECTED = {
     "ACCESS_DENIED": "relay_denied", "ACCESS_DEFERRED": "relay_denied",
     "DATA_SYNTAX": "syntax", "NEED_RCPT": "sequence", "NO_VALID_RECIPIENTS": "sequence",
     "NUL_IN_CONTENT": "content", "TOO_MANY_HOPS": "content", "WRITE_ERROR": "storage",
-    "ETRN_SYNTAX": "syntax", "ETRN_BAD_SITE": "syntax",
+    "BAD_UTF8": "syntax", "ETRN_SYNTAX": "syntax", "ETRN_BAD_SITE": "syntax",
     "ETRN_IN_TRANSACTION": "sequence", "ETRN_DENIED": "etrn", "ETRN_UNAVAILABLE": "etrn",
 }
 
