@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import functools
+import json
 import logging
 import os
 import signal
@@ -25,7 +27,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from relay import clock as clock_mod
@@ -89,10 +91,11 @@ class Daemon:
     servers: list[asyncio.AbstractServer]
     qmgr: asyncio.subprocess.Process | None = None
     http: HttpServer | None = None
+    overrides: dict[str, str] = field(default_factory=dict)  # relay serve --capture
 
     def reload(self) -> None:
         try:
-            cfg = config_mod.load(self.config_dir)
+            cfg = config_mod.load(self.config_dir, strict=True, overrides=self.overrides)
             router_for(cfg)
             resolver_for(cfg)
             qmgr_settings(cfg)
@@ -109,7 +112,8 @@ class Daemon:
         log.info("reload -- configuration %s", cfg.path or "(built-in defaults)")
 
 
-async def _start_qmgr(config_dir: str | None, sock: socket.socket) -> asyncio.subprocess.Process:
+async def _start_qmgr(config_dir: str | None, sock: socket.socket,
+                      overrides: dict[str, str]) -> asyncio.subprocess.Process:
     """Start the queue manager process and wait until it serves its control socket."""
     # Not "-m": that would put the working directory first on sys.path, where a
     # directory named spool/ (a queue directory, say) would shadow the package.
@@ -119,6 +123,8 @@ async def _start_qmgr(config_dir: str | None, sock: socket.socket) -> asyncio.su
             "--trigger-fd", str(sock.fileno()), "--parent", str(os.getpid())]
     if config_dir is not None:
         args += ["-c", config_dir]
+    for name, value in overrides.items():
+        args += ["-o", f"{name}={value}"]
     return await asyncio.create_subprocess_exec(*args, pass_fds=(sock.fileno(),))
 
 
@@ -135,7 +141,8 @@ async def _wait_ready(sock: socket.socket, proc: asyncio.subprocess.Process,
     return False
 
 
-async def run(config_dir: str | None, cfg: Config) -> int:
+async def run(config_dir: str | None, cfg: Config, overrides: dict[str, str] | None = None,
+              ready_file: str | None = None) -> int:
     loop = asyncio.get_running_loop()
     # Spool calls block in fsync(); enough threads let many sessions share one
     # directory fsync (group commit) instead of queueing behind each other.
@@ -156,7 +163,15 @@ async def run(config_dir: str | None, cfg: Config) -> int:
     socks: list[tuple[Any, socket.socket]] = []
     try:
         for addr in cfg.listen_addresses():
-            socks.append((addr, _bind(addr.host, addr.port)))
+            try:
+                socks.append((addr, _bind(addr.host, addr.port)))
+            except OSError as exc:
+                if not _no_ipv6_loopback(addr.host, exc):
+                    raise
+                # The default listens on [::1] beside 127.0.0.1 for clients that try
+                # ::1 first; a machine without IPv6 still gets its IPv4 listener.
+                log.warning("skipping [%s]:%d: %s (no IPv6 on this machine?)",
+                            addr.host, addr.port, exc.strerror)
     except OSError as exc:
         log.critical("bind %s port %s: %s", addr.host, addr.port, exc.strerror)
         for _, sock in socks:
@@ -176,7 +191,7 @@ async def run(config_dir: str | None, cfg: Config) -> int:
 
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     mine.setblocking(False)
-    qmgr = await _start_qmgr(config_dir, theirs)
+    qmgr = await _start_qmgr(config_dir, theirs, overrides or {})
     theirs.close()
     if not await _wait_ready(mine, qmgr):
         log.critical("the queue manager did not start")
@@ -200,8 +215,8 @@ async def run(config_dir: str | None, cfg: Config) -> int:
         else:
             server = await loop.create_server(listener.factory, sock=sock)
         servers.append(server)
-        log.info("listening on %s:%d", addr.host, addr.port)
-    daemon = Daemon(config_dir, cfg, spool, listener, servers, qmgr)
+        log.info("listening on %s", _address(sock))
+    daemon = Daemon(config_dir, cfg, spool, listener, servers, qmgr, overrides=overrides or {})
     if http_socks:
         from relay.http.server import HttpContext, HttpServer
 
@@ -212,8 +227,14 @@ async def run(config_dir: str | None, cfg: Config) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, daemon.reload)
-    log.info("daemon started -- version %s, configuration %s", _version(),
-             cfg.path or "(built-in defaults)")
+    capture = cfg.str("capture_maildir")
+    log.info("daemon started -- version %s, configuration %s%s", _version(),
+             cfg.path or "(built-in defaults)",
+             f", capture mode: all mail to the Maildir {capture}, none leaves this machine"
+             if capture else "")
+    if ready_file:
+        _write_ready_file(ready_file, [sock for _, sock in socks],
+                          daemon.http.socks if daemon.http is not None else [])
     qmgr_task = loop.create_task(qmgr.wait())
     stop_task = loop.create_task(stop.wait())
     done, _ = await asyncio.wait({qmgr_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -274,6 +295,31 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _no_ipv6_loopback(host: str, exc: OSError) -> bool:
+    """Whether binding ``host`` failed because this machine has no IPv6 loopback."""
+    return host == "::1" and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
+
+
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _write_ready_file(path: str, smtpd: Sequence[socket.socket],
+                      http: Sequence[socket.socket]) -> None:
+    """``relay serve --ready-file``: where it listens (ports 0 resolved), once it does.
+
+    Written to a temporary name and renamed, so whoever waits for it reads it whole.
+    """
+    data = {"pid": os.getpid(), "smtpd": [_address(s) for s in smtpd],
+            "http": [_address(s) for s in http]}
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def _lock_spool(root: str) -> int | None:
     fd = os.open(os.path.join(root, "master.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -297,10 +343,18 @@ def _version() -> str:
     return __version__
 
 
-def serve(config_dir: str | None) -> int:
-    """Load the configuration (fatal before listening on any error) and run."""
+def serve(config_dir: str | None, *, capture: str | None = None,
+          ready_file: str | None = None) -> int:
+    """Load the configuration (fatal before listening on any error) and run.
+
+    ``capture``: ``relay serve --capture DIR``, every message to that Maildir whatever
+    main.cf says (the setting capture_maildir, given on the command line).  ``ready_file``:
+    written once the daemon listens, with the addresses it listens on (see
+    _write_ready_file), for a test fixture that asked for port 0.
+    """
+    overrides = {"capture_maildir": os.path.abspath(capture)} if capture else {}
     try:
-        cfg = config_mod.load(config_dir)
+        cfg = config_mod.load(config_dir, strict=True, overrides=overrides)
     except ConfigError as exc:
         print(f"relay: fatal: {exc}", file=sys.stderr)
         return 1
@@ -313,4 +367,4 @@ def serve(config_dir: str | None) -> int:
     except ValueError as exc:
         print(f"relay: fatal: {exc}", file=sys.stderr)
         return 1
-    return run_loop(run(config_dir, cfg))
+    return run_loop(run(config_dir, cfg, overrides, ready_file))

@@ -48,15 +48,16 @@ PR_SET_PDEATHSIG = 1
 
 class Qmgr:
     def __init__(self, config_dir: str | None, cfg: Config, spool: Spool,
-                 scheduler: Scheduler) -> None:
+                 scheduler: Scheduler, overrides: dict[str, str] | None = None) -> None:
         self.config_dir = config_dir
+        self.overrides = overrides or {}
         self.cfg = cfg
         self.spool = spool
         self.scheduler = scheduler
 
     def reload(self) -> None:
         try:
-            cfg = config_mod.load(self.config_dir)
+            cfg = config_mod.load(self.config_dir, strict=True, overrides=self.overrides)
             router, resolver, settings = router_for(cfg), resolver_for(cfg), qmgr_settings(cfg)
         except (ConfigError, ValueError) as exc:
             log.warning("reload failed, keeping the old configuration: %s", exc)
@@ -120,7 +121,8 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-async def run(config_dir: str | None, cfg: Config, trigger_fd: int) -> int:
+async def run(config_dir: str | None, cfg: Config, trigger_fd: int,
+              overrides: dict[str, str] | None = None) -> int:
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(max_workers=THREADS,
                                                  thread_name_prefix="qmgr"))
@@ -136,7 +138,7 @@ async def run(config_dir: str | None, cfg: Config, trigger_fd: int) -> int:
                           SMTPDelivery(), clock=clock)
     scheduler.syncer = Syncer()
     scheduler.syncer.start()
-    qmgr = Qmgr(config_dir, cfg, spool, scheduler)
+    qmgr = Qmgr(config_dir, cfg, spool, scheduler, overrides)
     ctl = await control.serve(spool.root, qmgr.on_control)
     trigger = socket.socket(fileno=trigger_fd)
     trigger.setblocking(False)
@@ -169,19 +171,22 @@ async def run(config_dir: str | None, cfg: Config, trigger_fd: int) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """``relay qmgr --trigger-fd N --parent PID [-c DIR]``: internal, run by relay serve."""
+    """``relay qmgr --trigger-fd N --parent PID [-c DIR] [-o NAME=VALUE]...``: internal,
+    run by relay serve (``-o``: its command-line settings, such as --capture's)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="relay qmgr")
     parser.add_argument("-c", dest="config_dir")
     parser.add_argument("--trigger-fd", type=int, required=True)
     parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("-o", dest="overrides", action="append", default=[])
     ns = parser.parse_args(argv)
     _die_with_parent(ns.parent)
+    overrides = dict(o.partition("=")[::2] for o in ns.overrides)
     try:
-        cfg = config_mod.load(ns.config_dir)
+        cfg = config_mod.load(ns.config_dir, strict=True, overrides=overrides)
     except ConfigError as exc:
         print(f"relay: fatal: {exc}", file=sys.stderr)
         return 1
     maillog.setup(cfg.str("myhostname"), cfg.str("syslog_name"), cfg.str("maillog_file"))
-    return run_loop(run(ns.config_dir, cfg, ns.trigger_fd))
+    return run_loop(run(ns.config_dir, cfg, ns.trigger_fd, overrides))

@@ -185,7 +185,9 @@ def self_addresses(cfg: Config) -> list[tuple[str, int]]:
 
 
 def router_for(cfg: Config) -> Router:
-    return Router(cfg.list("transport_maps"), cfg.str("relayhost"))
+    return Router(cfg.list("transport_maps"), cfg.str("relayhost"),
+                  default_transport=cfg.str("default_transport"),
+                  capture=cfg.str("capture_maildir"))
 
 
 def resolver_for(cfg: Config) -> Resolver:

@@ -19,9 +19,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the relay in the foreground")
     serve.add_argument("-c", dest="config_dir", metavar="CONFIG_DIR")
+    serve.add_argument("--capture", metavar="MAILDIR",
+                       help="deliver every message to this Maildir; none leaves the machine")
+    serve.add_argument("--ready-file", metavar="FILE",
+                       help="once listening, write the addresses (ports 0 resolved) as JSON")
     sub.add_parser("queue", help="inspect and act on the queue (relay queue --help)",
                    add_help=False)
     sub.add_parser("passwd", help="add or change an SMTP AUTH user", add_help=False)
+    sub.add_parser("capture", help="the captured mail (relay capture --help)", add_help=False)
+    sub.add_parser("sink", help="a scriptable SMTP sink with faults (relay sink --help)",
+                   add_help=False)
     if args and args[0] == "queue":
         from relay.cli import queue
 
@@ -30,6 +37,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from relay import qmgrd
 
         return qmgrd.main(args[1:])
+    if args and args[0] == "capture":
+        from relay.cli import capture
+
+        return capture.main(args[1:])
+    if args and args[0] == "sink":
+        from relay.cli import sink
+
+        return sink.main(args[1:])
     if args and args[0] == "passwd":
         from relay.cli import passwd
 
@@ -38,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command == "serve":
         from relay import daemon
 
-        return daemon.serve(config_dir_from(ns.config_dir))
+        return daemon.serve(config_dir_from(ns.config_dir), capture=ns.capture,
+                            ready_file=ns.ready_file)
     parser.print_usage(sys.stderr)
     return 64
 

@@ -44,7 +44,7 @@ EXPECTED_DEFAULTS = {
     "smtpd_forbid_bare_newline_exclusions": "$mynetworks",
     "smtpd_forbid_bare_newline_reject_code": "550",
     "maillog_file": "",
-    "smtpd_listen": "127.0.0.1:2525",
+    "smtpd_listen": "127.0.0.1:2525, [::1]:2525",
     "enable_long_queue_ids": "no",
     "queue_run_delay": "300s",
     "qmgr_message_active_limit": "20000",
@@ -104,7 +104,8 @@ EXPECTED_DEFAULTS = {
     "smtpd_session_time_limit": "3600s",
     "postscreen_greet_wait": "0s",
     "smtpd_auth_failure_delay": "1s",
-    "capture_mode": "no",
+    "capture_maildir": "",
+    "default_transport": "smtp",
     "fault_injection": "",
     "http_listen": "",
     "http_admin": "no",
@@ -135,7 +136,8 @@ def test_default_typed_values() -> None:
         "permit_sasl_authenticated",
         "reject_unauth_destination",
     )
-    assert cfg.listen_addresses() == (ListenAddress("127.0.0.1", 2525, False),)
+    assert cfg.listen_addresses() == (ListenAddress("127.0.0.1", 2525, False),
+                                      ListenAddress("::1", 2525, False))
     assert cfg.str("smtpd_forbid_bare_newline") == "normalize"
     assert cfg.str("smtp_tls_security_level") == ""
     assert cfg.networks("mynetworks") == (
