@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[speed]'
+	$(BIN)/pip install --quiet -e '.[speed,pytest]'
 	touch $@
 
 install: $(STAMP)
@@ -21,7 +21,7 @@ run: $(STAMP)
 	$(BIN)/relay serve
 
 $(TESTSTAMP): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[speed,test]'
+	$(BIN)/pip install --quiet -e '.[speed,pytest,test]'
 	touch $@
 
 test-deps: $(TESTSTAMP)

@@ -79,10 +79,12 @@ CONTEXT = web.AppKey("relay_http_context", HttpContext)
 
 def route_providers() -> list[RouteProvider]:
     """Every route provider of the daemon's HTTP listener (add yours here)."""
-    from relay.http import health
+    from relay.http import api, health, page
 
     return [
         health.routes,
+        api.routes,
+        page.routes,
     ]
 
 
