@@ -58,7 +58,9 @@ def _page(title: str, body: str, refresh: bool = False) -> web.Response:
             f"<title>{e(title)}</title><style>{STYLE}</style></head><body>{body}</body></html>")
     response = web.Response(text=text, content_type="text/html", charset="utf-8")
     response.headers["Content-Security-Policy"] = PAGE_CSP
-    response.headers["Referrer-Policy"] = "no-referrer"
+    # Not no-referrer: with it a browser sends "Origin: null" even for this page's own
+    # forms, and the guard would refuse them.
+    response.headers["Referrer-Policy"] = "same-origin"
     response.headers["X-Content-Type-Options"] = "nosniff"
     return response
 

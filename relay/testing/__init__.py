@@ -190,7 +190,15 @@ class SmtpRelay:
         return smtplib.SMTP(self.host, self.port, timeout=timeout)
 
     def _box(self) -> Captured:
-        return Captured([str(self.maildir)])
+        """Its own Maildir (capture, or the sink's) and those its main.cf's next hops name."""
+        paths = [str(self.maildir)]
+        if not self._capture and self._faults is None and self.config_dir.exists():
+            from relay import config
+            from relay.settings import router_for
+
+            cfg = config.load(str(self.config_dir), environ=self.env, warn=lambda m: None)
+            paths += [p for p in router_for(cfg).maildirs() if p not in paths]
+        return Captured(paths)
 
     def _views(self, match: str | None) -> list[tuple[capture.View, EmailMessage]]:
         found = []
@@ -208,7 +216,9 @@ class SmtpRelay:
     @property
     def messages(self) -> list[EmailMessage]:
         """What was delivered, oldest first: one message per recipient, each with the
-        ``Return-Path``, ``X-Original-To`` and ``Delivered-To`` of its delivery."""
+        ``Return-Path``, ``X-Original-To`` and ``Delivered-To`` of its delivery.  Read
+        from the relay's own Maildir (capture, or the fault sink's) and, for a relay
+        started with ``capture=False``, the Maildirs its ``maildir:`` next hops name."""
         return [message for _, message in self._views(None)]
 
     def wait_for(self, count: int = 1, timeout: float = 10.0,

@@ -39,6 +39,9 @@ def test_health_routes_and_the_guard(relay_daemon) -> None:  # type: ignore[no-u
     assert b"cross-origin" in body
     status, _ = request(port, "POST", "/livez", {"Sec-Fetch-Site": "cross-site"})
     assert status == 403
+    assert request(port, "POST", "/livez", {"Origin": "null"})[0] == 403
+    assert request(port, "POST", "/livez", {"Origin": "null",
+                                           "Sec-Fetch-Site": "same-origin"})[0] == 405
     # Same origin passes the guard and meets the route table (no POST route: 405).
     status, _ = request(port, "POST", "/livez", {"Origin": f"http://127.0.0.1:{port}"})
     assert status == 405
