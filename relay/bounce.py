@@ -1,12 +1,17 @@
 """Delivery status notifications (RFC 3464), built as bytes the way Postfix's bounce(8) does.
 
 This module owns the text of every notice relay sends about a message: the non-delivery
-report ("Undelivered Mail Returned to Sender", for recipients that bounced or expired) and the
-delay warning ("Delayed Mail (still being retried)").  A notice is a multipart/report
-(RFC 6522) with three parts: Postfix's human-readable text, a message/delivery-status part
-(RFC 3464) with one field group per recipient, and the returned message (message/rfc822) or
-only its headers (text/rfc822-headers, for delay warnings and for messages larger than
-``max_returned_bytes``, Postfix's bounce_size_limit).
+report ("Undelivered Mail Returned to Sender", for recipients that bounced or expired), the
+delay warning ("Delayed Mail (still being retried)") and the success notice ("Successful
+Mail Delivery Report", for recipients whose sender asked NOTIFY=SUCCESS, RFC 3461).  A
+notice is a multipart/report (RFC 6522) with three parts: Postfix's human-readable text, a
+message/delivery-status part (RFC 3464) with one field group per recipient, and the
+returned message (message/rfc822) or only its headers (text/rfc822-headers: for delay
+warnings and success notices, when the sender asked RET=HDRS, and for messages larger than
+``max_returned_bytes``, Postfix's bounce_size_limit).  The sender's ENVID is reported as
+Original-Envelope-Id and each recipient's ORCPT as Original-Recipient.  A notice about an
+internationalized message uses RFC 6533's message/global-delivery-status and
+message/global (or message/global-headers) instead.
 
 It never does I/O and never imports the rest of relay: the caller (the queue manager) passes
 plain values, gets bytes with CRLF line endings, and enqueues them as a new message with the
@@ -17,7 +22,8 @@ leave behind; a notice that was built but not yet enqueued is simply built again
 
 Every value that lands in a header or a DSN field has its CR, LF and other control characters
 replaced by spaces, so a remote reply cannot add header fields or MIME boundaries.
-Follows RFC 3464, RFC 3462/6522, RFC 3834 (Auto-Submitted), RFC 5322, RFC 2045/2046.
+Follows RFC 3464, RFC 3461, RFC 3462/6522, RFC 6533, RFC 3834 (Auto-Submitted), RFC 5322,
+RFC 2045/2046.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ __all__ = [
     "NoticeKind",
     "is_null_sender",
     "make_notice",
+    "needs_global",
 ]
 
 # Postfix's bounce_size_limit default.
@@ -66,6 +73,7 @@ _ATOM_UNSAFE_RE = re.compile(r"[^0-9A-Za-z!#$%&'*+\-/=?^_`{|}~]")
 
 _FAILURE_SUBJECT = "Undelivered Mail Returned to Sender"
 _DELAY_SUBJECT = "Delayed Mail (still being retried)"
+_SUCCESS_SUBJECT = "Successful Mail Delivery Report"
 
 
 class NoticeKind(enum.Enum):
@@ -73,6 +81,14 @@ class NoticeKind(enum.Enum):
 
     FAILURE = "failure"  # recipients bounced, or the message expired in the queue
     DELAY = "delay"  # delay_warning_time passed; the message is still being retried
+    SUCCESS = "success"  # delivered or relayed, and the sender asked NOTIFY=SUCCESS
+
+
+_SUBJECTS = {
+    NoticeKind.FAILURE: _FAILURE_SUBJECT,
+    NoticeKind.DELAY: _DELAY_SUBJECT,
+    NoticeKind.SUCCESS: _SUCCESS_SUBJECT,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +99,11 @@ class FailedRecipient:
     Recipient address rejected: User unknown``) or a local reason (``connect to
     mx.example.com[192.0.2.1]:25: Connection refused``).  ``remote_mta`` is the host that
     gave the reply, "" when there was none.  ``dsn`` is the RFC 3463 status (``5.1.1``).
-    ``last_attempt`` is a Unix time.
+    ``last_attempt`` is a Unix time.  ``dsn_orcpt`` is the recipient's ORCPT as
+    ``addr-type;address`` (RFC 3461), reported verbatim as Original-Recipient, as Postfix
+    does; without it ``original_address`` is reported as ``rfc822; ADDRESS``.  ``text``,
+    when given, is the human-readable line's reason instead of one made from
+    ``diagnostic`` (a success notice says ``delivery via HOST[IP]:PORT: REPLY``).
     """
 
     address: str
@@ -93,6 +113,16 @@ class FailedRecipient:
     action: str = "failed"
     original_address: str = ""
     last_attempt: float | None = None
+    dsn_orcpt: str = ""
+    text: str = ""
+
+
+def needs_global(original: bytes, smtputf8: bool, addresses: Sequence[str] = ()) -> bool:
+    """Whether a notice about this message must use RFC 6533's message/global types: the
+    client asked SMTPUTF8, or the message's header or an address is not ASCII (raw UTF-8
+    would break a message/delivery-status or message/rfc822 part)."""
+    return (smtputf8 or not _head_region(original).isascii()
+            or not all(address.isascii() for address in addresses))
 
 
 def is_null_sender(sender: str) -> bool:
@@ -120,6 +150,9 @@ def make_notice(
     max_lifetime_days: float | None = None,
     new_queue_id_hint: str | None = None,
     max_returned_bytes: int = DEFAULT_MAX_RETURNED_BYTES,
+    envid: str = "",
+    headers_only: bool = False,
+    smtputf8: bool = False,
 ) -> bytes:
     """Build a complete RFC 5322 notice to ``sender`` about ``recipients`` of ``queue_id``.
 
@@ -130,7 +163,13 @@ def make_notice(
     ``max_lifetime_days`` fill the delay text and Will-Retry-Until; when not given they
     default to the time the message has waited and to Postfix's 5 days.
     ``new_queue_id_hint`` (the notice's own queue ID, when the caller knows it) goes into
-    the Message-Id.  In a DELAY notice every recipient's Action is ``delayed``.
+    the Message-Id.  In a DELAY notice every recipient's Action is ``delayed``; in a
+    SUCCESS notice it is each recipient's own (``delivered`` or ``relayed``), and only the
+    headers are returned, as Postfix does.  ``headers_only`` (the sender asked RET=HDRS)
+    returns only the headers of a FAILURE notice too.  ``envid`` is the sender's ENVID
+    (Original-Envelope-Id).  ``smtputf8`` (see ``needs_global``) makes it an RFC 6533
+    notice: message/global-delivery-status, message/global or message/global-headers, and
+    ``utf-8`` address types for non-ASCII addresses.
 
     Raises ValueError for the null sender, for an empty recipient list, for an Action that
     RFC 3464 does not define, and for a negative ``max_returned_bytes``.
@@ -142,7 +181,7 @@ def make_notice(
     if max_returned_bytes < 0:
         raise ValueError(f"max_returned_bytes must not be negative: {max_returned_bytes}")
     for rcpt in recipients:
-        if kind is NoticeKind.FAILURE and rcpt.action not in _ACTIONS:
+        if kind is not NoticeKind.DELAY and rcpt.action not in _ACTIONS:
             raise ValueError(f"not an RFC 3464 action: {rcpt.action!r}")
 
     queue_id = _clean(queue_id)
@@ -157,7 +196,7 @@ def make_notice(
         delay_warning_hours = round(max(0.0, now - arrival_time) / 3600, 1)
     retry_until = arrival_time + max_lifetime_days * 86400
 
-    full = kind is NoticeKind.FAILURE and (
+    full = kind is NoticeKind.FAILURE and not headers_only and (
         max_returned_bytes == 0 or len(original) <= max_returned_bytes
     )
     if full:
@@ -174,7 +213,8 @@ def make_notice(
         kind, recipients, myhostname, postmaster, delay_warning_hours, max_lifetime_days
     )
     dsn_lines = _delivery_status(
-        kind, recipients, queue_id, sender, arrival_time, retry_until, myhostname, x_name
+        kind, recipients, queue_id, sender, arrival_time, retry_until, myhostname, x_name,
+        _clean(envid), smtputf8,
     )
     text = "\r\n".join(text_lines)
     text_charset = "us-ascii" if text.isascii() else "utf-8"
@@ -182,7 +222,7 @@ def make_notice(
     head = [
         f"Date: {_date(now)}",
         f"From: MAILER-DAEMON@{myhostname} (Mail Delivery System)",
-        f"Subject: {_DELAY_SUBJECT if kind is NoticeKind.DELAY else _FAILURE_SUBJECT}",
+        f"Subject: {_SUBJECTS[kind]}",
         f"To: {sender}",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
@@ -192,6 +232,12 @@ def make_notice(
     ]
     head = [line if line.startswith("Content-Type:") else _fold(line) for line in head]
 
+    report_type = "message/global-delivery-status" if smtputf8 else "message/delivery-status"
+    if smtputf8:
+        returned_type = "message/global" if full else "message/global-headers"
+    else:
+        returned_type = "message/rfc822" if full else "text/rfc822-headers"
+    undelivered = "" if kind is NoticeKind.SUCCESS else "Undelivered "
     out: list[str] = [
         *head,
         "",
@@ -205,13 +251,17 @@ def make_notice(
         "",
         f"--{boundary}",
         "Content-Description: Delivery report",
-        "Content-Type: message/delivery-status",
+        f"Content-Type: {report_type}",
+    ]
+    if not all(line.isascii() for line in dsn_lines):
+        out.append("Content-Transfer-Encoding: 8bit")
+    out += [
         "",
         *dsn_lines,
         "",
         f"--{boundary}",
-        f"Content-Description: Undelivered Message{'' if full else ' Headers'}",
-        f"Content-Type: {'message/rfc822' if full else 'text/rfc822-headers'}",
+        f"Content-Description: {undelivered}Message{'' if full else ' Headers'}",
+        f"Content-Type: {returned_type}",
     ]
     if not returned.isascii():
         out.append("Content-Transfer-Encoding: 8bit")
@@ -232,7 +282,17 @@ def _notification_text(
     max_lifetime_days: float,
 ) -> list[str]:
     lines = [f"This is the mail system at host {myhostname}.", ""]
-    if kind is NoticeKind.DELAY:
+    if kind is NoticeKind.SUCCESS:
+        # Postfix's success template (bounce_templates.c): no postmaster paragraph.
+        lines += [
+            "Your message was successfully delivered to the destination(s)",
+            "listed below. If the message was delivered to mailbox you will",
+            "receive no further notifications. Otherwise you may still receive",
+            "notifications of mail delivery errors from other systems.",
+            "",
+            "                   The mail system",
+        ]
+    elif kind is NoticeKind.DELAY:
         lines += [
             "####################################################################",
             "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #",
@@ -246,21 +306,22 @@ def _notification_text(
             "I'm sorry to have to inform you that your message could not",
             "be delivered to one or more recipients. It's attached below.",
         ]
-    lines += [
-        "",
-        f"For further assistance, please send mail to {postmaster}.",
-        "",
-        "If you do so, please include this problem report. You can",
-        "delete your own text from the attached returned message.",
-        "",
-        "                   The mail system",
-    ]
+    if kind is not NoticeKind.SUCCESS:
+        lines += [
+            "",
+            f"For further assistance, please send mail to {postmaster}.",
+            "",
+            "If you do so, please include this problem report. You can",
+            "delete your own text from the attached returned message.",
+            "",
+            "                   The mail system",
+        ]
     for rcpt in recipients:
         address = _clean(rcpt.address)
         original = _clean(rcpt.original_address)
-        reason = _clean(rcpt.diagnostic) or "no diagnostic available"
+        reason = _clean(rcpt.text) or _clean(rcpt.diagnostic) or "no diagnostic available"
         remote_mta = _clean(rcpt.remote_mta)
-        if remote_mta and _is_smtp_reply(reason):
+        if not rcpt.text and remote_mta and _is_smtp_reply(reason):
             reason = f"host {remote_mta} said: {reason}"
         if original and original.lower() != address.lower():
             who = f"<{address}> (expanded from <{original}>)"
@@ -280,20 +341,34 @@ def _delivery_status(
     retry_until: float,
     myhostname: str,
     x_name: str,
+    envid: str,
+    smtputf8: bool,
 ) -> list[str]:
-    fields = [
-        f"Reporting-MTA: dns; {myhostname}",
+    def kind_of(address: str) -> str:
+        # RFC 6533 section 3: a non-ASCII address is of type utf-8 (Postfix's "Fix
+        # 20140708": only in a notice about an SMTPUTF8 message).
+        return "utf-8" if smtputf8 and not address.isascii() else "rfc822"
+
+    fields = [f"Reporting-MTA: dns; {myhostname}"]
+    if envid:
+        fields.append(f"Original-Envelope-Id: {envid}")
+    fields += [
         f"X-{x_name}-Queue-ID: {queue_id}",
-        f"X-{x_name}-Sender: rfc822; {sender}",
+        f"X-{x_name}-Sender: {kind_of(sender)}; {sender}",
         f"Arrival-Date: {_date(arrival_time)}",
     ]
     for rcpt in recipients:
         remote_mta = _clean(rcpt.remote_mta)
         diagnostic = _clean(rcpt.diagnostic)
+        address = _clean(rcpt.address)
         fields.append("")
-        fields.append(f"Final-Recipient: rfc822; {_clean(rcpt.address)}")
-        if rcpt.original_address:
-            fields.append(f"Original-Recipient: rfc822; {_clean(rcpt.original_address)}")
+        fields.append(f"Final-Recipient: {kind_of(address)}; {address}")
+        if rcpt.dsn_orcpt:
+            # Verbatim, as Postfix reports it: "rfc822;bob@example.net".
+            fields.append(f"Original-Recipient: {_clean(rcpt.dsn_orcpt)}")
+        elif rcpt.original_address:
+            original = _clean(rcpt.original_address)
+            fields.append(f"Original-Recipient: {kind_of(original)}; {original}")
         action = "delayed" if kind is NoticeKind.DELAY else rcpt.action
         fields.append(f"Action: {action}")
         fields.append(f"Status: {_status(rcpt.dsn, kind)}")
@@ -324,7 +399,7 @@ def _status(dsn: str, kind: NoticeKind) -> str:
     if _STATUS_RE.fullmatch(dsn):
         return dsn
     # A notice must carry a valid Status (RFC 3464 section 2.3.4); fall back to "other".
-    return "4.0.0" if kind is NoticeKind.DELAY else "5.0.0"
+    return {NoticeKind.DELAY: "4.0.0", NoticeKind.SUCCESS: "2.0.0"}.get(kind, "5.0.0")
 
 
 def _x_name(mail_name: str) -> str:

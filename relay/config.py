@@ -355,6 +355,8 @@ _TABLE = (
     Parameter("smtp_tls_CAfile", "", _S),
     Parameter("smtp_sasl_auth_enable", "no", _B),
     Parameter("smtp_sasl_password_maps", "", _L),
+    Parameter("smtp_send_dummy_mail_auth", "no", _B),
+    Parameter("smtp_line_length_limit", "998", _I),
     # http: the read API and the web page (relay.http)
     Parameter("http_listen", "", _H, hostport=HTTP_LISTENER),  # extension
     Parameter("http_admin", "no", _B),  # extension: queue changes over HTTP

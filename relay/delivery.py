@@ -3,10 +3,14 @@
 Owns: the client side of an SMTP conversation (RFC 5321) with the servers of one next hop,
 tried in the order routing gave them: TCP connect, greeting, EHLO/HELO, STARTTLS (RFC 3207),
 AUTH PLAIN/LOGIN (RFC 4954), MAIL with SIZE/BODY/SMTPUTF8 (RFC 1870, 6152, 6531), RCPT,
-DATA, with command pipelining where offered (RFC 2920). The result is a value: an
+DATA, with command pipelining where offered (RFC 2920). The sender's delivery status
+requests go on to a server that offers DSN (RFC 3461: ENVID and RET on MAIL, ORCPT and
+NOTIFY on RCPT, as Postfix writes them); the content goes out dot-stuffed and with lines
+longer than smtp_line_length_limit broken (relay.smtp_data). The result is a value: an
 `Attempt` with one `RcptResult` per recipient (sent, defer or bounce, a DSN code per
-RFC 3463 and the reason text Postfix would log). Also owns the cache of idle connections
-(Postfix's `smtp_connection_cache_time_limit` / `smtp_connection_reuse_time_limit`).
+RFC 3463, the reason text Postfix would log, and whether the server took the DSN request
+along). Also owns the cache of idle connections (Postfix's
+`smtp_connection_cache_time_limit` / `smtp_connection_reuse_time_limit`).
 
 Never: reads or writes the spool, decides retry times or dead destinations (it only says
 whether the failure was a connection failure), logs maillog delivery lines (the scheduler
@@ -48,9 +52,14 @@ from aiosmtplib.esmtp import parse_esmtp_extensions
 from aiosmtplib.protocol import MAX_RESPONSE_LENGTH, SMTPProtocol
 from aiosmtplib.response import SMTPResponse
 
+from relay import dsn as dsn_mod
+from relay.smtp_data import Payload
+
 __all__ = (
     "Attempt",
     "DeliverySettings",
+    "MailOptions",
+    "RcptOptions",
     "RcptResult",
     "RcptStatus",
     "SMTPDelivery",
@@ -84,10 +93,6 @@ BODY = "sending message body"
 DOT = "sending end of data -- message may be sent more than once"
 FINAL_RSET = "sending final RSET"
 
-# Dot-stuffing after every LF, not only CRLF: the listener hands us CRLF lines, so this is
-# the same thing, but should a bare LF ever reach us, a receiver that ends lines at LF must
-# not see "\n.\r\n" as the end of the data (SMTP smuggling).
-_LEADING_DOT = re.compile(rb"(?m)^\.")
 _ENHANCED_CODE = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 _COMMAND_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -123,12 +128,47 @@ class RcptStatus(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class RcptResult:
-    """The fate of one recipient in one attempt; `reason` is Postfix's parenthesised text."""
+    """The fate of one recipient in one attempt; `reason` is Postfix's parenthesised text.
+
+    `dsn_passed_on` (SENT only): the server offered DSN, so the sender's NOTIFY and ORCPT
+    went along with the recipient and any success notice is now the next hop's to send;
+    without it, a sender who asked NOTIFY=SUCCESS is owed a "relayed" notice by us
+    (Postfix's smtp_rcpt_done()).
+    """
 
     address: str
     status: RcptStatus
     dsn: str
     reason: str
+    dsn_passed_on: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MailOptions:
+    """What the message asks of MAIL FROM beyond the sender (RFC 3461, RFC 6531).
+
+    `envid` and `ret` as the envelope keeps them (ENVID decoded; RET "FULL", "HDRS" or
+    ""); `smtputf8`: the client asked for SMTPUTF8, which goes on to a server that offers
+    it (Postfix does so even when every address is ASCII).
+    """
+
+    envid: str = ""
+    ret: str = ""
+    smtputf8: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RcptOptions:
+    """One recipient's RFC 3461 parameters: NOTIFY as the envelope keeps it ("" = none
+    given, and then none is sent) and the ORCPT to send, ``addr-type;address`` decoded
+    ("" = none)."""
+
+    notify: str = ""
+    orcpt: str = ""
+
+
+NO_MAIL_OPTIONS = MailOptions()
+NO_RCPT_OPTIONS = RcptOptions()
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +185,9 @@ class Attempt:
     conn_setup_seconds: float
     xfer_seconds: float
     reused: bool
+    # The content had a line longer than smtp_line_length_limit, sent broken (Postfix
+    # logs "breaking line > N bytes with <CR><LF>SPACE" once per message).
+    lines_broken: bool = False
 
 
 SaslCredentials = Callable[[str, TargetLike], tuple[str, str] | None]
@@ -169,6 +212,11 @@ class DeliverySettings:
     tls_ca_file: str = ""
     sasl_enable: bool = False
     sasl_credentials: SaslCredentials | None = None
+    # smtp_send_dummy_mail_auth: MAIL FROM:<...> AUTH=<> to a server that offers AUTH. Off
+    # by default, as in Postfix: some servers refuse every message that carries it.
+    send_dummy_mail_auth: bool = False
+    # smtp_line_length_limit: longer lines are broken with CRLF SPACE; 0 = never.
+    line_length_limit: int = 998
     connection_reuse_time_limit: float = 300.0
     connection_cache_time_limit: float = 2.0
 
@@ -403,6 +451,18 @@ class _Session:
             transport.close()
 
 
+def _rcpt_dsn(options: RcptOptions) -> bytes:
+    """ORCPT and NOTIFY for RCPT TO, in Postfix's order and encoding."""
+    out = b""
+    orcpt = dsn_mod.orcpt_value(options.orcpt)
+    if orcpt is not None:
+        out += b" ORCPT=" + orcpt.encode("ascii")
+    notify = dsn_mod.canonical_notify(options.notify)
+    if notify:
+        out += b" NOTIFY=" + notify.encode("ascii")
+    return out
+
+
 def _failed_results(
     recipients: Sequence[str], fates: list[RcptResult | None], dsn: str, reason: str
 ) -> None:
@@ -438,12 +498,20 @@ class SMTPDelivery:
         recipients: Sequence[str],
         message: bytes,
         settings: DeliverySettings,
+        *,
+        options: MailOptions = NO_MAIL_OPTIONS,
+        rcpt_options: Sequence[RcptOptions] = (),
     ) -> Attempt:
+        """Deliver ``message`` to ``recipients`` through the first of ``targets`` that
+        takes a transaction; ``rcpt_options`` go with the recipients in their order
+        (missing ones count as none)."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         recipients = tuple(recipients)
         if not recipients:
             return Attempt((), "none", False, 0.0, 0.0, False)
+        per_rcpt = tuple(rcpt_options[:len(recipients)])
+        per_rcpt += (NO_RCPT_OPTIONS,) * (len(recipients) - len(per_rcpt))
         last: _SetupFailed | None = None
         every_failure_is_connection = True
         for target in targets:
@@ -465,9 +533,10 @@ class SMTPDelivery:
             setup_done = loop.time()
             fates: list[RcptResult | None] = [None] * len(recipients)
             clean = False
+            payload = Payload(message, settings.line_length_limit)
             try:
                 clean = await self._transaction(
-                    session, sender, recipients, message, settings, fates
+                    session, sender, recipients, payload, settings, fates, options, per_rcpt
                 )
             except _Broken as broken:
                 _failed_results(recipients, fates, broken.dsn, broken.reason)
@@ -482,7 +551,8 @@ class SMTPDelivery:
             _failed_results(recipients, fates, "4.3.0", "mail transport unavailable")
             results = tuple(fate for fate in fates if fate is not None)
             return Attempt(
-                results, session.relay, False, setup_done - started, done - setup_done, reused
+                results, session.relay, False, setup_done - started, done - setup_done, reused,
+                payload.broken,
             )
 
         if last is None:
@@ -789,12 +859,15 @@ class SMTPDelivery:
         session: _Session,
         sender: str,
         recipients: tuple[str, ...],
-        message: bytes,
+        payload: Payload,
         settings: DeliverySettings,
         fates: list[RcptResult | None],
+        options: MailOptions,
+        rcpt_options: tuple[RcptOptions, ...],
     ) -> bool:
         """Run MAIL/RCPT/DATA, filling `fates`; True when the connection may be reused."""
         namaddr = session.namaddr
+        message = payload.message
 
         def said(reply: _Reply, request: str) -> str:
             return f"host {namaddr} said: {reply.text} (in reply to {request})"
@@ -843,12 +916,25 @@ class SMTPDelivery:
             mail += b" SIZE=%d" % len(message)
         if session.offers("8bitmime") and not message.isascii():
             mail += b" BODY=8BITMIME"
-        if needs_utf8:
+        # RFC 3461 section 5.2: the sender's requests go on only to a server that offers
+        # DSN; xtext-encoded as Postfix's smtp_proto.c writes them, in its order.
+        dsn_offered = session.offers("dsn")
+        if dsn_offered:
+            if options.envid:
+                mail += b" ENVID=" + dsn_mod.xtext_encode(options.envid, "+=").encode("ascii")
+            if dsn_mod.ret_flags(options.ret):
+                mail += b" RET=" + options.ret.strip().upper().encode("ascii")
+        if needs_utf8 or (options.smtputf8 and session.offers("smtputf8")):
             mail += b" SMTPUTF8"
-        if session.authenticated:
-            # We authenticate ourselves, not the sender (RFC 4954 section 5; Postfix does this).
+        if settings.sasl_enable and settings.send_dummy_mail_auth and session.offers("auth"):
+            # Only where asked (smtp_send_dummy_mail_auth): we authenticate ourselves, not
+            # the sender (RFC 4954 section 5), and some servers refuse a MAIL with AUTH=<>.
             mail += b" AUTH=<>"
-        rcpts = [b"RCPT TO:<" + recipients[index].encode(encoding) + b">" for index in candidates]
+        rcpts = [
+            b"RCPT TO:<" + recipients[index].encode(encoding) + b">"
+            + (_rcpt_dsn(rcpt_options[index]) if dsn_offered else b"")
+            for index in candidates
+        ]
 
         # RFC 2920: with PIPELINING, MAIL, every RCPT and DATA go out in one write (DATA
         # ends the group); the replies are then read in order, each deciding its own part.
@@ -890,30 +976,28 @@ class SMTPDelivery:
             refused(data_reply, "DATA command", accepted)
             return await self._final_rset(session, settings)
 
-        final = await self._send_body(session, message, settings)
+        final = await self._send_body(session, payload, settings)
         if final is None:
             final = await session.receive(settings.data_done_timeout, DOT)
         if final.code // 100 == 2:
             for index in accepted:
                 fates[index] = RcptResult(
-                    recipients[index], RcptStatus.SENT, _with_class(final.dsn, "2"), final.text
+                    recipients[index], RcptStatus.SENT, _with_class(final.dsn, "2"), final.text,
+                    dsn_passed_on=dsn_offered,
                 )
         else:
             refused(final, "end of DATA command", accepted)
         return True
 
     async def _send_body(
-        self, session: _Session, message: bytes, settings: DeliverySettings
+        self, session: _Session, payload: Payload, settings: DeliverySettings
     ) -> _Reply | None:
         """Send the content and the final dot; a reply here is one the server sent early."""
-        payload = _LEADING_DOT.sub(b"..", message)
-        if payload and not payload.endswith(b"\r\n"):
-            payload += b"\r\n"
         protocol = session.protocol
-        if len(payload) <= BODY_CHUNK:
+        if len(payload.message) <= BODY_CHUNK:
             # A small message and its final dot go out in one write.
             try:
-                protocol.write(payload + b".\r\n")
+                protocol.write(payload.whole() + b".\r\n")
             except (SMTPServerDisconnected, ConnectionError):
                 early = protocol.take_unread_reply()
                 if early is not None:
@@ -921,8 +1005,9 @@ class SMTPDelivery:
                 raise session.lost(BODY) from None
             return None
         try:
-            for start in range(0, len(payload), BODY_CHUNK):
-                protocol.write(payload[start : start + BODY_CHUNK])
+            # Piece by piece, so that no second copy of a big message is ever made whole.
+            for piece in payload.chunks(BODY_CHUNK):
+                protocol.write(piece)
                 # smtp_data_xfer_timeout is a no-progress limit per write, as in Postfix.
                 await asyncio.wait_for(protocol.drain(), settings.data_xfer_timeout)
         except TimeoutError:

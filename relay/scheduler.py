@@ -11,7 +11,16 @@ What a crash leaves: messages in active/ whose recipients are marked as far as
 the last completed transaction; at start they are scheduled again and only their
 pending recipients are tried (at most the one transaction in flight at the kill
 is repeated: RFC 1047's window).  A bounced recipient is marked ``notified`` only
-after its notice is queued, so a crash repeats a notice rather than losing it.
+after its notice is queued, so a crash repeats a notice rather than losing it; the same
+holds for a delivered recipient whose sender asked for a success notice (RFC 3461
+NOTIFY=SUCCESS): it is recorded as sent together with the notice it is owed
+(``dsn_action``), and marked ``notified`` only once that notice is queued.
+
+Which notices go out follows each recipient's NOTIFY, as Postfix's bounce daemon filters
+them: NEVER suppresses every notice, a list names the ones wanted, none at all means
+failure and delay notices.  A success notice is owed for a discarded ("delivered") or an
+SMTP delivery to a next hop that did not offer DSN ("relayed"); a next hop that offered
+DSN took the request along with the recipient.
 """
 
 from __future__ import annotations
@@ -26,8 +35,17 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from relay import bounce, outcome
+from relay import dsn as dsn_mod
 from relay.clock import Clock, SystemClock
-from relay.delivery import Attempt, DeliverySettings, RcptResult, RcptStatus, SMTPDelivery
+from relay.delivery import (
+    Attempt,
+    DeliverySettings,
+    MailOptions,
+    RcptOptions,
+    RcptResult,
+    RcptStatus,
+    SMTPDelivery,
+)
 from relay.outcome import Fate, Policy
 from relay.routing import NextHop, Resolver, RouteError, Router
 from spool import CorruptEntry, EntryGone, Envelope, RcptState, Recipient, Spool, SpoolError
@@ -44,6 +62,9 @@ log = logging.getLogger("relay.qmgr")
 smtp_log = logging.getLogger("relay.smtp")
 bounce_log = logging.getLogger("relay.bounce")
 agent_log = {name: logging.getLogger(f"relay.{name}") for name in ("smtp", "discard", "error")}
+# Delivery agents that deliver finally, not to another MTA: a success notice for their
+# recipients says "delivered" (Postfix's discard and local), not "relayed".
+FINAL_DELIVERY_AGENTS = frozenset({"discard"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +109,24 @@ class Message:
     # The content of a small message, read when it was activated.
     content: bytes | None = None
 
+    def mail_options(self) -> MailOptions:
+        env = self.envelope
+        return MailOptions(env.dsn_envid, env.dsn_ret, env.smtputf8)
+
+    def rcpt_options(self, addresses: list[str]) -> list[RcptOptions]:
+        """Each recipient's NOTIFY and ORCPT, to go on to a next hop that offers DSN."""
+        env = self.envelope
+        by_address = {r.address: r for r in env.recipients}
+        options = []
+        for address in addresses:
+            rcpt = by_address.get(address)
+            if rcpt is None:
+                options.append(RcptOptions())
+                continue
+            orcpt = dsn_mod.original_recipient(rcpt.dsn_orcpt, rcpt.orig_address or address)
+            options.append(RcptOptions(rcpt.dsn_notify, orcpt))
+        return options
+
 
 @dataclass
 class Job:
@@ -108,13 +147,33 @@ class Result:
 
 
 _SAID = re.compile(r"^host \S+ said: (?P<reply>[2-5]\d\d[ -].*?)(?: \(in reply to [^)]*\))?$")
+_DELIVERY_VIA = re.compile(r"^delivery via \S+: (?P<reply>[2-5]\d\d[ -].*|[2-5]\d\d)$")
 
 
 def _diagnostic(reason: str) -> str:
     """The remote reply as received, from Postfix's ``host X said: REPLY (in reply to
-    ...)`` reason text; a local reason stays as it is (RFC 3464 Diagnostic-Code)."""
-    m = _SAID.match(reason)
+    ...)`` or ``delivery via X: REPLY`` reason text; a local reason stays as it is
+    (RFC 3464 Diagnostic-Code)."""
+    m = _SAID.match(reason) or _DELIVERY_VIA.match(reason)
     return m.group("reply") if m else reason
+
+
+def success_action(result: Result) -> str:
+    """The Action of the success notice a NOTIFY=SUCCESS recipient is owed after this
+    delivery: "delivered" by a final delivery agent, "relayed" to a next hop that did not
+    offer DSN, "" when the next hop offered DSN and the request went on with the
+    recipient (Postfix's smtp_rcpt_done(): no notice of ours then)."""
+    if result.program in FINAL_DELIVERY_AGENTS:
+        return "delivered"
+    return "" if result.rcpt.dsn_passed_on else "relayed"
+
+
+def _trace_reason(result: Result) -> str:
+    """Postfix's trace text for a success notice: ``delivery via RELAY: REASON`` (the
+    relay left out when there was none, as for discard)."""
+    if result.relay == "none":
+        return result.rcpt.reason
+    return f"delivery via {result.relay}: {result.rcpt.reason}"
 
 
 def _domain(address: str) -> str:
@@ -513,8 +572,12 @@ class Scheduler:
                                               env.size)
         attempt: Attempt = await self.delivery.deliver(
             resolution.targets, hop.label, env.sender, job.recipients, content,
-            self.settings.delivery,
+            self.settings.delivery, options=message.mail_options(),
+            rcpt_options=message.rcpt_options(job.recipients),
         )
+        if attempt.lines_broken:
+            smtp_log.info("%s: breaking line > %d bytes with <CR><LF>SPACE",
+                          message.queue_id, self.settings.delivery.line_length_limit)
         self._feedback(dest, attempt)
         return [Result(r, attempt.relay, (a, b, attempt.conn_setup_seconds, attempt.xfer_seconds))
                 for r in attempt.results]
@@ -580,8 +643,14 @@ class Scheduler:
             r = res.rcpt
             remote = res.relay.split("[")[0] if res.relay != "none" else ""
             if r.status is RcptStatus.SENT:
-                rcpts.append(replace(rcpt, state=RcptState.SENT, reason=r.reason,
-                                     dsn=r.dsn, remote_mta=remote))
+                # The success notice owed, if any, is written with the SENT state itself,
+                # so that no crash can separate the two.
+                action = (success_action(res)
+                          if dsn_mod.wants(rcpt.dsn_notify, dsn_mod.SUCCESS) else "")
+                reason = _trace_reason(res) if action else r.reason
+                rcpts.append(replace(rcpt, state=RcptState.SENT, reason=reason,
+                                     dsn=r.dsn, remote_mta=remote, dsn_action=action,
+                                     notified=False))
             elif r.status is RcptStatus.BOUNCE:
                 rcpts.append(replace(rcpt, state=RcptState.BOUNCED, reason=r.reason,
                                      dsn=r.dsn, remote_mta=remote, notified=False))
@@ -661,12 +730,7 @@ class Scheduler:
                                 reason=r.reason or "message is administratively expired",
                                 dsn=r.dsn or "4.0.0")
                         if r.state is RcptState.PENDING else r for r in env.recipients))
-                notice = yield from self._bounce(env, now)
-                if notice is not None:
-                    notices.append(notice)
-                    env = env.with_recipients(tuple(
-                        replace(r, notified=True) if r.state is RcptState.BOUNCED else r
-                        for r in env.recipients))
+                env = yield from self._notices(env, now, notices)
                 if decision.fate in (Fate.DONE, Fate.EXPIRE):
                     yield from entry.remove_steps()
                     self._log_results(message, results)
@@ -690,52 +754,84 @@ class Scheduler:
             self._log_results(message, results)
         return notices
 
-    def _bounce(self, env: Envelope, now: float) -> Steps[Envelope | None]:
-        """Queue one non-delivery notice for the bounced, not yet notified recipients."""
-        failed = [r for r in env.recipients if r.state is RcptState.BOUNCED and not r.notified]
-        if not failed or not env.sender:
-            return None  # the null sender never gets a notice: no loops, no backscatter
-        content = self.spool.read_content(env.queue_id)
-        body = bounce.make_notice(
-            kind=bounce.NoticeKind.FAILURE, queue_id=env.queue_id, sender=env.sender,
-            recipients=[bounce.FailedRecipient(r.address, r.dsn or "5.0.0",
-                                               _diagnostic(r.reason), r.remote_mta,
-                                               last_attempt=now)
-                        for r in failed],
-            original=content, arrival_time=env.arrival_time, now=now,
-            myhostname=self.settings.myhostname, mail_name=self.settings.mail_name,
-        )
-        notice = yield from self._queue_notice(env, body, now)
-        bounce_log.info("%s: sender non-delivery notification: %s", env.queue_id,
-                        notice.queue_id)
-        return notice
+    def _notices(self, env: Envelope, now: float, queued: list[Envelope]) -> Steps[Envelope]:
+        """Queue the non-delivery notice and the success notice this message owes its
+        sender, each for the recipients that asked for it (NOTIFY), and return the
+        envelope with every recipient whose notice is settled marked ``notified``.
+
+        The notices are committed first: the caller writes or removes the envelope only
+        after them, so a crash in between repeats a notice and never loses one.  The null
+        sender never gets a notice: no loops, no backscatter."""
+        bounced = [r for r in env.recipients if r.state is RcptState.BOUNCED and not r.notified]
+        succeeded = [r for r in env.recipients
+                     if r.state is RcptState.SENT and r.dsn_action and not r.notified]
+        if not bounced and not succeeded:
+            return env
+        if env.sender:
+            failed = [r for r in bounced if dsn_mod.wants(r.dsn_notify, dsn_mod.FAILURE)]
+            if failed:
+                notice = yield from self._notice(bounce.NoticeKind.FAILURE, env, failed, now)
+                queued.append(notice)
+                bounce_log.info("%s: sender non-delivery notification: %s", env.queue_id,
+                                notice.queue_id)
+            if succeeded:
+                notice = yield from self._notice(bounce.NoticeKind.SUCCESS, env, succeeded,
+                                                 now)
+                queued.append(notice)
+                bounce_log.info("%s: sender delivery status notification: %s",
+                                env.queue_id, notice.queue_id)
+        settled = {id(r) for r in bounced} | {id(r) for r in succeeded}
+        return env.with_recipients(tuple(replace(r, notified=True) if id(r) in settled else r
+                                         for r in env.recipients))
 
     def _delay_warning(self, env: Envelope, now: float) -> Steps[Envelope | None]:
-        pending = env.pending
+        """Queue the one delay warning for the pending recipients that want it."""
+        pending = [r for r in env.pending if dsn_mod.wants(r.dsn_notify, dsn_mod.DELAY)]
         if not pending or not env.sender:
             return None
-        content = self.spool.read_content(env.queue_id)
-        p = self.settings.policy
-        body = bounce.make_notice(
-            kind=bounce.NoticeKind.DELAY, queue_id=env.queue_id, sender=env.sender,
-            recipients=[bounce.FailedRecipient(r.address, r.dsn or "4.0.0",
-                                               _diagnostic(r.reason), r.remote_mta,
-                                               action="delayed",
-                                               last_attempt=now) for r in pending],
-            original=content, arrival_time=env.arrival_time, now=now,
-            myhostname=self.settings.myhostname, mail_name=self.settings.mail_name,
-            delay_warning_hours=p.delay_warning_time / 3600,
-            max_lifetime_days=p.maximal_queue_lifetime / 86400,
-        )
-        notice = yield from self._queue_notice(env, body, now)
+        notice = yield from self._notice(bounce.NoticeKind.DELAY, env, pending, now)
         bounce_log.info("%s: sender delay notification: %s", env.queue_id, notice.queue_id)
         return notice
 
-    def _queue_notice(self, env: Envelope, body: bytes, now: float) -> Steps[Envelope]:
+    def _notice(self, kind: bounce.NoticeKind, env: Envelope, rcpts: list[Recipient],
+                now: float) -> Steps[Envelope]:
+        """Build a notice of this kind about these recipients and commit it to incoming/."""
+        content = self.spool.read_content(env.queue_id)
+        smtputf8 = bounce.needs_global(content, env.smtputf8,
+                                       [env.sender, *(r.address for r in rcpts)])
+        fallback = {bounce.NoticeKind.FAILURE: "5.0.0", bounce.NoticeKind.DELAY: "4.0.0",
+                    bounce.NoticeKind.SUCCESS: "2.0.0"}[kind]
+        reported = []
+        for r in rcpts:
+            if kind is bounce.NoticeKind.SUCCESS:
+                action = r.dsn_action
+            else:
+                action = "delayed" if kind is bounce.NoticeKind.DELAY else "failed"
+            orcpt = dsn_mod.original_recipient(r.dsn_orcpt, r.orig_address or r.address)
+            reported.append(bounce.FailedRecipient(
+                r.address, r.dsn or fallback, _diagnostic(r.reason), r.remote_mta,
+                # The human-readable line is the reason as logged, as Postfix's is:
+                # "host X[IP] said: REPLY (in reply to RCPT TO command)".
+                action=action, last_attempt=now, dsn_orcpt=orcpt, text=r.reason))
+        p = self.settings.policy
+        body = bounce.make_notice(
+            kind=kind, queue_id=env.queue_id, sender=env.sender, recipients=reported,
+            original=content, arrival_time=env.arrival_time, now=now,
+            myhostname=self.settings.myhostname, mail_name=self.settings.mail_name,
+            delay_warning_hours=(p.delay_warning_time / 3600
+                                 if kind is bounce.NoticeKind.DELAY else None),
+            max_lifetime_days=p.maximal_queue_lifetime / 86400,
+            envid=env.dsn_envid, headers_only=env.dsn_ret.upper() == "HDRS",
+            smtputf8=smtputf8,
+        )
+        return (yield from self._queue_notice(env, body, now, smtputf8))
+
+    def _queue_notice(self, env: Envelope, body: bytes, now: float,
+                      smtputf8: bool = False) -> Steps[Envelope]:
         notice = Envelope(
             queue_id="", sender="", recipients=(Recipient(env.sender),), arrival_time=now,
             size=len(body), client_name="localhost", client_address="127.0.0.1",
-            protocol="local", message_id="",
+            protocol="local", message_id="", smtputf8=smtputf8,
         )
         res = self.spool.reserve()
         return (yield from self.spool.commit_steps(res, notice, [body]))

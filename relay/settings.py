@@ -156,6 +156,8 @@ def qmgr_settings(cfg: Config) -> QmgrSettings:
         tls_ca_file=cfg.str("smtp_tls_CAfile"),
         sasl_enable=cfg.bool("smtp_sasl_auth_enable"),
         sasl_credentials=sasl_credentials(cfg),  # type: ignore[arg-type]
+        send_dummy_mail_auth=cfg.bool("smtp_send_dummy_mail_auth"),
+        line_length_limit=cfg.int("smtp_line_length_limit"),
         connection_reuse_time_limit=cfg.time("smtp_connection_reuse_time_limit"),
         connection_cache_time_limit=cfg.time("smtp_connection_cache_time_limit"),
     )

@@ -45,11 +45,15 @@ class Recipient:
     dsn: str = ""  # the last enhanced status code, e.g. 4.4.1
     remote_mta: str = ""  # host name of the last server that answered for it
     orig_address: str = ""
-    notified: bool = False  # for BOUNCED: the sender's notice is safely queued
+    notified: bool = False  # BOUNCED, or SENT with dsn_action: the sender's notice is queued
     # RFC 3461, as the client gave them (xtext decoded): NOTIFY as an upper-case comma
     # list ("" = not given: FAILURE,DELAY), ORCPT as "addr-type;address".
     dsn_notify: str = ""
     dsn_orcpt: str = ""
+    # For SENT: the RFC 3464 Action ("delivered" or "relayed") of the success notice the
+    # sender asked for (NOTIFY=SUCCESS) and is owed until ``notified``; "" = none owed
+    # (not asked, or the next hop offered DSN and took the request along).
+    dsn_action: str = ""
 
     @property
     def done(self) -> bool:

@@ -10,10 +10,14 @@ Output, in Postfix's sections (``src/postcat/postcat.c``; FORMATS.md 1.5)::
     message_arrival_time: Sun Jan 21 13:32:59 2007
     create_time: Sun Jan 21 13:32:59 2007
     named_attribute: log_ident=4F2A31C0D2
+    named_attribute: envelope_id=ENVID       (RFC 3461 ENVID, when given)
+    named_attribute: ret_flags=2             (RET: 1 FULL, 2 HDRS, when given)
     sender: me@example.org
     named_attribute: client_name=localhost
     ...
-    original_recipient: you@example.com      (when the original address is known)
+    named_attribute: notify_flags=6          (NOTIFY: 1 NEVER, 2 SUCCESS, 4 FAILURE, 8 DELAY)
+    named_attribute: dsn_orig_rcpt=rfc822;you@example.com   (ORCPT, or the one made up)
+    original_recipient: you@example.com
     recipient: you@example.com               (done_recipient: once sent or bounced)
     *** MESSAGE CONTENTS deferred/4F2A31C0D2 ***
     ...header lines, the empty line, the body...
@@ -45,7 +49,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO, NoReturn, TextIO
 
-from relay import config
+from relay import config, dsn
 from spool import CorruptEntry, EntryGone, Envelope, RcptState, Spool
 from spool.store import valid_queue_id
 
@@ -101,6 +105,12 @@ def envelope_records(env: Envelope) -> Iterator[str]:
     yield f"message_arrival_time: {_asctime(env.arrival_time)}"
     yield f"create_time: {_asctime(env.arrival_time)}"
     yield f"named_attribute: log_ident={env.queue_id}"
+    # Where Postfix 3.7's queue file has them (checked against its postcat): the DSN
+    # attributes before the sender, the recipient's before the recipient.
+    if env.dsn_envid:
+        yield f"named_attribute: envelope_id={env.dsn_envid}"
+    if dsn.ret_flags(env.dsn_ret):
+        yield f"named_attribute: ret_flags={dsn.ret_flags(env.dsn_ret)}"
     yield f"sender: {env.sender}"
     attributes = [
         ("client_name", env.client_name),
@@ -114,9 +124,14 @@ def envelope_records(env: Envelope) -> Iterator[str]:
         if value:
             yield f"named_attribute: {name}={value}"
     for rcpt in env.recipients:
-        if rcpt.orig_address:
-            yield f"named_attribute: dsn_orig_rcpt=rfc822;{rcpt.orig_address}"
-            yield f"original_recipient: {rcpt.orig_address}"
+        if dsn.notify_flags(rcpt.dsn_notify):
+            yield f"named_attribute: notify_flags={dsn.notify_flags(rcpt.dsn_notify)}"
+        # Postfix has both for every recipient: the client's ORCPT or the one its smtpd
+        # makes up, which is also what relay passes on and reports.
+        original = rcpt.orig_address or rcpt.address
+        orcpt = dsn.original_recipient(rcpt.dsn_orcpt, original)
+        yield f"named_attribute: dsn_orig_rcpt={orcpt}"
+        yield f"original_recipient: {original}"
         kind = "recipient" if rcpt.state is RcptState.PENDING else "done_recipient"
         yield f"{kind}: {rcpt.address}"
 

@@ -19,8 +19,13 @@ leading mbox ``From `` line is dropped.
 Options with an argument (A B C F L N O R V X b e f h o p q r, and relay's ``-c`` for
 the configuration directory, as every relay command takes) may be attached or
 separate; flags (G I U i m t v x) may be grouped.  Options end at the first
-recipient or at ``--``, as Postfix's getopt does.  ``-odi``, ``-odb``, ``-v``, ``-N``,
-``-R``, ``-V``, ``-X`` and the like are accepted and ignored.  ``-bs`` (SMTP on stdin),
+recipient or at ``--``, as Postfix's getopt does.  The RFC 3461 requests are kept in
+the envelope as the SMTP listener keeps them: ``-N never`` or a list of ``success``,
+``failure``, ``delay`` (NOTIFY, for every recipient), ``-R hdrs|full`` (RET), ``-V
+envid`` (ENVID, at most 100 printable characters); a bad value is ignored with
+Postfix's warning (``sendmail: warning: bad -N option value -- ignored``), and ``-V``
+with two characters is Postfix's old VERP spelling, ignored with its warning.
+``-odi``, ``-odb``, ``-v``, ``-X`` and the like are accepted and ignored.  ``-bs`` (SMTP on stdin),
 ``-bd`` and ``-bv`` are not supported: submit over SMTP to smtpd_listen instead.
 
 The message is committed to the spool as the listener commits one (reserve data/ID,
@@ -56,6 +61,7 @@ from typing import BinaryIO, TextIO
 
 from relay import config as config_mod
 from relay import control
+from relay import dsn as dsn_mod
 from spool import Envelope, Recipient, Spool, SpoolError
 from spool.store import fault_hook_from
 
@@ -100,6 +106,10 @@ class Options:
     site_to_flush: str | None = None
     id_to_flush: str | None = None
     recipients: list[str] = field(default_factory=list)
+    dsn_notify: str = ""  # -N, canonical (relay.dsn)
+    dsn_ret: str = ""  # -R: FULL or HDRS
+    dsn_envid: str = ""  # -V
+    warnings: list[str] = field(default_factory=list)  # "sendmail: warning: ..." lines
 
 
 def parse_args(argv: Sequence[str]) -> Options:
@@ -113,6 +123,17 @@ def parse_args(argv: Sequence[str]) -> Options:
             break
         if arg == "-q":  # not getopt compatible: Postfix special-cases it too
             opts.mode = Mode.FLUSH
+            i += 1
+            continue
+        # Postfix 2.2's VERP spelling, which Postfix rewrites to -XV (ignored here).
+        if arg == "-V" and i + 1 < len(args) and len(args[i + 1]) == 2:
+            opts.warnings.append("option -V is deprecated with Postfix 2.3; "
+                                 "specify -XV instead")
+            i += 2
+            continue
+        if arg.startswith("-V") and len(arg) == 4:
+            opts.warnings.append(f"option {arg} is deprecated with Postfix 2.3; "
+                                 f"specify -X{arg[1:]} instead")
             i += 1
             continue
         if not arg.startswith("-") or arg == "-":
@@ -183,7 +204,29 @@ def _option(opts: Options, flag: str, value: str) -> None:
                 raise Fatal("specify: -qIqueueid", EX_USAGE)
         else:
             raise Fatal(f"-q{value[:1]} is not implemented", EX_USAGE)
-    # A B L N O R V X e h p: DSN, body type, logging and legacy options, ignored.
+    elif flag == "N":
+        notify = dsn_mod.parse_notify(value)
+        if notify is None:
+            word = dsn_mod.unknown_notify_word(value)
+            if word is not None:
+                opts.warnings.append(f'unknown DSN NOTIFY command value "{word}" in "{value}"')
+            opts.warnings.append("bad -N option value -- ignored")
+        else:
+            opts.dsn_notify = notify
+    elif flag == "R":
+        ret = dsn_mod.parse_ret(value)
+        if ret is None:
+            opts.warnings.append("bad -R option value -- ignored")
+        else:
+            opts.dsn_ret = ret
+    elif flag == "V":
+        if len(value) > 100:
+            opts.warnings.append("too long -V option value -- ignored")
+        elif not value.isprintable() or not value.isascii():
+            opts.warnings.append("bad syntax in -V option value -- ignored")
+        else:
+            opts.dsn_envid = value
+    # A B L O X e h p: body type, logging and legacy options, ignored.
 
 
 # ---- reading and rewriting the message ----------------------------------------------------
@@ -431,7 +474,8 @@ def enqueue(opts: Options, cfg: config_mod.Config, stdin: BinaryIO,
             raise Fatal(f"{who}: message file too big", EX_UNAVAILABLE)
         env = Envelope(
             queue_id=res.queue_id, sender=sender,
-            recipients=tuple(Recipient(r) for r in recipients),
+            recipients=tuple(Recipient(r, dsn_notify=opts.dsn_notify) for r in recipients),
+            dsn_envid=opts.dsn_envid, dsn_ret=opts.dsn_ret,
             arrival_time=now, size=len(content), client_name="localhost",
             client_address="127.0.0.1", protocol="local", message_id=msgid[:256],
             extra={"sender_fullname": full_name} if full_name else {},
@@ -487,6 +531,8 @@ def main(argv: Sequence[str] | None = None, *, stdin: BinaryIO | None = None,
     env = os.environ if environ is None else environ
     try:
         opts = parse_args(args)
+        for warning in opts.warnings:
+            err.write(f"sendmail: warning: {warning}\n")
         if opts.mode == Mode.IGNORE:
             return 0
         if opts.mode == Mode.MAILQ:

@@ -666,8 +666,13 @@ def test_postcat_envelope_only(catsite: tuple[Site, str]) -> None:
     _, out, _ = run_bytes(["-c", str(site.config_dir), "-e", "-q", qid])
     lines = out.decode().splitlines()
     assert lines[0] == f"*** ENVELOPE RECORDS deferred/{qid} ***"
-    assert lines[-5:] == [
+    # Every recipient with its original address and ORCPT, as in Postfix's queue files.
+    assert lines[-9:] == [
+        "named_attribute: dsn_orig_rcpt=rfc822;bob@example.net",
+        "original_recipient: bob@example.net",
         "done_recipient: bob@example.net",
+        "named_attribute: dsn_orig_rcpt=rfc822;carol@example.com",
+        "original_recipient: carol@example.com",
         "recipient: carol@example.com",
         f"*** MESSAGE CONTENTS deferred/{qid} ***",
         f"*** HEADER EXTRACTED deferred/{qid} ***",

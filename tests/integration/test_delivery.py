@@ -11,8 +11,11 @@ from typing import Any, TypeVar
 import pytest
 
 from relay.delivery import (
+    BODY_CHUNK,
     Attempt,
     DeliverySettings,
+    MailOptions,
+    RcptOptions,
     RcptStatus,
     SMTPDelivery,
     Target,
@@ -596,6 +599,102 @@ def test_dot_stuffing_and_exact_bytes() -> None:
     run(scenario())
 
 
+@pytest.mark.parametrize("size", [4000, 3 * BODY_CHUNK])
+def test_long_lines_go_out_broken_with_crlf_space(size: int) -> None:
+    """smtp_line_length_limit (998): header and body lines broken as Postfix does, in a
+    message that goes in one write and in one that goes piece by piece."""
+    subject = b"Subject: " + b"h" * 1205
+    body_line = b".x" + b"0123456789" * 150  # 1502 octets, and dot-stuffed
+    message = subject + b"\r\n\r\n" + body_line + b"\r\n"
+    message += (b"y" * 998 + b"\r\n") * (size // 1000)
+
+    async def scenario() -> None:
+        async with Peer() as peer:
+            attempt = await deliver(peer, message=message)
+            assert attempt.results[0].status is RcptStatus.SENT
+            assert attempt.lines_broken
+            (received,) = peer.messages
+            lines = received.raw_data.split(b"\r\n")
+            assert lines[0] == subject[:998]
+            assert lines[1] == b" " + subject[998:]
+            assert lines[3] == b"." + body_line[:998]  # the stuffed dot is not counted
+            assert lines[4] == b" " + body_line[998:]
+            assert all(len(line) <= 998 for i, line in enumerate(lines) if i != 3)
+            # What the peer keeps is Postfix's: the continuations are part of the message.
+            assert received.data.replace(b"\r\n ", b"") == message
+            assert received.mail_params[0] == f"SIZE={len(message)}"
+
+    run(scenario())
+
+
+def test_line_length_limit_zero_sends_lines_as_they_are() -> None:
+    message = b"Subject: x\r\n\r\n" + b"z" * 5000 + b"\r\n"
+
+    async def scenario() -> None:
+        async with Peer() as peer:
+            attempt = await deliver(peer, message=message,
+                                    settings=replace(SETTINGS, line_length_limit=0))
+            assert not attempt.lines_broken
+            assert peer.messages[0].data == message
+
+    run(scenario())
+
+
+def test_dsn_parameters_only_to_a_server_that_offers_dsn() -> None:
+    options = MailOptions(envid="id+1 x", ret="HDRS")
+    per_rcpt = [RcptOptions("SUCCESS,FAILURE", "rfc822;b=b@example.com"),
+                RcptOptions("", "rfc822;c@example.com"), RcptOptions("NEVER", "")]
+    recipients = ["b@example.com", "c@example.com", "d@example.com"]
+
+    async def scenario() -> None:
+        for offered in (True, False):
+            async with Peer(PeerScript(dsn=offered)) as peer:
+                client = SMTPDelivery()
+                try:
+                    attempt = await client.deliver([target(peer)], "example.com", SENDER,
+                                                   recipients, MESSAGE, SETTINGS,
+                                                   options=options, rcpt_options=per_rcpt)
+                finally:
+                    await client.close()
+                assert [r.status for r in attempt.results] == [RcptStatus.SENT] * 3
+                assert [r.dsn_passed_on for r in attempt.results] == [offered] * 3
+                lines = [c.line for c in peer.sessions[0].commands]
+                mail = next(line for line in lines if line.startswith("MAIL"))
+                rcpts = [line for line in lines if line.startswith("RCPT")]
+                if offered:
+                    assert mail.endswith(" ENVID=id+2B1+20x RET=HDRS")
+                    assert rcpts == [
+                        ("RCPT TO:<b@example.com> ORCPT=rfc822;b+3Db@example.com"
+                         " NOTIFY=SUCCESS,FAILURE"),
+                        "RCPT TO:<c@example.com> ORCPT=rfc822;c@example.com",
+                        "RCPT TO:<d@example.com> NOTIFY=NEVER",
+                    ]
+                else:
+                    assert "ENVID" not in mail and "RET" not in mail
+                    assert rcpts == [f"RCPT TO:<{r}>" for r in recipients]
+
+    run(scenario())
+
+
+def test_smtputf8_requested_goes_on_where_offered() -> None:
+    """As Postfix: the client's SMTPUTF8 request goes on to a server that offers it, even
+    with ASCII addresses; a server without it gets the message all the same."""
+    async def scenario() -> None:
+        for offered in (True, False):
+            async with Peer(PeerScript(smtputf8=offered)) as peer:
+                client = SMTPDelivery()
+                try:
+                    attempt = await client.deliver([target(peer)], "example.com", SENDER,
+                                                   ["b@example.com"], MESSAGE, SETTINGS,
+                                                   options=MailOptions(smtputf8=True))
+                finally:
+                    await client.close()
+                assert attempt.results[0].status is RcptStatus.SENT
+                assert ("SMTPUTF8" in peer.messages[0].mail_params) is offered
+
+    run(scenario())
+
+
 def test_no_body_parameter_without_8bitmime_or_8bit_content() -> None:
     async def scenario() -> None:
         async with Peer(PeerScript(eightbitmime=False)) as peer:
@@ -822,10 +921,28 @@ def test_auth_with_credentials(mechanisms: tuple[str, ...]) -> None:
             assert attempt.results[0].status is RcptStatus.SENT
             (message,) = peer.messages
             assert message.auth_user == "relayuser"
-            assert "AUTH=<>" in message.mail_params
+            # smtp_send_dummy_mail_auth = no (the default): no AUTH=<> on MAIL FROM.
+            assert "AUTH=<>" not in message.mail_params
             assert asked == [("[smarthost.test]:587", "127.0.0.1", peer.port)]
             verb = peer.sessions[0].commands[1].line
             assert verb.startswith(f"AUTH {mechanisms[0]}")
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("dummy", [False, True])
+def test_dummy_mail_auth_only_when_configured(dummy: bool) -> None:
+    """Postfix sends MAIL FROM:<...> AUTH=<> only with smtp_send_dummy_mail_auth = yes."""
+    script = PeerScript(auth_mechanisms=("PLAIN",), credentials=("relayuser", "s3cret"))
+
+    async def scenario() -> None:
+        async with Peer(script) as peer:
+            settings = replace(SETTINGS, sasl_enable=True, send_dummy_mail_auth=dummy,
+                               sasl_credentials=lambda label, t: ("relayuser", "s3cret"))
+            attempt = await deliver(peer, settings=settings)
+            assert attempt.results[0].status is RcptStatus.SENT
+            mail = next(c.line for c in peer.sessions[0].commands if c.line.startswith("MAIL"))
+            assert mail.endswith(" AUTH=<>") is dummy
 
     run(scenario())
 

@@ -104,6 +104,7 @@ class CountingDelivery(SMTPDelivery):
         recipients: Sequence[str],
         message: bytes,
         settings: DeliverySettings,
+        **options: Any,
     ) -> Attempt:
         self.in_flight[nexthop_label] += 1
         self.total += 1
@@ -111,7 +112,7 @@ class CountingDelivery(SMTPDelivery):
         self.peak_total = max(self.peak_total, self.total)
         try:
             return await super().deliver(
-                targets, nexthop_label, sender, recipients, message, settings
+                targets, nexthop_label, sender, recipients, message, settings, **options
             )
         finally:
             self.in_flight[nexthop_label] -= 1

@@ -97,6 +97,7 @@ class PeerScript:
     size: int | None = 10240000  # SIZE keyword and its limit; None: not offered
     eightbitmime: bool = True
     smtputf8: bool = False
+    dsn: bool = False  # offer DSN (RFC 3461)
     enhancedstatuscodes: bool = True
     starttls: bool = False  # offer STARTTLS (the Peer needs a tls_context)
     starttls_reply: Stage = Reply(220, "2.0.0 Ready to start TLS")
@@ -136,6 +137,8 @@ class PeerScript:
             keywords.append("8BITMIME")
         if self.smtputf8:
             keywords.append("SMTPUTF8")
+        if self.dsn:
+            keywords.append("DSN")
         return Reply(250, "\n".join(keywords))
 
 

@@ -500,3 +500,104 @@ def test_message_id_hint_cannot_break_the_header() -> None:
     msg = parse(notice(new_queue_id_hint="7E6D> <x@evil\r\nX-Evil: 1"))
     assert msg["X-Evil"] is None
     assert re.fullmatch(r"<\d{14}\.[^<>\s]+@mx1\.example\.org>", msg["Message-Id"])
+
+
+# --- RFC 3461 and RFC 6533 ------------------------------------------------------------------
+
+RELAYED = FailedRecipient(
+    "w@nodsn.test", "2.0.0", "250 2.0.0 Ok", "127.0.0.1", action="relayed",
+    dsn_orcpt="rfc822;w@nodsn.test",
+    text="delivery via 127.0.0.1[127.0.0.1]:36265: 250 2.0.0 Ok",
+)
+
+
+def test_success_notice_is_postfix_success_report() -> None:
+    """Compare tests/golden/postfix-3.7/dsn-relayed-notice.txt."""
+    raw = notice(kind=NoticeKind.SUCCESS, recipients=[RELAYED], envid="bar-envid-2")
+    assert_crlf_only(raw)
+    msg = parse(raw)
+    assert msg["Subject"] == "Successful Mail Delivery Report"
+    text = text_of(msg)
+    assert text.replace("\r\n", "\n").endswith(
+        "Your message was successfully delivered to the destination(s)\n"
+        "listed below. If the message was delivered to mailbox you will\n"
+        "receive no further notifications. Otherwise you may still receive\n"
+        "notifications of mail delivery errors from other systems.\n\n"
+        "                   The mail system\n\n"
+        "<w@nodsn.test>: delivery via 127.0.0.1[127.0.0.1]:36265: 250 2.0.0 Ok\n")
+    per_message, w = field_groups(msg)
+    assert list(per_message.keys())[:2] == ["Reporting-MTA", "Original-Envelope-Id"]
+    assert per_message["Original-Envelope-Id"] == "bar-envid-2"
+    assert [(k, w[k]) for k in list(w.keys())[:6]] == [
+        ("Final-Recipient", "rfc822; w@nodsn.test"),
+        ("Original-Recipient", "rfc822;w@nodsn.test"),
+        ("Action", "relayed"),
+        ("Status", "2.0.0"),
+        ("Remote-MTA", "dns; 127.0.0.1"),
+        ("Diagnostic-Code", "smtp; 250 2.0.0 Ok"),
+    ]
+    returned = parts(msg)[2]
+    assert returned.get_content_type() == "text/rfc822-headers"
+    assert returned["Content-Description"] == "Message Headers"
+    assert b"BODY-MARKER" not in raw
+
+
+def test_ret_hdrs_returns_only_the_headers_of_a_bounce() -> None:
+    raw = notice(headers_only=True)
+    returned = parts(parse(raw))[2]
+    assert returned.get_content_type() == "text/rfc822-headers"
+    assert returned["Content-Description"] == "Undelivered Message Headers"
+    assert b"BODY-MARKER" not in raw
+    assert b"Subject: quarterly figures\r\n" in raw
+
+
+def test_original_recipient_is_the_orcpt_verbatim() -> None:
+    dave = FailedRecipient("dave@example.com", "5.2.2", DAVE_REPLY,
+                           original_address="David@alias.example.org",
+                           dsn_orcpt="rfc822;Dave+2B@Example.COM")
+    (_, group) = field_groups(parse(notice(recipients=[dave])))
+    assert group["Original-Recipient"] == "rfc822;Dave+2B@Example.COM"
+
+
+def test_envid_cannot_add_fields() -> None:
+    raw = notice(envid="x\r\nAction: delivered")
+    per_message = field_groups(parse(raw))[0]
+    assert per_message["Original-Envelope-Id"] == "x Action: delivered"
+    assert per_message["Action"] is None
+
+
+UTF8_ORIGINAL = "Subject: Grüße\r\nFrom: jörg@example.org\r\n\r\nHallo.\r\n".encode()
+
+
+@pytest.mark.parametrize("kind", [NoticeKind.FAILURE, NoticeKind.DELAY, NoticeKind.SUCCESS])
+def test_global_notice_for_an_smtputf8_message(kind: NoticeKind) -> None:
+    zoe = FailedRecipient("zoë@example.com", "5.1.1", "550 5.1.1 no", "mx.example.com",
+                          action="relayed" if kind is NoticeKind.SUCCESS else "failed",
+                          dsn_orcpt="utf-8;zoë@example.com")
+    raw = notice(kind=kind, recipients=[zoe], original=UTF8_ORIGINAL, smtputf8=True,
+                 sender="jörg@example.org")
+    full = kind is NoticeKind.FAILURE
+    assert "\r\nTo: jörg@example.org\r\n".encode() in raw  # RFC 6532: UTF-8 in headers
+    assert b"Content-Type: message/global-delivery-status\r\n" \
+        b"Content-Transfer-Encoding: 8bit\r\n" in raw
+    assert ("Final-Recipient: utf-8; zoë@example.com\r\n"
+            "Original-Recipient: utf-8;zoë@example.com\r\n").encode() in raw
+    assert "X-Relay-Sender: utf-8; jörg@example.org\r\n".encode() in raw
+    if full:
+        assert b"Content-Type: message/global\r\n" in raw
+        assert UTF8_ORIGINAL in raw
+    else:
+        assert b"Content-Type: message/global-headers\r\n" in raw
+        assert b"Hallo." not in raw
+    assert b"message/delivery-status" not in raw and b"rfc822-headers" not in raw
+
+
+def test_needs_global() -> None:
+    from relay.bounce import needs_global
+
+    assert needs_global(ORIGINAL, True)
+    assert not needs_global(ORIGINAL, False)
+    assert needs_global(UTF8_ORIGINAL, False)
+    assert needs_global(ORIGINAL, False, ["zoë@example.com"])
+    # 8-bit text in the body alone does not need it: message/rfc822 may carry 8bit.
+    assert not needs_global(ORIGINAL + "é\r\n".encode(), False)

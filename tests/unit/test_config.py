@@ -54,6 +54,8 @@ EXPECTED_DEFAULTS = {
     "smtp_tls_security_level": "",
     "smtp_sasl_auth_enable": "no",
     "smtp_sasl_password_maps": "",
+    "smtp_send_dummy_mail_auth": "no",
+    "smtp_line_length_limit": "998",
     "default_destination_recipient_limit": "50",
     "smtp_connect_timeout": "30s",
     "smtp_helo_timeout": "300s",
