@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/relay serve
+	$(BIN)/relay serve -c conf/laptop
 
 $(TESTSTAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e '.[speed,pytest,test]'

@@ -337,6 +337,8 @@ _TABLE = (
     Parameter("transport_maps", "", _L),
     Parameter("relayhost", "", _L),
     Parameter("default_transport", "smtp", _S),
+    Parameter("soft_bounce", "no", _B),
+    Parameter("defer_transports", "", _L),
     Parameter("dns_nameservers", "", _H, hostport=NAMESERVER),  # extension
     Parameter("smtp_connect_timeout", "30s", _T),
     Parameter("smtp_helo_timeout", "300s", _T),

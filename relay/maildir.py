@@ -139,7 +139,7 @@ class Maildir:
             directory = os.path.join(self.path, sub)
             try:
                 names = os.listdir(directory)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 continue
             for name in names:
                 if not name.startswith("."):

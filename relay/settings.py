@@ -41,6 +41,7 @@ def smtpd_settings(cfg: Config) -> SmtpdSettings:
         bare_newline_exclusions=cfg.network_matcher("smtpd_forbid_bare_newline_exclusions"),
         bare_newline_reject_code=_reject_code(cfg, "smtpd_forbid_bare_newline_reject_code"),
         mail_name=cfg.str("mail_name"),
+        soft_bounce=cfg.bool("soft_bounce"),
         **_smtpd_security(cfg),
     )
 
@@ -81,6 +82,8 @@ def _smtpd_security(cfg: Config) -> dict[str, Any]:
         "anvil_rate_time_unit": cfg.time("anvil_rate_time_unit"),
         "event_limit_exceptions": cfg.network_matcher("smtpd_client_event_limit_exceptions"),
         "hard_error_limit": cfg.int("smtpd_hard_error_limit"),
+        "soft_error_limit": cfg.int("smtpd_soft_error_limit"),
+        "error_sleep_time": cfg.time("smtpd_error_sleep_time"),
         "hopcount_limit": cfg.int("hopcount_limit"),
         "session_time_limit": cfg.time("smtpd_session_time_limit"),
         "greet_wait": cfg.time("postscreen_greet_wait"),
@@ -160,6 +163,7 @@ def qmgr_settings(cfg: Config) -> QmgrSettings:
         line_length_limit=cfg.int("smtp_line_length_limit"),
         connection_reuse_time_limit=cfg.time("smtp_connection_reuse_time_limit"),
         connection_cache_time_limit=cfg.time("smtp_connection_cache_time_limit"),
+        mx_session_limit=cfg.int("smtp_mx_session_limit"),
     )
     return QmgrSettings(
         myhostname=cfg.str("myhostname"),
@@ -171,12 +175,15 @@ def qmgr_settings(cfg: Config) -> QmgrSettings:
         initial_concurrency=cfg.int("initial_destination_concurrency"),
         process_limit=cfg.int("default_process_limit"),
         failed_cohort_limit=float(cfg.int("default_destination_concurrency_failed_cohort_limit")),
+        soft_bounce=cfg.bool("soft_bounce"),
+        defer_transports=frozenset(t.lower() for t in cfg.list("defer_transports")),
         policy=Policy(
             minimal_backoff_time=cfg.time("minimal_backoff_time"),
             maximal_backoff_time=cfg.time("maximal_backoff_time"),
             maximal_queue_lifetime=cfg.time("maximal_queue_lifetime"),
             bounce_queue_lifetime=cfg.time("bounce_queue_lifetime"),
             delay_warning_time=cfg.time("delay_warning_time"),
+            soft_bounce=cfg.bool("soft_bounce"),
         ),
         delivery=delivery,
     )

@@ -74,11 +74,17 @@ def _script(spec: FaultSpec) -> Script:
 
 
 class SmtpRelay:
-    """One ``relay serve`` with its own spool under ``base``."""
+    """One ``relay serve`` with its own spool under ``base``.
+
+    Its main.cf is TEST_PARAMS, a private ``queue_directory`` and ``maillog_file``,
+    ``smtpd_listen = 127.0.0.1:0``, then ``params``; or ``main_cf``, a whole file of the
+    caller's written as it is (it should listen on port 0 and name its own spool).
+    """
 
     def __init__(self, base: str | os.PathLike[str], params: Mapping[str, str] | None = None,
                  *, faults: FaultSpec | None = None, capture: bool = True,
-                 http: bool = False, env: Mapping[str, str] | None = None) -> None:
+                 http: bool = False, env: Mapping[str, str] | None = None,
+                 main_cf: str | None = None) -> None:
         self.base = Path(base)
         self.config_dir = self.base / "etc"
         self.queue_directory = self.base / "spool"
@@ -103,6 +109,7 @@ class SmtpRelay:
         if http:
             self.params["http_listen"] = "127.0.0.1:0"
         self.params.update(params or {})
+        self.main_cf = main_cf  # written as it is, instead of params
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -116,7 +123,8 @@ class SmtpRelay:
             self.params.setdefault("relayhost", f"[127.0.0.1]:{self.sink.port}")
         self.config_dir.mkdir(parents=True, exist_ok=True)
         (self.config_dir / "main.cf").write_text(
-            "".join(f"{name} = {value}\n" for name, value in self.params.items()))
+            self.main_cf if self.main_cf is not None
+            else "".join(f"{name} = {value}\n" for name, value in self.params.items()))
         ready = self.base / f"ready.{time.monotonic_ns()}.json"
         argv = [sys.executable, "-c", _BOOTSTRAP, "serve", "-c", str(self.config_dir),
                 "--ready-file", str(ready)]

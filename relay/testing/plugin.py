@@ -38,9 +38,9 @@ def _factory(base: Path) -> tuple[RelayFactory, list[SmtpRelay]]:
 
     def make(params: Mapping[str, str] | None = None, *, faults: FaultSpec | None = None,
              capture: bool = True, http: bool = False,
-             env: Mapping[str, str] | None = None) -> SmtpRelay:
+             env: Mapping[str, str] | None = None, main_cf: str | None = None) -> SmtpRelay:
         relay = SmtpRelay(base / f"relay{len(started)}", params, faults=faults,
-                          capture=capture, http=http, env=env)
+                          capture=capture, http=http, env=env, main_cf=main_cf)
         started.append(relay)
         return relay.start()
 

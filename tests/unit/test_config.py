@@ -108,6 +108,8 @@ EXPECTED_DEFAULTS = {
     "smtpd_auth_failure_delay": "1s",
     "capture_maildir": "",
     "default_transport": "smtp",
+    "soft_bounce": "no",
+    "defer_transports": "",
     "fault_injection": "",
     "http_listen": "",
     "http_admin": "no",
