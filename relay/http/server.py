@@ -99,7 +99,9 @@ def host_allowed(host_header: str, myhostname: str) -> bool:
     """Whether ``Host`` names this server: an IP literal, localhost, or $myhostname."""
     host = host_header.strip().lower()
     if host.startswith("["):
-        host = host[1:].partition("]")[0]
+        host, bracket, _ = host[1:].partition("]")
+        if not bracket:
+            return False
     elif host.count(":") == 1:
         host = host.partition(":")[0]
     host = host.rstrip(".")
