@@ -146,7 +146,8 @@ class Sink:
             await self._converse(session, reader, writer)
         except (_Closed, ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
-        except asyncio.LimitOverrunError:
+        except (asyncio.LimitOverrunError, ValueError):
+            # readline() says ValueError when a line outgrows LINE_LIMIT.
             with contextlib.suppress(ConnectionError):
                 writer.write(b"500 5.5.0 Error: line too long\r\n")
         except asyncio.CancelledError:

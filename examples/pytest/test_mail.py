@@ -26,7 +26,7 @@ def test_welcome_mail_is_delivered(smtp_relay):
     assert message["Subject"] == "Welcome"
     assert message["Delivered-To"] == "ann@example.net"
     assert message.get_content() == "Your account is ready.\n"
-    assert smtp_relay.queue() == []  # postqueue -j: nothing left waiting
+    assert smtp_relay.wait_queue() == []  # postqueue -j: nothing left waiting
     assert "status=sent (delivered to maildir)" in smtp_relay.log()
 
 
@@ -62,7 +62,7 @@ def test_provider_throttling_keeps_mail_queued(smtp_relay_factory):
     assert "421-4.7.28" in queued["recipients"][0]["delay_reason"]
     relay.flush()  # postqueue -f
     relay.wait_for(1)
-    assert relay.queue() == []
+    assert relay.wait_queue() == []
 
 
 def test_greylisting(smtp_relay_factory):

@@ -100,7 +100,7 @@ def test_defer_transports_hold_mail_until_a_flush(smtp_relay_factory: Factory) -
     assert [r["queue_id"] for r in relay.queue()] == [records[1]["queue_id"]]
     relay.flush()  # postqueue -f: the rest
     relay.wait_for(2)
-    assert relay.queue() == []
+    assert relay.wait_queue() == []
 
 
 def test_defer_transports_names_any_transport(smtp_relay_factory: Factory) -> None:
