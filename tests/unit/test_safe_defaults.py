@@ -73,3 +73,20 @@ def test_default_listener_is_on_both_loopbacks() -> None:
 ])
 def test_closest_name(typo: str, meant: str) -> None:
     assert config.closest_name(typo) == meant
+
+
+def test_postconf_n_warns_the_same_way(tmp_path: Path) -> None:
+    import io
+
+    from relay.cli import postconf
+
+    write(tmp_path, "relay_host = [smtp.example.com]:587\nmynetworks = 127.0.0.0/8\n")
+    out, err = io.StringIO(), io.StringIO()
+    assert postconf.main(["-n", "-c", str(tmp_path)], environ={}, stdout=out, stderr=err) == 0
+    assert err.getvalue() == (f"postconf: warning: {tmp_path}/main.cf, line 1: unused parameter: "
+                              "relay_host=[smtp.example.com]:587 (did you mean relayhost?)\n")
+    assert "relay_host = [smtp.example.com]:587" in out.getvalue()
+    err = io.StringIO()
+    postconf.main(["relay_host"], environ={}, stdout=io.StringIO(), stderr=err)
+    assert err.getvalue() == ("postconf: warning: relay_host: unknown parameter "
+                              "(did you mean relayhost?)\n")
