@@ -227,7 +227,7 @@ async def run(config_dir: str | None, cfg: Config, overrides: dict[str, str] | N
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, daemon.reload)
-    capture = cfg.str("capture_maildir")
+    capture = os.path.normpath(cfg.str("capture_maildir")) if cfg.str("capture_maildir") else ""
     log.info("daemon started -- version %s, configuration %s%s", _version(),
              cfg.path or "(built-in defaults)",
              f", capture mode: all mail to the Maildir {capture}, none leaves this machine"
