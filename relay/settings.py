@@ -32,6 +32,7 @@ def smtpd_settings(cfg: Config) -> SmtpdSettings:
         banner=cfg.str("smtpd_banner"),
         mynetworks=cfg.network_matcher("mynetworks"),
         relay_domains=cfg.list("relay_domains"),
+        fast_flush_domains=cfg.list("fast_flush_domains"),
         message_size_limit=cfg.int("message_size_limit"),
         queue_minfree=cfg.int("queue_minfree"),
         recipient_limit=cfg.int("smtpd_recipient_limit"),

@@ -30,34 +30,32 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import NoReturn, TextIO
+from typing import TextIO
 
 from relay import capture
 from relay import config as config_mod
+from relay.cli.command import (
+    EX_FATAL,
+    EX_OK,
+    EX_TEMPFAIL,
+    EX_USAGE,
+    Fatal,
+    Parser,
+    UsageError,
+    run,
+)
 from relay.maildir import Captured
 
-EX_OK = 0
-EX_FATAL = 1
-EX_USAGE = 64
-EX_TEMPFAIL = 75
+PROG = "relay capture"
 POLL_SECONDS = 0.1
 
 
-class _Usage(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise _Usage(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="relay capture", description="the captured mail, oldest first")
+    p = Parser(prog=PROG, description="the captured mail, oldest first")
     p.add_argument("-c", dest="config_dir", metavar="CONFIG_DIR")
     p.add_argument("--maildir", action="append", default=[], metavar="DIR",
                    help="read this Maildir instead of the ones main.cf names")
-    sub = p.add_subparsers(dest="verb", metavar="COMMAND", parser_class=_Parser)
+    sub = p.add_subparsers(dest="verb", metavar="COMMAND", parser_class=Parser)
     ls = sub.add_parser("ls", help="list the messages")
     ls.add_argument("--json", action="store_true", help="one Mailpit summary per line")
     ls.add_argument("--match", default="", metavar="QUERY")
@@ -98,36 +96,34 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
          stderr: TextIO | None = None) -> int:
     out = stdout or sys.stdout
     err = stderr or sys.stderr
-    try:
-        ns = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    except _Usage as exc:
-        print(f"relay capture: fatal: {exc}", file=err)
-        return EX_USAGE
-    if ns.verb is None:
-        print("relay capture: fatal: a command is needed: ls, show, rm, clear or wait", file=err)
-        return EX_USAGE
-    paths = [os.path.abspath(p) for p in ns.maildir]
-    if not paths:
+
+    def body() -> int:
         try:
-            paths = maildirs_from_config(ns.config_dir)
-        except (config_mod.ConfigError, ValueError) as exc:
-            print(f"relay capture: fatal: {exc}", file=err)
-            return EX_FATAL
-    if not paths:
-        print("relay capture: fatal: no Maildir: main.cf names none (capture_maildir, or a "
-              "maildir: next hop); give --maildir DIR", file=err)
-        return EX_FATAL
-    box = Captured(paths)
-    try:
-        if ns.verb in ("ls", "wait"):
-            capture.check_query(ns.match)
-        return _run(ns, box, out, err)
-    except capture.BadQuery as exc:
-        print(f"relay capture: fatal: --match: {exc}", file=err)
-        return EX_USAGE
-    except OSError as exc:
-        print(f"relay capture: fatal: {exc}", file=err)
-        return EX_FATAL
+            ns = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+        except UsageError as exc:
+            raise Fatal(str(exc), EX_USAGE) from None
+        if ns.verb is None:
+            raise Fatal("a command is needed: ls, show, rm, clear or wait", EX_USAGE)
+        paths = [os.path.abspath(p) for p in ns.maildir]
+        if not paths:
+            try:
+                paths = maildirs_from_config(ns.config_dir)
+            except (config_mod.ConfigError, ValueError) as exc:
+                raise Fatal(str(exc)) from None
+        if not paths:
+            raise Fatal("no Maildir: main.cf names none (capture_maildir, or a maildir: next "
+                        "hop); give --maildir DIR")
+        try:
+            if ns.verb in ("ls", "wait"):
+                capture.check_query(ns.match)
+        except capture.BadQuery as exc:
+            raise Fatal(f"--match: {exc}", EX_USAGE) from None
+        try:
+            return _run(ns, Captured(paths), out, err)
+        except OSError as exc:
+            raise Fatal(str(exc)) from None
+
+    return run(PROG, body, stdout=out, stderr=err)
 
 
 def _run(ns: argparse.Namespace, box: Captured, out: TextIO, err: TextIO) -> int:
@@ -138,8 +134,7 @@ def _run(ns: argparse.Namespace, box: Captured, out: TextIO, err: TextIO) -> int
     if ns.verb == "show":
         raw = box.read(ns.id)
         if raw is None:
-            print(f"relay capture: fatal: {ns.id}: no such message", file=err)
-            return EX_FATAL
+            raise Fatal(f"{ns.id}: no such message")
         out.flush()
         buffer = getattr(out, "buffer", None)
         if buffer is not None:

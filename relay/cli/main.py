@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from relay.cli.command import EX_USAGE
 from relay.config import config_dir_from
 
 
@@ -56,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return daemon.serve(config_dir_from(ns.config_dir), capture=ns.capture,
                             ready_file=ns.ready_file)
     parser.print_usage(sys.stderr)
-    return 64
+    return EX_USAGE
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Exit status: 0 after a signal; 1 when it cannot listen; 64 for a bad argument or
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -23,35 +22,28 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
 
 from relay import faults
+from relay.cli.command import EX_OK, EX_USAGE, Fatal, Parser, UsageError, run
 from relay.sink import Sink
 
-EX_OK = 0
-EX_FATAL = 1
-EX_USAGE = 64
-
-
-class _Usage(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise _Usage(message)
+PROG = "relay sink"
 
 
 def _listen(text: str) -> tuple[str, int]:
     host, colon, port = text.rpartition(":")
     host = host.strip("[]")
     if not colon or not host or not port.isdigit() or int(port) > 65535:
-        raise _Usage(f"--listen {text!r}: HOST:PORT or [IPV6]:PORT expected")
+        raise UsageError(f"--listen {text!r}: HOST:PORT or [IPV6]:PORT expected")
     return host, int(port)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = _Parser(prog="relay sink", description="a scriptable SMTP sink with faults")
+    return run(PROG, lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    p = Parser(prog=PROG, description="a scriptable SMTP sink with faults")
     p.add_argument("--listen", default="127.0.0.1:2526", metavar="HOST:PORT")
     p.add_argument("--maildir", metavar="DIR", help="store accepted mail in this Maildir")
     p.add_argument("--script", metavar="FILE", help="the faults (TOML, or JSON: *.json)")
@@ -62,9 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns = p.parse_args(list(sys.argv[1:] if argv is None else argv))
         host, port = _listen(ns.listen)
         script = faults.load(ns.script) if ns.script else faults.Script()
-    except (_Usage, faults.ScriptError) as exc:
-        print(f"relay sink: fatal: {exc}", file=sys.stderr)
-        return EX_USAGE
+    except (UsageError, faults.ScriptError) as exc:
+        raise Fatal(str(exc), EX_USAGE) from None
     if not ns.quiet:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("relay sink: %(message)s"))
@@ -77,8 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_serve(Sink(script, maildir, host=host, port=port), ns.script,
                                   ns.ready_file))
     except OSError as exc:
-        print(f"relay sink: fatal: listen {ns.listen}: {exc.strerror or exc}", file=sys.stderr)
-        return EX_FATAL
+        raise Fatal(f"listen {ns.listen}: {exc.strerror or exc}") from None
 
 
 def _write_ready_file(path: str, address: str) -> None:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from relay.auth import PasswordFile
-from relay.config import NetworkMatcher, domain_in_list
+from relay.config import NetworkMatcher, domain_in_list, valid_hostname
 from relay.smtpd import replies
 
 # RFC 5321 §4.5.3.1.1 and §4.5.3.1.3.
@@ -55,6 +55,7 @@ LAST_IN_GROUP = frozenset({"EHLO", "HELO", "DATA", "VRFY", "EXPN", "TURN", "NOOP
 BEFORE_STARTTLS = frozenset({"EHLO", "HELO", "NOOP", "QUIT", "STARTTLS", "RSET"})
 
 _CTRL = re.compile(r"[\x00-\x1f\x7f]")
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # undecodable octets, kept by surrogateescape
 # RFC 5321 §4.1.2 Local-part: a dot-string of atext (RFC 6531: UTF-8 too), or a quoted
 # string.  Postfix is lenient about the dots, and so are we.
 _LOCAL = re.compile(r'[A-Za-z0-9!#$%&\'*+/=?^_`{|}~.\x80-\U0010ffff-]+|"(?:[^"\\]|\\.)*"')
@@ -73,6 +74,7 @@ class SmtpdSettings:
         default_factory=lambda: NetworkMatcher(((False, ipaddress.ip_network("127.0.0.0/8")),
                                                 (False, ipaddress.ip_network("::1/128")))))
     relay_domains: Sequence[str] = ()
+    fast_flush_domains: Sequence[str] = ()  # the sites ETRN may flush
     message_size_limit: int = 10240000
     queue_minfree: int = 0
     recipient_limit: int = 1000
@@ -249,6 +251,21 @@ def _closing_bracket(text: str) -> int:
     return -1
 
 
+def etrn_site(arg: str) -> str | None:
+    """The site of ``ETRN site`` (RFC 1985; a leading ``@`` or ``#`` dropped): a host name
+    or an address literal; None if it is neither."""
+    site = arg[1:] if arg[:1] in ("@", "#") else arg
+    if site.startswith("[") and site.endswith("]"):
+        literal = site[1:-1]
+        literal = literal[5:] if literal[:5].lower() == "ipv6:" else literal
+        try:
+            ipaddress.ip_address(literal)
+        except ValueError:
+            return None
+        return site
+    return site if valid_hostname(site.rstrip(".")) else None
+
+
 def split_address(address: str) -> tuple[str, str]:
     local, at, domain = address.rpartition("@")
     if not at:
@@ -259,7 +276,7 @@ def split_address(address: str) -> tuple[str, str]:
 def address_error(address: str, sender: bool) -> str | None:
     """The 501 reply for a malformed envelope address, or None."""
     bad = replies.BAD_SENDER if sender else replies.BAD_RECIPIENT
-    if _CTRL.search(address) or "<" in address or ">" in address:
+    if _CTRL.search(address) or "<" in address or ">" in address or _NOT_UTF8.search(address):
         return bad
     if len(address.encode("utf-8", "surrogateescape")) > MAX_PATH:
         return f"{bad}: address too long"
