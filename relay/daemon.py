@@ -35,7 +35,8 @@ from relay import config as config_mod
 from relay import log as maillog
 from relay.config import Config, ConfigError
 from relay.loop import run_loop
-from relay.settings import qmgr_settings, resolver_for, router_for, sasl_credentials, smtpd_settings
+from relay.routing import router_for
+from relay.settings import qmgr_settings, resolver_for, sasl_credentials, smtpd_settings
 from relay.smtpd.listener import Listener
 from spool import Envelope, Spool
 from spool.fsync import Syncer

@@ -33,8 +33,9 @@ from relay import log as maillog
 from relay.config import Config, ConfigError
 from relay.delivery import SMTPDelivery
 from relay.loop import run_loop
+from relay.routing import router_for
 from relay.scheduler import Scheduler
-from relay.settings import qmgr_settings, resolver_for, router_for
+from relay.settings import qmgr_settings, resolver_for
 from spool import Spool
 from spool.fsync import Syncer
 from spool.store import fault_hook_from

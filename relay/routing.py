@@ -31,6 +31,7 @@ import re
 import socket
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import dns.asyncresolver
 import dns.exception
@@ -41,6 +42,9 @@ import dns.rdtypes.ANY.MX
 import dns.rdtypes.IN.A
 import dns.rdtypes.IN.AAAA
 import dns.resolver
+
+if TYPE_CHECKING:
+    from relay.config import Config
 
 __all__ = [
     "Failure",
@@ -573,6 +577,15 @@ class Router:
             except RouteError:
                 pass  # a malformed literal fails at DNS time, with a reason the sender can read
         return NextHop(Transport.SMTP, domain, SMTP_PORT, True)
+
+
+def router_for(cfg: Config) -> Router:
+    """The Router main.cf describes: transport_maps, relayhost, default_transport and
+    capture_maildir (here rather than in relay.settings so that commands such as relay
+    capture can find the Maildirs without importing the daemon's parts)."""
+    return Router(cfg.list("transport_maps"), cfg.str("relayhost"),
+                  default_transport=cfg.str("default_transport"),
+                  capture=cfg.str("capture_maildir"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 It owns the translation from main.cf parameters (relay.config's Config) to the records
 each part runs on: the listener's ``SmtpdSettings`` (with its TLS context and password
 file), the queue manager's ``QmgrSettings`` (with the SMTP client's ``DeliverySettings``
-and the SASL client credentials), the ``Router`` of transport_maps and relayhost, and the
-DNS ``Resolver``.  Both daemon processes, ``relay serve`` (relay.daemon) and the queue
-manager (relay.qmgrd), build what they need from here, so neither imports the other.
+and the SASL client credentials), and the DNS ``Resolver``; the ``Router`` of
+transport_maps, relayhost, default_transport and capture_maildir is
+relay.routing.router_for().  Both daemon processes, ``relay serve`` (relay.daemon) and the
+queue manager (relay.qmgrd), build what they need from here, so neither imports the other.
 
 A configuration that must not run raises ValueError naming the parameter, so ``relay
 serve`` stops before it listens and a reload keeps the old settings.  Nothing here writes
@@ -21,7 +22,7 @@ from relay.auth import PasswordFile, PasswordFileError, password_file_path
 from relay.config import Config
 from relay.delivery import DeliverySettings
 from relay.outcome import Policy
-from relay.routing import Resolver, Router, open_table
+from relay.routing import Resolver, open_table
 from relay.scheduler import QmgrSettings
 from relay.smtpd.policy import SmtpdSettings, check_relay_restrictions
 
@@ -194,10 +195,6 @@ def self_addresses(cfg: Config) -> list[tuple[str, int]]:
     return [(a.host, a.port) for a in cfg.listen_addresses()]
 
 
-def router_for(cfg: Config) -> Router:
-    return Router(cfg.list("transport_maps"), cfg.str("relayhost"),
-                  default_transport=cfg.str("default_transport"),
-                  capture=cfg.str("capture_maildir"))
 
 
 def resolver_for(cfg: Config) -> Resolver:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import re
 import threading
 import time
@@ -371,6 +373,16 @@ async def _until_closed(reader: asyncio.StreamReader) -> None:
         async with asyncio.timeout(SILENCE_LIMIT):
             while await reader.read(65536):
                 pass
+
+
+def write_ready_file(path: str, address: str) -> None:
+    """``relay sink --ready-file``: the address it listens on, written whole (a temporary
+    name, then rename) for whoever waits for it."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"pid": os.getpid(), "smtpd": [address]}, f)
+        f.write("\n")
+    os.replace(tmp, path)
 
 
 class ThreadedSink:

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def maildirs_from_config(config_dir: str | None) -> list[str]:
     """The Maildirs main.cf's next hops name (capture_maildir first); ValueError if bad."""
-    from relay.settings import router_for
+    from relay.routing import router_for
 
     cfg = config_mod.load(config_mod.config_dir_from(config_dir), warn=lambda m: None)
     return router_for(cfg).maildirs()

@@ -16,7 +16,6 @@ Exit status: 0 after a signal; 1 when it cannot listen; 64 for a bad argument or
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -25,7 +24,7 @@ from collections.abc import Sequence
 
 from relay import faults
 from relay.cli.command import EX_OK, EX_USAGE, Fatal, Parser, UsageError, run
-from relay.sink import Sink
+from relay.sink import Sink, write_ready_file
 
 PROG = "relay sink"
 
@@ -71,19 +70,10 @@ def _main(argv: Sequence[str] | None) -> int:
         raise Fatal(f"listen {ns.listen}: {exc.strerror or exc}") from None
 
 
-def _write_ready_file(path: str, address: str) -> None:
-    """Written whole (a temporary name, then rename) for whoever waits for it."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"pid": os.getpid(), "smtpd": [address]}, f)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 async def _serve(sink: Sink, script_path: str | None, ready_file: str | None) -> int:
     await sink.start()
     if ready_file:
-        _write_ready_file(ready_file, sink.address)
+        write_ready_file(ready_file, sink.address)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 

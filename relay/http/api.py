@@ -62,7 +62,7 @@ def captured(ctx: HttpContext) -> Captured:
     global _maildirs
     cfg, paths = _maildirs
     if cfg is not ctx.config:
-        from relay.settings import router_for
+        from relay.routing import router_for
 
         paths = router_for(ctx.config).maildirs()
         _maildirs = (ctx.config, paths)

@@ -202,7 +202,7 @@ class SmtpRelay:
         paths = [str(self.maildir)]
         if not self._capture and self._faults is None and self.config_dir.exists():
             from relay import config
-            from relay.settings import router_for
+            from relay.routing import router_for
 
             cfg = config.load(str(self.config_dir), environ=self.env, warn=lambda m: None)
             paths += [p for p in router_for(cfg).maildirs() if p not in paths]
