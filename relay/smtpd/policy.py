@@ -55,7 +55,6 @@ LAST_IN_GROUP = frozenset({"EHLO", "HELO", "DATA", "VRFY", "EXPN", "TURN", "NOOP
 BEFORE_STARTTLS = frozenset({"EHLO", "HELO", "NOOP", "QUIT", "STARTTLS", "RSET"})
 
 _CTRL = re.compile(r"[\x00-\x1f\x7f]")
-_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # undecodable octets, kept by surrogateescape
 # RFC 5321 §4.1.2 Local-part: a dot-string of atext (RFC 6531: UTF-8 too), or a quoted
 # string.  Postfix is lenient about the dots, and so are we.
 _LOCAL = re.compile(r'[A-Za-z0-9!#$%&\'*+/=?^_`{|}~.\x80-\U0010ffff-]+|"(?:[^"\\]|\\.)*"')
@@ -276,7 +275,7 @@ def split_address(address: str) -> tuple[str, str]:
 def address_error(address: str, sender: bool) -> str | None:
     """The 501 reply for a malformed envelope address, or None."""
     bad = replies.BAD_SENDER if sender else replies.BAD_RECIPIENT
-    if _CTRL.search(address) or "<" in address or ">" in address or _NOT_UTF8.search(address):
+    if _CTRL.search(address) or "<" in address or ">" in address:
         return bad
     if len(address.encode("utf-8", "surrogateescape")) > MAX_PATH:
         return f"{bad}: address too long"

@@ -293,10 +293,19 @@ class Session:
         verb_bytes, _, arg_bytes = text.partition(b" ")
         verb = verb_bytes.decode("ascii", "replace").upper()
         handler = self._commands.get(verb)
+        try:
+            text.decode("utf-8")
+        except UnicodeDecodeError:
+            handler = None  # Postfix protects everything behind it from malformed UTF-8
+            utf8 = False
+        else:
+            utf8 = True
         name = verb.lower() if handler is not None else "unknown"
         self.command = verb if handler is not None else "UNKNOWN"
         if bare and self.client.bare_newline == "reject":
             self._reject_bare_lf()
+        elif not utf8:
+            self.send(replies.BAD_UTF8)
         elif b"\x00" in text and verb not in ("MAIL", "RCPT"):
             # In MAIL and RCPT the address check answers for a NUL (501), as in Postfix.
             self.send(replies.NUL_IN_COMMAND)
@@ -427,7 +436,7 @@ class Session:
             return
         mechanism = words[0].upper()
         if mechanism not in ("PLAIN", "LOGIN"):
-            self.send(replies.AUTH_MECHANISM.format(mechanism=_printable(words[0].encode())))
+            self.send(replies.AUTH_MECHANISM.format(mechanism=_printable(words[0])))
             return
         if not client.exempt and self.listener.logins.blocked(client.address):
             log.warning("too many failed logins from %s for service smtp", client.namaddr)
@@ -513,7 +522,7 @@ class Session:
         error = policy.address_error(path.address, sender=True) if path.address else None
         if error:
             log.warning("Illegal address syntax from %s in MAIL command: %s",
-                        self.namaddr(), _printable(path.address.encode()))
+                        self.namaddr(), _printable(path.address))
             self.send(error)
             return
         params = policy.parse_mail_parameters(path.parameters)
@@ -557,7 +566,7 @@ class Session:
                 error = replies.BAD_RECIPIENT
         if error:
             log.warning("Illegal address syntax from %s in RCPT command: %s",
-                        self.namaddr(), _printable(path.address.encode()))
+                        self.namaddr(), _printable(path.address))
             self.send(error)
             return
         params = policy.parse_rcpt_parameters(path.parameters)
@@ -702,7 +711,7 @@ class Session:
             self.send(replies.ETRN_BAD_SITE)
             return
         if not domain_in_list(site.strip("[]"), self.listener.settings.fast_flush_domains):
-            log.warning("reject: ETRN %s... from %s", _printable(site.encode()),
+            log.warning("reject: ETRN %s... from %s", _printable(site),
                         self.namaddr())
             self.send(replies.ETRN_DENIED.format(site=site))
             return
