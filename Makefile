@@ -12,16 +12,16 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[speed]'
+	$(BIN)/pip install --quiet -e '.[speed,pytest]'
 	touch $@
 
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/relay serve
+	$(BIN)/relay serve -c conf/laptop
 
 $(TESTSTAMP): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[speed,test]'
+	$(BIN)/pip install --quiet -e '.[speed,pytest,test]'
 	touch $@
 
 test-deps: $(TESTSTAMP)

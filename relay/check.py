@@ -207,10 +207,10 @@ def port_problems(cfg: Config) -> list[Problem]:
 def settings_problems(cfg: Config) -> list[Problem]:
     """What relay serve would refuse before it listens: TLS files, password files,
     tables, relay restrictions (relay.settings raises ValueError for each)."""
+    from relay.routing import router_for
     from relay.settings import (
         qmgr_settings,
         resolver_for,
-        router_for,
         sasl_credentials,
         smtpd_settings,
     )

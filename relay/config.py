@@ -27,12 +27,16 @@ one of ``s m h d w``; a bare number takes the parameter's default unit (seconds,
 ``maximal_queue_lifetime`` and ``bounce_queue_lifetime`` in days and ``delay_warning_time``
 in hours).  Sizes and counts are plain decimal integers.  Booleans are ``yes`` or ``no``
 in any case, and nothing else, as in Postfix.  A name relay does not know is kept and
-warned about (``unused parameter``) unless another parameter refers to it as ``$name``.
+warned about (``unused parameter``, with the closest known name) unless another parameter
+refers to it as ``$name`` (Postfix's user-defined parameters); ``load(strict=True)``, what
+``relay serve`` uses, makes it fatal instead, so that a typo (``relay_host``) can never
+leave a setting silently unapplied.
 """
 
 from __future__ import annotations
 
 import builtins
+import difflib
 import enum
 import functools
 import ipaddress
@@ -301,10 +305,10 @@ _TABLE = (
     Parameter("maillog_file", "", _S),
     Parameter("syslog_facility", "mail", _E, choices=_FACILITIES),
     Parameter("enable_long_queue_ids", "no", _B),
-    Parameter("capture_mode", "no", _B),  # extension, reserved
+    Parameter("capture_maildir", "", _S),  # extension: relay serve --capture DIR
     Parameter("fault_injection", "", _L),  # extension, for tests
     # smtpd: the listener
-    Parameter("smtpd_listen", "127.0.0.1:2525", _H, hostport=LISTENER),  # extension
+    Parameter("smtpd_listen", "127.0.0.1:2525, [::1]:2525", _H, hostport=LISTENER),  # extension
     Parameter("smtpd_banner", "$myhostname ESMTP $mail_name", _S),
     Parameter("message_size_limit", "10240000", _SZ),
     Parameter("queue_minfree", "0", _SZ),
@@ -353,6 +357,9 @@ _TABLE = (
     # smtp: routing and delivery
     Parameter("transport_maps", "", _L),
     Parameter("relayhost", "", _L),
+    Parameter("default_transport", "smtp", _S),
+    Parameter("soft_bounce", "no", _B),
+    Parameter("defer_transports", "", _L),
     Parameter("dns_nameservers", "", _H, hostport=NAMESERVER),  # extension
     Parameter("smtp_connect_timeout", "30s", _T),
     Parameter("smtp_helo_timeout", "300s", _T),
@@ -828,6 +835,23 @@ class Config:
         return split_list(self.expanded[name])
 
 
+OVERRIDE_LINE = 0  # the line of a setting given on the command line, not in main.cf
+
+
+def closest_name(name: str) -> str | None:
+    """The known parameter name closest to ``name`` (a typo's likely intent), if any is close."""
+    lowered = name.lower()
+    if lowered in PARAMETERS:
+        return lowered
+    close = difflib.get_close_matches(lowered, PARAMETERS, n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def _hint(name: str) -> str:
+    close = closest_name(name)
+    return f" (did you mean {close}?)" if close else ""
+
+
 def _warn_stderr(message: str) -> None:
     print(f"relay: warning: {message}", file=sys.stderr)
 
@@ -837,6 +861,7 @@ def _build(
     settings: Mapping[str, Setting],
     environ: Mapping[str, str],
     warn: Callable[[str], None] | None,
+    strict: bool = False,
 ) -> Config:
     resolver = _Resolver(path, settings, environ)
     # main.cf first, in file order, so an error names the first bad line; then defaults.
@@ -862,10 +887,15 @@ def _build(
                 f"{resolver.where(name)}: {e.phrase} for parameter {name}: {shown}"
             ) from None
     # Postfix's postconf does not call a name unused when another value refers to it.
+    unknown = [s for s in sorted(settings.values(), key=lambda s: s.line)
+               if s.name not in PARAMETERS and s.name not in resolver.referenced]
+    if strict and unknown:
+        first = unknown[0]
+        raise ConfigError(f"{resolver.where(first.name)}: unknown parameter {first.name}"
+                          f"{_hint(first.name)}")
     warnings = tuple(
-        f"{resolver.where(s.name)}: unused parameter: {s.name}={s.value}"
-        for s in sorted(settings.values(), key=lambda s: s.line)
-        if s.name not in PARAMETERS and s.name not in resolver.referenced
+        f"{resolver.where(s.name)}: unused parameter: {s.name}={s.value}{_hint(s.name)}"
+        for s in unknown
     )
     for message in warnings:
         (warn or _warn_stderr)(message)
@@ -900,26 +930,30 @@ def load(
     *,
     environ: Mapping[str, str] = os.environ,
     warn: Callable[[str], None] | None = None,
+    strict: bool = False,
     overrides: Sequence[str] = (),
 ) -> Config:
     """Read ``config_dir/main.cf`` (config_dir None: $MAIL_CONFIG; neither: defaults only),
     then apply ``overrides`` (``name=value`` each, as ``-o`` gives them).
 
     Every parameter is expanded and converted now; a problem raises ConfigError.  Each
-    unused parameter is passed to ``warn`` (default: ``relay: warning: ...`` on stderr).
+    unused parameter is passed to ``warn`` (default: ``relay: warning: ...`` on stderr),
+    or with ``strict`` the first one raises ConfigError naming the closest known name.
+    ``overrides`` are settings given on the command line (Postfix's ``-o name=value``):
+    they win over main.cf.
     """
     extra = parse_overrides(overrides)
     if config_dir is None:
         config_dir = config_dir_from(None, environ)
     if config_dir is None:
-        return _build(None, extra, environ, warn)
+        return _build(None, extra, environ, warn, strict)
     path = os.path.join(config_dir, "main.cf")
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         raise ConfigError(f"open {path}: {e.strerror}") from None
-    return _build(path, {**parse_main_cf(data, path), **extra}, environ, warn)
+    return _build(path, {**parse_main_cf(data, path), **extra}, environ, warn, strict)
 
 
 def defaults(*, environ: Mapping[str, str] = os.environ) -> Config:

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
+import json
 import logging
 import os
 import signal
@@ -41,7 +43,8 @@ from relay import pidfile, sdnotify
 from relay.check import Severity, spool_problems
 from relay.config import Config, ConfigError
 from relay.loop import run_loop
-from relay.settings import qmgr_settings, resolver_for, router_for, sasl_credentials, smtpd_settings
+from relay.routing import router_for
+from relay.settings import qmgr_settings, resolver_for, sasl_credentials, smtpd_settings
 from relay.smtpd.listener import Listener
 from spool import Envelope, Spool, SpoolError
 from spool.fsync import Syncer
@@ -163,7 +166,7 @@ class Daemon:
 
     def _reload(self) -> Config:
         try:
-            cfg = config_mod.load(self.config_dir, overrides=self.overrides)
+            cfg = config_mod.load(self.config_dir, strict=True, overrides=self.overrides)
             router_for(cfg)
             resolver_for(cfg)
             qmgr_settings(cfg)
@@ -231,7 +234,8 @@ def _open_spool(cfg: Config) -> Spool:
     return spool
 
 
-async def run(config_dir: str | None, cfg: Config, overrides: tuple[str, ...] = ()) -> int:
+async def run(config_dir: str | None, cfg: Config, overrides: tuple[str, ...] = (),
+              ready_file: str | None = None) -> int:
     loop = asyncio.get_running_loop()
     # Spool calls block in fsync(); enough threads let many sessions share one
     # directory fsync (group commit) instead of queueing behind each other.
@@ -249,7 +253,15 @@ async def run(config_dir: str | None, cfg: Config, overrides: tuple[str, ...] = 
             raise StartupError(f"queue_directory {spool.root}: {_why(exc)}") from None
         try:
             for addr in cfg.listen_addresses():
-                socks.append((addr, _bind(addr.host, addr.port)))
+                try:
+                    socks.append((addr, _bind(addr.host, addr.port)))
+                except OSError as exc:
+                    if not _no_ipv6_loopback(addr.host, exc):
+                        raise
+                    # The default listens on [::1] beside 127.0.0.1 for clients that try
+                    # ::1 first; a machine without IPv6 still gets its IPv4 listener.
+                    log.warning("skipping [%s]:%d: %s (no IPv6 on this machine?)",
+                                addr.host, addr.port, exc.strerror)
         except OSError as exc:
             os.close(lock_fd)
             for _, sock in socks:
@@ -310,7 +322,7 @@ async def run(config_dir: str | None, cfg: Config, overrides: tuple[str, ...] = 
         else:
             server = await loop.create_server(listener.factory, sock=sock)
         servers.append(server)
-        log.info("listening on %s", _address(addr))
+        log.info("listening on %s", _sockname(sock))
     daemon = Daemon(config_dir, cfg, spool, listener, servers, qmgr, overrides)
     if http_socks:
         from relay.http.server import HttpContext, HttpServer
@@ -323,12 +335,19 @@ async def run(config_dir: str | None, cfg: Config, overrides: tuple[str, ...] = 
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, daemon.reload)
+    capture = os.path.normpath(cfg.str("capture_maildir")) if cfg.str("capture_maildir") else ""
     started = (f"daemon started -- version {_version()}, configuration "
                f"{cfg.path or '(built-in defaults)'}, queue_directory {spool.root}, "
-               f"maillog_file {_log_target(cfg)}, listening on {_listening(cfg)}")
+               f"maillog_file {_log_target(cfg)}, listening on "
+               f"{_listening(cfg)}")
+    if capture:
+        started += f", capture mode: all mail to the Maildir {capture}, none leaves this machine"
     log.info("%s", started)
     if cfg.str("maillog_file"):  # a foreground operator (or the journal) sees it too
         print(f"relay: {started}", file=sys.stderr, flush=True)
+    if ready_file:
+        _write_ready_file(ready_file, [sock for _, sock in socks],
+                          daemon.http.socks if daemon.http is not None else [])
     sdnotify.ready(f"accepting mail on {_listening(cfg)}")
     qmgr_task = loop.create_task(qmgr.wait())
     stop_task = loop.create_task(stop.wait())
@@ -417,6 +436,31 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _no_ipv6_loopback(host: str, exc: OSError) -> bool:
+    """Whether binding ``host`` failed because this machine has no IPv6 loopback."""
+    return host == "::1" and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
+
+
+def _sockname(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _write_ready_file(path: str, smtpd: Sequence[socket.socket],
+                      http: Sequence[socket.socket]) -> None:
+    """``relay serve --ready-file``: where it listens (ports 0 resolved), once it does.
+
+    Written to a temporary name and renamed, so whoever waits for it reads it whole.
+    """
+    data = {"pid": os.getpid(), "smtpd": [_sockname(s) for s in smtpd],
+            "http": [_sockname(s) for s in http]}
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def _lock_spool(root: str) -> int:
     """master.lock, held for the daemon's life; StartupError if another daemon holds it."""
     try:
@@ -442,11 +486,20 @@ def setup_log(cfg: Config) -> None:
         raise StartupError(f"maillog_file: {exc}") from None
 
 
-def serve(config_dir: str | None, overrides: Sequence[str] = ()) -> int:
-    """Load the configuration (fatal before listening on any error) and run; ``overrides``
-    are ``-o name=value`` settings that win over main.cf, as for Postfix's daemons."""
+def serve(config_dir: str | None, overrides: Sequence[str] = (), *,
+          capture: str | None = None, ready_file: str | None = None) -> int:
+    """Load the configuration (fatal before listening on any error) and run.
+
+    ``overrides`` are ``-o name=value`` settings that win over main.cf, as for Postfix's
+    daemons.  ``capture``: ``relay serve --capture DIR``, every message to that Maildir
+    whatever main.cf says (the setting capture_maildir, given on the command line).
+    ``ready_file``: written once the daemon listens, with the addresses it listens on (see
+    _write_ready_file), for a test fixture that asked for port 0.
+    """
+    if capture:
+        overrides = (*overrides, f"capture_maildir={os.path.abspath(capture)}")
     try:
-        cfg = config_mod.load(config_dir, overrides=overrides)
+        cfg = config_mod.load(config_dir, strict=True, overrides=overrides)
     except ConfigError as exc:
         print(f"relay: fatal: {exc}", file=sys.stderr)
         return 1
@@ -463,4 +516,4 @@ def serve(config_dir: str | None, overrides: Sequence[str] = ()) -> int:
     except ValueError as exc:
         fatal_line(str(exc))
         return 1
-    return run_loop(run(config_dir, cfg, tuple(overrides)))
+    return run_loop(run(config_dir, cfg, tuple(overrides), ready_file))

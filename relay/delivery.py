@@ -219,6 +219,9 @@ class DeliverySettings:
     line_length_limit: int = 998
     connection_reuse_time_limit: float = 300.0
     connection_cache_time_limit: float = 2.0
+    # smtp_mx_session_limit: servers that greeted but could not take the mail (STARTTLS
+    # or AUTH failed) tried per attempt before giving up; 0 = no limit.
+    mx_session_limit: int = 2
 
     def __post_init__(self) -> None:
         if self.tls_level not in TLS_LEVELS:
@@ -370,6 +373,9 @@ class _SetupFailed(Exception):
         self.reason = reason
         self.relay = relay
         self.connection = connection
+        # The server greeted and took EHLO before this (STARTTLS or AUTH failed): one
+        # of the sessions smtp_mx_session_limit counts.
+        self.after_handshake = False
 
 
 class _RetryPlaintext(Exception):
@@ -514,6 +520,7 @@ class SMTPDelivery:
         per_rcpt += (NO_RCPT_OPTIONS,) * (len(recipients) - len(per_rcpt))
         last: _SetupFailed | None = None
         every_failure_is_connection = True
+        sessions = 0
         for target in targets:
             try:
                 session, reused = await self._session_for(target, nexthop_label, settings)
@@ -521,6 +528,12 @@ class SMTPDelivery:
                 log.info("%s (next hop %s)", failure.reason, nexthop_label)
                 last = failure
                 every_failure_is_connection &= failure.connection
+                if failure.after_handshake:
+                    # smtp_mx_session_limit: sessions that failed after the initial
+                    # handshake count; those that never got that far do not (Postfix).
+                    sessions += 1
+                    if settings.mx_session_limit and sessions >= settings.mx_session_limit:
+                        break
                 continue
             except Exception:
                 # Task boundary: a bug must not take the scheduler down with it.
@@ -734,6 +747,22 @@ class SMTPDelivery:
         if greeting.code // 100 != 2:
             self._refused(session, greeting)
         await self._ehlo(session, settings)
+        try:
+            await self._after_ehlo(session, target, label, settings, starttls=starttls)
+        except _SetupFailed as failure:
+            failure.after_handshake = True
+            raise
+
+    async def _after_ehlo(
+        self,
+        session: _Session,
+        target: TargetLike,
+        label: str,
+        settings: DeliverySettings,
+        *,
+        starttls: bool,
+    ) -> None:
+        """STARTTLS and AUTH, once the server greeted and took EHLO."""
 
         credentials = None
         if settings.sasl_enable and settings.sasl_credentials is not None:

@@ -24,6 +24,7 @@ class Policy:
     maximal_queue_lifetime: float = 5 * 86400.0
     bounce_queue_lifetime: float = 5 * 86400.0
     delay_warning_time: float = 0.0
+    soft_bounce: bool = False  # expired mail stays queued instead of going back
 
 
 class Status(enum.Enum):
@@ -94,7 +95,7 @@ def decide(env: Envelope, now: float, policy: Policy) -> Decision:
     """What happens to a message after all its recipients were tried once."""
     if env.finished:
         return Decision(Fate.DONE)
-    if env.forced_expire or env.age(now) >= lifetime(env, policy):
+    if (env.forced_expire or env.age(now) >= lifetime(env, policy)) and not policy.soft_bounce:
         return Decision(Fate.EXPIRE)
     warn = (
         policy.delay_warning_time > 0

@@ -36,8 +36,9 @@ from relay import log as maillog
 from relay.config import Config, ConfigError
 from relay.delivery import SMTPDelivery
 from relay.loop import run_loop
+from relay.routing import router_for
 from relay.scheduler import Scheduler
-from relay.settings import qmgr_settings, resolver_for, router_for
+from relay.settings import qmgr_settings, resolver_for
 from spool import Spool
 from spool.fsync import Syncer
 from spool.store import fault_hook_from
@@ -70,7 +71,7 @@ class Qmgr:
         moved them)."""
         maillog.reopen()
         try:
-            cfg = config_mod.load(self.config_dir, overrides=self.overrides)
+            cfg = config_mod.load(self.config_dir, strict=True, overrides=self.overrides)
             router, resolver, settings = router_for(cfg), resolver_for(cfg), qmgr_settings(cfg)
         except (ConfigError, ValueError) as exc:
             log.warning("reload failed, keeping the old configuration: %s", exc)
@@ -283,8 +284,8 @@ async def run(config_dir: str | None, cfg: Config, trigger_fd: int,
 
 
 def main(argv: list[str]) -> int:
-    """``relay qmgr --trigger-fd N --parent PID [-c DIR] [-o name=value ...]``: internal,
-    run by relay serve."""
+    """``relay qmgr --trigger-fd N --parent PID [-c DIR] [-o NAME=VALUE]...``: internal,
+    run by relay serve (``-o``: its command-line settings, such as --capture's)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="relay qmgr")
@@ -292,10 +293,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("-o", dest="overrides", action="append", default=[])
     parser.add_argument("--trigger-fd", type=int, required=True)
     parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("-o", dest="overrides", action="append", default=[])
     ns = parser.parse_args(argv)
     _die_with_parent(ns.parent)
     try:
-        cfg = config_mod.load(ns.config_dir, overrides=ns.overrides)
+        cfg = config_mod.load(ns.config_dir, strict=True, overrides=ns.overrides)
     except ConfigError as exc:
         print(f"relay: fatal: {exc}", file=sys.stderr)
         return 1

@@ -25,11 +25,13 @@ import enum
 import errno
 import ipaddress
 import logging
+import os
 import random
 import re
 import socket
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import dns.asyncresolver
 import dns.exception
@@ -40,6 +42,9 @@ import dns.rdtypes.ANY.MX
 import dns.rdtypes.IN.A
 import dns.rdtypes.IN.AAAA
 import dns.resolver
+
+if TYPE_CHECKING:
+    from relay.config import Config
 
 __all__ = [
     "Failure",
@@ -74,6 +79,7 @@ class Transport(enum.StrEnum):
     SMTP = "smtp"
     DISCARD = "discard"  # discard(8): report the recipient as delivered, deliver nothing
     ERROR = "error"  # error(8): bounce with the next-hop text as the reason
+    MAILDIR = "maildir"  # local(8)'s Maildir delivery, into the directory in the next hop
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,6 +93,7 @@ class NextHop:
     For ``smtp``: ``host`` and ``port``, with ``mx_lookup`` False for the ``[host]`` forms.
     For ``discard`` and ``error``: ``text``, the next-hop field that Postfix's discard(8) and
     error(8) report as the reason, optionally led by a DSN code (``5.1.1 no such user``).
+    For ``maildir``: ``text``, the Maildir's absolute path.
     """
 
     transport: Transport
@@ -164,6 +171,8 @@ def parse_next_hop(value: str, default_domain: str) -> NextHop:
     transport, nexthop = _split_transport(text)
     if transport is Transport.DISCARD:
         return NextHop(Transport.DISCARD, "", 0, False, nexthop.strip() or default_domain)
+    if transport is Transport.MAILDIR:
+        return NextHop(Transport.MAILDIR, "", 0, False, _maildir_path(nexthop, text))
     if transport is Transport.ERROR:
         reason = nexthop.strip()
         if not reason:
@@ -194,6 +203,15 @@ def parse_next_hop(value: str, default_domain: str) -> NextHop:
     host, colon, port_text = nexthop.partition(":")
     port = _parse_port(port_text, nexthop) if colon else SMTP_PORT
     return NextHop(Transport.SMTP, _check_host(host, nexthop, bracketed=False), port, True)
+
+
+def _maildir_path(path: str, nexthop: str) -> str:
+    path = path.strip()
+    if not path:
+        raise RouteError(f"next hop {nexthop!r}: maildir: needs a directory")
+    if not os.path.isabs(path):
+        raise RouteError(f"next hop {nexthop!r}: the Maildir must be an absolute path")
+    return os.path.normpath(path)
 
 
 def _split_transport(text: str) -> tuple[Transport, str]:
@@ -439,7 +457,8 @@ def _merge_spaced_pairs(tokens: Sequence[_Token]) -> Iterator[str]:
 
 
 class Router:
-    """transport(5) lookups over transport_maps, then relayhost, then the recipient domain's MX.
+    """transport(5) lookups over transport_maps, then default_transport and relayhost, then the
+    recipient domain's MX.
 
     Search order for ``user+ext@example.com``: ``user+ext@example.com``, ``user@example.com``
     (only with a recipient_delimiter), ``example.com``, ``.com``... each parent as
@@ -448,6 +467,12 @@ class Router:
     default route; ``smtp:`` resets the nexthop to the recipient domain; ``:[host]`` changes
     only the nexthop.  Every table entry is checked when the Router is built, so a bad entry
     is a startup error instead of a stuck message.
+
+    The default route is Postfix's: ``default_transport`` (``smtp``), whose next hop is, in
+    order, the one written in default_transport (``smtp:[10.0.0.5]``), relayhost, the
+    recipient's domain; ``default_transport = maildir:/dir``, ``discard:`` or ``error:text``
+    route everything that no table names there.  ``capture`` (capture_maildir, ``relay serve
+    --capture``) routes every recipient into that Maildir, whatever the rest says.
     """
 
     def __init__(
@@ -456,15 +481,31 @@ class Router:
         relayhost: str = "",
         *,
         recipient_delimiter: str = "",
+        default_transport: str = "smtp",
+        capture: str = "",
     ) -> None:
         self.tables = tuple(open_table(spec) for spec in transport_maps if spec.strip())
         self.recipient_delimiter = recipient_delimiter
         self.relayhost: NextHop | None = None
+        self.capture: NextHop | None = None
         if relayhost.strip():
             try:
                 self.relayhost = parse_next_hop(relayhost, "")
             except RouteError as exc:
                 raise RouteError(f"relayhost: {exc}") from exc
+        self.default_transport = default_transport.strip() or "smtp"
+        if ":" not in self.default_transport:
+            self.default_transport += ":"  # a transport name alone, as in transport(5)
+        try:
+            self._default("example.invalid")
+        except RouteError as exc:
+            raise RouteError(f"default_transport: {exc}") from exc
+        if capture.strip():
+            try:
+                self.capture = NextHop(Transport.MAILDIR, "", 0, False,
+                                       _maildir_path(capture, capture))
+            except RouteError as exc:
+                raise RouteError(f"capture_maildir: {exc}") from exc
         for table in self.tables:
             for key, value in table.items():
                 try:
@@ -476,6 +517,8 @@ class Router:
         address = recipient.strip().removeprefix("<").removesuffix(">")
         local, at, domain = address.rpartition("@")
         domain = domain.lower().rstrip(".")
+        if self.capture is not None:
+            return self.capture
         if not at or not domain:
             raise RouteError(f"recipient {recipient!r} has no domain")
         for key in self._search_keys(local.lower(), domain):
@@ -484,6 +527,21 @@ class Router:
                 if value is not None:
                     return self._apply(value, domain)
         return self._default(domain)
+
+    def maildirs(self) -> list[str]:
+        """Every Maildir a next hop names (capture first): where captured mail is read."""
+        if self.capture is not None:
+            return [self.capture.text]
+        found: list[str] = []
+        values = [self.default_transport, *(v for t in self.tables for _, v in t.items())]
+        if self.relayhost is not None and self.relayhost.transport is Transport.MAILDIR:
+            found.append(self.relayhost.text)
+        for value in values:
+            if value.strip().lower().startswith("maildir:"):
+                path = parse_next_hop(value, "example.invalid").text
+                if path not in found:
+                    found.append(path)
+        return found
 
     def _search_keys(self, local: str, domain: str) -> Iterator[str]:
         yield f"{local}@{domain}"
@@ -507,6 +565,10 @@ class Router:
         return parse_next_hop(value, domain)
 
     def _default(self, domain: str) -> NextHop:
+        transport, nexthop = _split_transport(self.default_transport)
+        if transport is not Transport.SMTP or nexthop.strip():
+            # Postfix: a next hop in default_transport wins over relayhost.
+            return parse_next_hop(self.default_transport, domain)
         if self.relayhost is not None:
             return self.relayhost
         if domain.startswith("[") and domain.endswith("]"):
@@ -515,6 +577,15 @@ class Router:
             except RouteError:
                 pass  # a malformed literal fails at DNS time, with a reason the sender can read
         return NextHop(Transport.SMTP, domain, SMTP_PORT, True)
+
+
+def router_for(cfg: Config) -> Router:
+    """The Router main.cf describes: transport_maps, relayhost, default_transport and
+    capture_maildir (here rather than in relay.settings so that commands such as relay
+    capture can find the Maildirs without importing the daemon's parts)."""
+    return Router(cfg.list("transport_maps"), cfg.str("relayhost"),
+                  default_transport=cfg.str("default_transport"),
+                  capture=cfg.str("capture_maildir"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ DSN took the request along with the recipient.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import re
 import time
@@ -38,7 +39,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from relay import bounce, outcome
+from relay import bounce, maildir, outcome
 from relay import dsn as dsn_mod
 from relay.clock import Clock, SystemClock
 from relay.delivery import (
@@ -75,10 +76,11 @@ ACTIVATE_BATCH = 64
 log = logging.getLogger("relay.qmgr")
 smtp_log = logging.getLogger("relay.smtp")
 bounce_log = logging.getLogger("relay.bounce")
-agent_log = {name: logging.getLogger(f"relay.{name}") for name in ("smtp", "discard", "error")}
+agent_log = {name: logging.getLogger(f"relay.{name}")
+             for name in ("smtp", "discard", "error", "local")}
 # Delivery agents that deliver finally, not to another MTA: a success notice for their
 # recipients says "delivered" (Postfix's discard and local), not "relayed".
-FINAL_DELIVERY_AGENTS = frozenset({"discard"})
+FINAL_DELIVERY_AGENTS = frozenset({"discard", "local"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,10 @@ class QmgrSettings:
     initial_concurrency: int = 5
     process_limit: int = 100
     failed_cohort_limit: float = 1.0
+    # soft_bounce: what would bounce is deferred (the policy keeps expired mail too).
+    soft_bounce: bool = False
+    # defer_transports: transports that deliver only when flushed (postqueue -f, -i, -s).
+    defer_transports: frozenset[str] = frozenset()
     policy: Policy = field(default_factory=Policy)
     delivery: DeliverySettings = field(default_factory=lambda: DeliverySettings(helo_name="localhost"))
 
@@ -122,6 +128,8 @@ class Message:
     recording: list[asyncio.Future[None]] = field(default_factory=list)
     # The content of a small message, read when it was activated.
     content: bytes | None = None
+    # Activated by a flush (postqueue -f, -i, -s): defer_transports do not hold it back.
+    flushed: bool = False
 
     def mail_options(self) -> MailOptions:
         env = self.envelope
@@ -158,6 +166,16 @@ class Result:
     relay: str
     delays: tuple[float, float, float, float]
     program: str = "smtp"  # the Postfix delivery agent that would log it
+    softened: bool = False  # a bounce that soft_bounce turned into a deferral
+
+
+def soften(results: list[Result]) -> list[Result]:
+    """soft_bounce = yes, as Postfix's bounce_append(): a recipient that would bounce is
+    deferred instead, its status class 5 made 4; logged as ``status=SOFTBOUNCE``."""
+    return [replace(r, rcpt=replace(r.rcpt, status=RcptStatus.DEFER,
+                                    dsn="4" + r.rcpt.dsn[1:] if r.rcpt.dsn else "4.0.0"),
+                    softened=True)
+            if r.rcpt.status is RcptStatus.BOUNCE else r for r in results]
 
 
 _SAID = re.compile(r"^host \S+ said: (?P<reply>[2-5]\d\d[ -].*?)(?: \(in reply to [^)]*\))?$")
@@ -203,6 +221,17 @@ def _trace_reason(result: Result) -> str:
 
 _STATUS = {RcptStatus.SENT: Status.SENT, RcptStatus.BOUNCE: Status.BOUNCED,
            RcptStatus.DEFER: Status.DEFERRED}
+
+
+def maildir_dsn(err: int | None) -> str:
+    """Postfix's mbox_dsn(): the status of a mailbox write that failed with ``err``."""
+    if err == errno.ENOSPC:
+        return "4.3.0"
+    if err in (errno.EAGAIN, errno.ESTALE):
+        return "4.2.0"
+    if err in (errno.EDQUOT, errno.EFBIG):
+        return "5.2.2"
+    return "5.2.0"
 
 
 def _domain(address: str) -> str:
@@ -252,6 +281,7 @@ class Scheduler:
         # Each recipient outcome the maillog logs goes to these too (accounting_log,
         # metrics); they may be called from a thread and must not raise.
         self.observers: list[Callable[[Report], None]] = []
+        self._flushed: set[str] = set()  # to be activated by a flush (defer_transports)
 
     # ---- triggers (in-process and from the control socket) ------------------------
 
@@ -271,7 +301,8 @@ class Scheduler:
             dest.fail_cohorts = 0.0
 
     def flush(self) -> None:
-        """postqueue -f: forget dead destinations, try every deferred message now."""
+        """postqueue -f: forget dead destinations, try every deferred message now (and
+        let defer_transports deliver what that scan finds)."""
         self._forget_dead()
         self._scan_deferred = True
         self._scan_incoming = True
@@ -290,6 +321,7 @@ class Scheduler:
         self._forget_dead()
         for queue_id in queue_ids:
             self._incoming.append(queue_id)
+            self._flushed.add(queue_id)
         self._wake.set()
 
     def reload_pauses(self) -> None:
@@ -440,6 +472,8 @@ class Scheduler:
             self._next_deferred_scan = self.clock.time() + self.settings.queue_run_delay
             self._next_scan_mono = time.monotonic() + self.settings.queue_run_delay
             names = await asyncio.to_thread(self._list_queue, "deferred", room, ignore)
+            if ignore:  # a flush's scan: defer_transports lifted for these (Postfix: DFXP)
+                self._flushed.update(names)
             for i in range(0, len(names), ACTIVATE_BATCH):
                 room -= await self._activate(names[i:i + ACTIVATE_BATCH], "deferred")
             if room <= 0:
@@ -504,7 +538,9 @@ class Scheduler:
             self._lock_waits.update(busy)
             self._spawn(self._activate_when_unlocked(busy, from_queue))
         await asyncio.sleep(0)  # a long scan lets other work run between batches
-        return self._admit(moved)
+        admitted = self._admit(moved)
+        self._flushed.difference_update(n for n in names if n not in busy)
+        return admitted
 
     async def _activate_when_unlocked(self, names: list[str], from_queue: str | None) -> None:
         try:
@@ -512,6 +548,7 @@ class Scheduler:
         finally:
             self._lock_waits.difference_update(names)
         self._admit(moved)
+        self._flushed.difference_update(names)
 
     def _admit(self, moved: list[tuple[str, Envelope, bytes | None]]) -> int:
         """Messages now in active/ come into memory and get their jobs."""
@@ -519,7 +556,8 @@ class Scheduler:
         for queue_id, env, content in moved:
             if queue_id in self.messages:
                 continue
-            message = Message(queue_id, env, active_since=now, content=content)
+            message = Message(queue_id, env, active_since=now, content=content,
+                              flushed=queue_id in self._flushed)
             self.messages[queue_id] = message
             self._idle.clear()
             log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)",
@@ -623,6 +661,8 @@ class Scheduler:
                 results = await self._attempt(dest, job)
             if job.hop == self.handoff:
                 results = [_kept(r) for r in results]
+            if self.settings.soft_bounce:
+                results = soften(results)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must not lose the message: defer it
@@ -652,6 +692,9 @@ class Scheduler:
 
         if self.is_paused(job.domain, hop):
             return all_(RcptStatus.DEFER, "4.0.0", "destination paused")
+        if hop.transport in self.settings.defer_transports and not message.flushed:
+            # Postfix's qmgr_message.c: held until someone flushes the queue.
+            return all_(RcptStatus.DEFER, "4.3.2", "deferred transport")
         if dest.dead_until > start:
             return all_(RcptStatus.DEFER, "4.4.1",
                         f"delivery temporarily suspended: {dest.dead_reason}")
@@ -662,6 +705,8 @@ class Scheduler:
             return [Result(RcptResult(addr, RcptStatus.BOUNCE, hop.dsn or "5.0.0",
                                       hop.reason or hop.text or "unknown mail transport error"),
                            "none", (a, b, 0, 0), "error") for addr in job.recipients]
+        if hop.transport == "maildir":
+            return await self._deliver_maildir(message, job, hop, (a, b))
         resolution = await self.resolver.resolve(hop, job.domain)
         if resolution.failure is not None:
             f = resolution.failure
@@ -682,6 +727,34 @@ class Scheduler:
         self._feedback(dest, attempt)
         return [Result(r, attempt.relay, (a, b, attempt.conn_setup_seconds, attempt.xfer_seconds))
                 for r in attempt.results]
+
+    async def _deliver_maildir(self, message: Message, job: Job, hop: NextHop,
+                               ab: tuple[float, float]) -> list[Result]:
+        """Postfix's local(8) into a Maildir: each recipient its own file, durable before
+        it counts as sent; a write that fails bounces or defers as Postfix's mbox_dsn()
+        decides (a full disk, EAGAIN: defer; anything else: 5.2.0)."""
+        env = message.envelope
+        content = message.content
+        if content is None:
+            content = await asyncio.to_thread(self.spool.read_content, message.queue_id,
+                                              env.size)
+        originals = {r.address: r.orig_address for r in env.recipients}
+        results: list[Result] = []
+        for address in job.recipients:
+            start = self.clock.time()
+            try:
+                await asyncio.to_thread(maildir.deliver, hop.text, content, sender=env.sender,
+                                        recipient=address,
+                                        original_recipient=originals.get(address, ""))
+                rcpt = RcptResult(address, RcptStatus.SENT, "2.0.0", "delivered to maildir")
+            except maildir.MaildirError as exc:
+                dsn = maildir_dsn(exc.errno)
+                status = RcptStatus.DEFER if dsn.startswith("4") else RcptStatus.BOUNCE
+                rcpt = RcptResult(address, status, dsn,
+                                  f"maildir delivery failed: {exc.strerror}")
+            results.append(Result(rcpt, "maildir", (*ab, 0.0, self.clock.time() - start),
+                                  "local"))
+        return results
 
     def _feedback(self, dest: Destination, attempt: Attempt) -> None:
         """Postfix's qmgr_queue_throttle/unthrottle: only connection failures count."""
@@ -742,7 +815,8 @@ class Scheduler:
                 rcpts.append(rcpt)
                 continue
             r = res.rcpt
-            remote = res.relay.split("[")[0] if res.relay != "none" else ""
+            final = res.relay == "none" or res.program in FINAL_DELIVERY_AGENTS
+            remote = "" if final else res.relay.split("[")[0]
             if r.status is RcptStatus.SENT:
                 # The success notice owed, if any, is written with the SENT state itself,
                 # so that no crash can separate the two.
@@ -765,12 +839,14 @@ class Scheduler:
         for res in results:
             r = res.rcpt
             status = _STATUS[r.status]
+            # Postfix's word for a bounce that soft_bounce kept in the queue.
+            word = "SOFTBOUNCE" if res.softened else status.value
             a, b, c, d = res.delays
             agent_log.get(res.program, smtp_log).info(
                 "%s: to=<%s>, relay=%s, delay=%s, delays=%s/%s/%s/%s, dsn=%s, status=%s (%s)",
                 message.queue_id, r.address, res.relay,
                 outcome.format_delay(now - env.arrival_time),
-                *(outcome.format_delay(x) for x in (a, b, c, d)), r.dsn, status.value, r.reason,
+                *(outcome.format_delay(x) for x in (a, b, c, d)), r.dsn, word, r.reason,
             )
             self._observe(Report(status, now, message.queue_id, env.sender, r.address,
                                  res.relay, r.dsn, r.reason, env.arrival_time))

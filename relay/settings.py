@@ -3,9 +3,10 @@
 It owns the translation from main.cf parameters (relay.config's Config) to the records
 each part runs on: the listener's ``SmtpdSettings`` (with its TLS context and password
 file), the queue manager's ``QmgrSettings`` (with the SMTP client's ``DeliverySettings``
-and the SASL client credentials), the ``Router`` of transport_maps and relayhost, and the
-DNS ``Resolver``.  Both daemon processes, ``relay serve`` (relay.daemon) and the queue
-manager (relay.qmgrd), build what they need from here, so neither imports the other.
+and the SASL client credentials), and the DNS ``Resolver``; the ``Router`` of
+transport_maps, relayhost, default_transport and capture_maildir is
+relay.routing.router_for().  Both daemon processes, ``relay serve`` (relay.daemon) and the
+queue manager (relay.qmgrd), build what they need from here, so neither imports the other.
 
 A configuration that must not run raises ValueError naming the parameter, so ``relay
 serve`` stops before it listens and a reload keeps the old settings.  Nothing here writes
@@ -21,7 +22,7 @@ from relay.auth import PasswordFile, PasswordFileError, password_file_path
 from relay.config import Config
 from relay.delivery import DeliverySettings
 from relay.outcome import Policy
-from relay.routing import Resolver, Router, open_table
+from relay.routing import Resolver, open_table
 from relay.scheduler import QmgrSettings
 from relay.smtpd.policy import SmtpdSettings, check_relay_restrictions
 
@@ -42,6 +43,7 @@ def smtpd_settings(cfg: Config) -> SmtpdSettings:
         bare_newline_exclusions=cfg.network_matcher("smtpd_forbid_bare_newline_exclusions"),
         bare_newline_reject_code=_reject_code(cfg, "smtpd_forbid_bare_newline_reject_code"),
         mail_name=cfg.str("mail_name"),
+        soft_bounce=cfg.bool("soft_bounce"),
         **_smtpd_security(cfg),
     )
 
@@ -82,6 +84,8 @@ def _smtpd_security(cfg: Config) -> dict[str, Any]:
         "anvil_rate_time_unit": cfg.time("anvil_rate_time_unit"),
         "event_limit_exceptions": cfg.network_matcher("smtpd_client_event_limit_exceptions"),
         "hard_error_limit": cfg.int("smtpd_hard_error_limit"),
+        "soft_error_limit": cfg.int("smtpd_soft_error_limit"),
+        "error_sleep_time": cfg.time("smtpd_error_sleep_time"),
         "hopcount_limit": cfg.int("hopcount_limit"),
         "session_time_limit": cfg.time("smtpd_session_time_limit"),
         "greet_wait": cfg.time("postscreen_greet_wait"),
@@ -161,6 +165,7 @@ def qmgr_settings(cfg: Config) -> QmgrSettings:
         line_length_limit=cfg.int("smtp_line_length_limit"),
         connection_reuse_time_limit=cfg.time("smtp_connection_reuse_time_limit"),
         connection_cache_time_limit=cfg.time("smtp_connection_cache_time_limit"),
+        mx_session_limit=cfg.int("smtp_mx_session_limit"),
     )
     return QmgrSettings(
         myhostname=cfg.str("myhostname"),
@@ -172,12 +177,15 @@ def qmgr_settings(cfg: Config) -> QmgrSettings:
         initial_concurrency=cfg.int("initial_destination_concurrency"),
         process_limit=cfg.int("default_process_limit"),
         failed_cohort_limit=float(cfg.int("default_destination_concurrency_failed_cohort_limit")),
+        soft_bounce=cfg.bool("soft_bounce"),
+        defer_transports=frozenset(t.lower() for t in cfg.list("defer_transports")),
         policy=Policy(
             minimal_backoff_time=cfg.time("minimal_backoff_time"),
             maximal_backoff_time=cfg.time("maximal_backoff_time"),
             maximal_queue_lifetime=cfg.time("maximal_queue_lifetime"),
             bounce_queue_lifetime=cfg.time("bounce_queue_lifetime"),
             delay_warning_time=cfg.time("delay_warning_time"),
+            soft_bounce=cfg.bool("soft_bounce"),
         ),
         delivery=delivery,
     )
@@ -187,8 +195,6 @@ def self_addresses(cfg: Config) -> list[tuple[str, int]]:
     return [(a.host, a.port) for a in cfg.listen_addresses()]
 
 
-def router_for(cfg: Config) -> Router:
-    return Router(cfg.list("transport_maps"), cfg.str("relayhost"))
 
 
 def resolver_for(cfg: Config) -> Resolver:

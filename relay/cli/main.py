@@ -25,6 +25,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("-c", dest="config_dir", metavar="CONFIG_DIR")
     serve.add_argument("-o", dest="overrides", metavar="NAME=VALUE", action="append",
                        default=[], help="override a main.cf parameter (repeatable)")
+    serve.add_argument("--capture", metavar="MAILDIR",
+                       help="deliver every message to this Maildir; none leaves the machine")
+    serve.add_argument("--ready-file", metavar="FILE",
+                       help="once listening, write the addresses (ports 0 resolved) as JSON")
     for name, (text, _) in service.COMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)
     sub.add_parser("check", help="check main.cf, the spool, free space, the maillog, the ports",
@@ -32,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("queue", help="inspect and act on the queue (relay queue --help)",
                    add_help=False)
     sub.add_parser("passwd", help="add or change an SMTP AUTH user", add_help=False)
+    sub.add_parser("capture", help="the captured mail (relay capture --help)", add_help=False)
+    sub.add_parser("sink", help="a scriptable SMTP sink with faults (relay sink --help)",
+                   add_help=False)
     if args and args[0] == "queue":
         from relay.cli import queue
 
@@ -46,6 +53,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from relay import check
 
         return check.main(args[1:])
+    if args and args[0] == "capture":
+        from relay.cli import capture
+
+        return capture.main(args[1:])
+    if args and args[0] == "sink":
+        from relay.cli import sink
+
+        return sink.main(args[1:])
     if args and args[0] == "passwd":
         from relay.cli import passwd
 
@@ -54,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command == "serve":
         from relay import daemon
 
-        return daemon.serve(config_dir_from(ns.config_dir), ns.overrides)
+        return daemon.serve(config_dir_from(ns.config_dir), ns.overrides,
+                            capture=ns.capture, ready_file=ns.ready_file)
     parser.print_usage(sys.stderr)
     return EX_USAGE
 

@@ -82,7 +82,8 @@ def main(
         lines: list[str] = []
         for name in names:
             if name not in cfg.values:
-                warn(f"{name}: unknown parameter")
+                close = config.closest_name(name)
+                warn(f"{name}: unknown parameter" + (f" (did you mean {close}?)" if close else ""))
                 continue
             if args.explicit_only and name not in cfg.settings:
                 continue

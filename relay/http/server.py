@@ -27,8 +27,9 @@ Safety, whatever a provider does:
   a page that a developer visits cannot rebind its own DNS name to 127.0.0.1 and read the
   captured mail (DNS rebinding);
 - a request that is not GET/HEAD/OPTIONS is refused with 403 when its ``Origin`` is not
-  this server (``Origin`` must equal ``http://`` + ``Host``), or, without ``Origin``, when a
-  browser says ``Sec-Fetch-Site: cross-site``: no cross-site form or fetch can act here.
+  this server (``Origin`` must equal ``http://`` + ``Host``; ``null`` passes only with
+  ``Sec-Fetch-Site: same-origin``, which no page can forge), or, without ``Origin``, when
+  a browser says ``Sec-Fetch-Site: cross-site``: no cross-site form or fetch can act here.
   Clients that are not browsers (curl, test helpers) send neither and pass;
 - routes that change the queue call ``require_admin()``: 403 unless ``http_admin = yes``.
 
@@ -80,11 +81,13 @@ CONTEXT = web.AppKey("relay_http_context", HttpContext)
 
 def route_providers() -> list[RouteProvider]:
     """Every route provider of the daemon's HTTP listener (add yours here)."""
-    from relay.http import health, metrics
+    from relay.http import api, health, metrics, page
 
     return [
         health.routes,
         metrics.routes,
+        api.routes,
+        page.routes,
     ]
 
 
@@ -98,7 +101,9 @@ def host_allowed(host_header: str, myhostname: str) -> bool:
     """Whether ``Host`` names this server: an IP literal, localhost, or $myhostname."""
     host = host_header.strip().lower()
     if host.startswith("["):
-        host = host[1:].partition("]")[0]
+        host, bracket, _ = host[1:].partition("]")
+        if not bracket:
+            return False
     elif host.count(":") == 1:
         host = host.partition(":")[0]
     host = host.rstrip(".")
@@ -119,10 +124,13 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise web.HTTPForbidden(text=f"forbidden: Host {host!r} does not name this server\n")
     if request.method not in SAFE_METHODS:
         origin = request.headers.get("Origin")
-        if origin is not None:
+        fetch_site = request.headers.get("Sec-Fetch-Site", "").lower()
+        if origin == "null" and fetch_site == "same-origin":
+            pass  # a browser hiding the origin (a no-referrer policy) but vouching for it
+        elif origin is not None:
             if origin.rstrip("/").lower() != f"http://{host}".lower():
                 raise web.HTTPForbidden(text=f"forbidden: cross-origin request from {origin}\n")
-        elif request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site":
+        elif fetch_site == "cross-site":
             raise web.HTTPForbidden(text="forbidden: cross-site request\n")
     return await handler(request)
 

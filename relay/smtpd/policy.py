@@ -80,6 +80,7 @@ class SmtpdSettings:
     timeout: float = 300.0
     connection_count_limit: int = 50
     mail_name: str = "relay"
+    soft_bounce: bool = False  # every 5xx reply goes out as 4xx (Postfix's smtpd_chat.c)
     # smtpd_forbid_bare_newline: normalize | reject | no; who is excluded (None: mynetworks);
     # the reply code of reject (521 also disconnects).
     bare_newline: str = "normalize"
@@ -103,6 +104,8 @@ class SmtpdSettings:
     anvil_rate_time_unit: float = 60.0
     event_limit_exceptions: NetworkMatcher | None = None  # None: mynetworks
     hard_error_limit: int = 20
+    soft_error_limit: int = 10  # then every reply waits error_sleep_time (0: never)
+    error_sleep_time: float = 1.0
     hopcount_limit: int = 50
     session_time_limit: float = 3600.0
     greet_wait: float = 0.0  # postscreen_greet_wait: silence before the banner

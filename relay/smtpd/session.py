@@ -170,6 +170,11 @@ class Session:
                     log.info("lost connection after %s from %s", self.command, self.namaddr())
                     self.close()
                 return
+            if s.soft_error_limit and self._errors >= s.soft_error_limit \
+                    and s.error_sleep_time > 0:
+                # smtpd_soft_error_limit: a client that keeps erring gets every reply
+                # smtpd_error_sleep_time late (Postfix's smtpd_chat_reply()).
+                await asyncio.sleep(s.error_sleep_time)
             try:
                 await self.command_line(line)
             except Exception:
@@ -208,6 +213,12 @@ class Session:
         the session.  Replies to pipelined commands wait to go out together."""
         if self.closing:
             return
+        if text[0] == "5" and self.listener.settings.soft_bounce:
+            # soft_bounce: refuse nothing for good, as Postfix's smtpd_chat_reply() (a 521
+            # becomes 421 and still ends the session).
+            text = "\r\n".join("4" + line[1:4] + ("4" + line[5:] if line[4:5] == "5"
+                                                    else line[4:])
+                               for line in text.split("\r\n"))
         code = int(text[:3])
         self._last_code = code
         if code >= 400:
@@ -646,6 +657,8 @@ class Session:
         except Exception:
             log.exception("%s: queue file write error", self.namaddr())
             return replies.WRITE_ERROR
+        # Postfix forgives a client's errors once it delivered a message (smtpd.c).
+        self._errors = 0
         return replies.QUEUED.format(queue_id=queue_id)
 
     def protocol_name(self) -> str:

@@ -217,4 +217,4 @@ def test_output_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
 def test_example_configuration(tmp_path: Path) -> None:
     r = postconf("-c", str(REPO / "conf"), "-n", home=tmp_path)
     assert r.returncode == 0 and r.stderr == ""
-    assert r.stdout == "mynetworks = 127.0.0.0/8 [::1]/128\nsmtpd_listen = 127.0.0.1:2525\n"
+    assert r.stdout == "mynetworks = 127.0.0.0/8 [::1]/128\nsmtpd_listen = 127.0.0.1:2525, [::1]:2525\n"

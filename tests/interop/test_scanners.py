@@ -41,8 +41,11 @@ def server(request: pytest.FixtureRequest) -> Iterator[Server]:
     base = instance_root(f"relay-scan-{request.param}-")
     try:
         if request.param == "relay":
+            # No tarpit either: relay sleeps on errors as Postfix does (issue 11).
             d = RelayDaemon(base / "relay", {"mynetworks": "127.0.0.2/32",
-                                            "relay_domains": ""})
+                                            "relay_domains": "",
+                                            "smtpd_error_sleep_time": "0",
+                                            "smtpd_soft_error_limit": "100"})
             try:
                 d.start()
                 yield Server("relay", d.host, d.port, d.log)

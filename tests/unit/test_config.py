@@ -46,7 +46,7 @@ EXPECTED_DEFAULTS = {
     "smtpd_forbid_bare_newline_reject_code": "550",
     "maillog_file": "",
     "syslog_facility": "mail",
-    "smtpd_listen": "127.0.0.1:2525",
+    "smtpd_listen": "127.0.0.1:2525, [::1]:2525",
     "enable_long_queue_ids": "no",
     "queue_run_delay": "300s",
     "qmgr_message_active_limit": "20000",
@@ -108,7 +108,10 @@ EXPECTED_DEFAULTS = {
     "smtpd_session_time_limit": "3600s",
     "postscreen_greet_wait": "0s",
     "smtpd_auth_failure_delay": "1s",
-    "capture_mode": "no",
+    "capture_maildir": "",
+    "default_transport": "smtp",
+    "soft_bounce": "no",
+    "defer_transports": "",
     "fault_injection": "",
     "http_listen": "",
     "http_admin": "no",
@@ -141,7 +144,8 @@ def test_default_typed_values() -> None:
         "permit_sasl_authenticated",
         "reject_unauth_destination",
     )
-    assert cfg.listen_addresses() == (ListenAddress("127.0.0.1", 2525, False),)
+    assert cfg.listen_addresses() == (ListenAddress("127.0.0.1", 2525, False),
+                                      ListenAddress("::1", 2525, False))
     assert cfg.str("smtpd_forbid_bare_newline") == "normalize"
     assert cfg.str("smtp_tls_security_level") == ""
     assert cfg.networks("mynetworks") == (
