@@ -22,15 +22,13 @@ the final "." and reading its reply (RFC 1047): the server may have taken the me
 the caller still records the recipients as pending, so the next attempt delivers a
 duplicate. Postfix accepts the same risk and says so in its reason text; so do we.
 
-Built on aiosmtplib's `SMTPProtocol` (framing, reply parsing, flow control) through a
-subclass that keeps every reply in order, which the stock protocol does not do when several
-commands are written at once (it drops replies that arrive before the next read).
+The wire (reply framing and parsing, flow control, the TLS upgrade) is aiosmtplib's,
+reached only through relay.delivery_engine.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import enum
 import ipaddress
 import logging
@@ -39,20 +37,11 @@ import re
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn, Protocol, cast
+from typing import NoReturn, Protocol
 
-from aiosmtplib.auth import auth_login_encode, auth_plain_encode
-from aiosmtplib.errors import (
-    SMTPReadTimeoutError,
-    SMTPResponseException,
-    SMTPServerDisconnected,
-    SMTPTimeoutError,
-)
-from aiosmtplib.esmtp import parse_esmtp_extensions
-from aiosmtplib.protocol import MAX_RESPONSE_LENGTH, SMTPProtocol
-from aiosmtplib.response import SMTPResponse
-
+from relay import delivery_engine as engine
 from relay import dsn as dsn_mod
+from relay.delivery_engine import Connection, Disconnected, MalformedReply, ReplyTimeout
 from relay.smtp_data import Payload
 
 __all__ = (
@@ -230,98 +219,6 @@ class DeliverySettings:
 # --- the wire ------------------------------------------------------------------------------
 
 
-class _ClientProtocol(SMTPProtocol):
-    """aiosmtplib's protocol, keeping every reply in arrival order.
-
-    The stock protocol parses one reply per read_response() and ignores data that arrives
-    while no read is pending, which loses replies to pipelined commands. Here every complete
-    reply is queued as it arrives and read_response() takes them in order.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop=loop)
-        self._replies: collections.deque[SMTPResponse] = collections.deque()
-        self._failure: SMTPResponseException | SMTPServerDisconnected | None = None
-        self._wakeup: asyncio.Future[None] | None = None
-
-    def data_received(self, data: bytes) -> None:
-        if self._failure is not None:
-            return
-        self._buffer.extend(data)
-        try:
-            while (response := self._read_response_from_buffer()) is not None:
-                self._replies.append(response)
-        except SMTPResponseException as exc:
-            self._failure = exc
-        else:
-            if len(self._buffer) > MAX_RESPONSE_LENGTH:
-                self._failure = SMTPResponseException(-1, "Response too long")
-        self._wake()
-
-    def eof_received(self) -> bool:
-        if self._failure is None:
-            self._failure = SMTPServerDisconnected("Unexpected EOF received")
-        self._wake()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        if self._failure is None:
-            self._failure = SMTPServerDisconnected("Connection lost")
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
-
-    @property
-    def has_unread_replies(self) -> bool:
-        return bool(self._replies)
-
-    def take_unread_reply(self) -> SMTPResponse | None:
-        return self._replies.popleft() if self._replies else None
-
-    async def read_response(self, timeout: float | None = None) -> SMTPResponse:
-        deadline = None if timeout is None else self._loop.time() + timeout
-        while not self._replies:
-            if self._failure is not None:
-                raise self._failure
-            waiter: asyncio.Future[None] = self._loop.create_future()
-            self._wakeup = waiter
-            try:
-                remaining = None if deadline is None else max(0.0, deadline - self._loop.time())
-                await asyncio.wait_for(waiter, remaining)
-            except TimeoutError as exc:
-                raise SMTPReadTimeoutError("Timed out waiting for server response") from exc
-            finally:
-                self._wakeup = None
-        return self._replies.popleft()
-
-    async def drain(self) -> None:
-        await self._drain_helper()
-
-    async def upgrade_to_tls(
-        self, context: ssl.SSLContext, server_hostname: str | None, timeout: float
-    ) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            raise SMTPServerDisconnected("Connection lost")
-        # RFC 3207 4.2: bytes that arrived after the 220 and before the handshake are
-        # plaintext a man in the middle may have injected; never read them as TLS data.
-        del self._buffer[:]
-        self._replies.clear()
-        tls_transport = await self._loop.start_tls(
-            transport,  # type: ignore[arg-type]
-            self,
-            context,
-            server_side=False,
-            server_hostname=server_hostname,
-            ssl_handshake_timeout=timeout,
-        )
-        self.transport = tls_transport
-        self._over_ssl = True
-
-
 @dataclass(frozen=True, slots=True)
 class _Reply:
     code: int
@@ -330,7 +227,7 @@ class _Reply:
     message: str  # aiosmtplib's text (codes stripped, lines joined by newlines)
 
 
-def _reply(response: SMTPResponse) -> _Reply:
+def _reply(response: engine.Reply) -> _Reply:
     lines = response.message.split("\n")
     code = response.code
     text = " ".join([f"{code}-{line}" for line in lines[:-1]] + [f"{code} {lines[-1]}".rstrip()])
@@ -379,7 +276,7 @@ class _RetryPlaintext(Exception):
 @dataclass(eq=False, slots=True)
 class _Session:
     key: tuple[str, str, int]
-    protocol: _ClientProtocol
+    protocol: Connection
     namaddr: str
     relay: str
     created: float
@@ -399,20 +296,20 @@ class _Session:
 
     def send(self, *commands: bytes, where: str) -> None:
         try:
-            self.protocol.write(b"".join(command + b"\r\n" for command in commands))
-        except SMTPServerDisconnected as exc:
+            self.protocol.send(b"".join(command + b"\r\n" for command in commands))
+        except Disconnected as exc:
             raise self.lost(where) from exc
 
     async def receive(self, timeout: float, where: str) -> _Reply:
         try:
-            return _reply(await self.protocol.read_response(timeout))
-        except SMTPTimeoutError as exc:
+            return _reply(await self.protocol.read_reply(timeout))
+        except ReplyTimeout as exc:
             raise _Broken(
                 "4.4.2", f"conversation with {self.namaddr} timed out while {where}"
             ) from exc
-        except SMTPServerDisconnected as exc:
+        except Disconnected as exc:
             raise self.lost(where) from exc
-        except SMTPResponseException as exc:
+        except MalformedReply as exc:
             raise _Broken(
                 "4.4.2", f"host {self.namaddr} sent a malformed reply while {where}: {exc.message}"
             ) from exc
@@ -425,20 +322,17 @@ class _Session:
         return _Broken("4.4.2", f"lost connection with {self.namaddr} while {where}")
 
     def abort(self) -> None:
-        transport = self.protocol.transport
-        if transport is not None and not transport.is_closing():
-            cast(asyncio.Transport, transport).abort()
+        self.protocol.abort()
 
     def quit_nowait(self) -> None:
         # Postfix skips the QUIT reply by default (smtp_skip_quit_response); close() still
         # flushes the QUIT before the FIN.
-        transport = self.protocol.transport
-        if transport is not None and not transport.is_closing():
+        if self.protocol.is_connected:
             try:
-                self.protocol.write(b"QUIT\r\n")
-            except SMTPServerDisconnected:
+                self.protocol.send(b"QUIT\r\n")
+            except Disconnected:
                 pass
-            transport.close()
+            self.protocol.close()
 
     async def quit(self) -> None:
         if self.protocol.is_connected:
@@ -446,9 +340,7 @@ class _Session:
                 await self.exchange(b"QUIT", self.quit_timeout, "sending QUIT")
             except _Broken:
                 pass
-        transport = self.protocol.transport
-        if transport is not None and not transport.is_closing():
-            transport.close()
+        self.protocol.close()
 
 
 def _rcpt_dsn(options: RcptOptions) -> bytes:
@@ -695,9 +587,8 @@ class SMTPDelivery:
         namaddr = _namaddr(target)
         relay = f"{namaddr}:{target.port}"
         try:
-            _, protocol = await asyncio.wait_for(
-                loop.create_connection(lambda: _ClientProtocol(loop), target.address, target.port),
-                settings.connect_timeout,
+            protocol = await asyncio.wait_for(
+                engine.connect(target.address, target.port), settings.connect_timeout
             )
         except TimeoutError:
             raise _SetupFailed(
@@ -780,7 +671,7 @@ class SMTPDelivery:
         name = settings.helo_name.encode("ascii")
         reply = await session.exchange(b"EHLO " + name, settings.helo_timeout, EHLO)
         if reply.code // 100 == 2:
-            session.extensions, session.auth_methods = parse_esmtp_extensions(reply.message)
+            session.extensions, session.auth_methods = engine.parse_ehlo(reply.message)
             return
         if reply.code == 421:
             self._refused(session, reply)
@@ -805,7 +696,7 @@ class SMTPDelivery:
             await session.protocol.upgrade_to_tls(
                 self._tls_context(settings), server_hostname, settings.starttls_timeout
             )
-        except (OSError, SMTPServerDisconnected) as exc:
+        except OSError as exc:
             log.info("%s: TLS handshake failed: %s", session.relay, exc)
             session.abort()
             # Postfix does not fall back to plaintext when it would authenticate: the server
@@ -824,10 +715,10 @@ class SMTPDelivery:
         timeout = settings.helo_timeout
         if "plain" in session.auth_methods:
             reply = await session.exchange(
-                b"AUTH PLAIN " + auth_plain_encode(user, password), timeout, AUTH
+                b"AUTH PLAIN " + engine.auth_plain(user, password), timeout, AUTH
             )
         elif "login" in session.auth_methods:
-            encoded_user, encoded_password = auth_login_encode(user, password)
+            encoded_user, encoded_password = engine.auth_login(user, password)
             reply = await session.exchange(b"AUTH LOGIN", timeout, AUTH)
             if reply.code == 334:
                 reply = await session.exchange(encoded_user, timeout, AUTH)
@@ -997,8 +888,8 @@ class SMTPDelivery:
         if len(payload.message) <= BODY_CHUNK:
             # A small message and its final dot go out in one write.
             try:
-                protocol.write(payload.whole() + b".\r\n")
-            except (SMTPServerDisconnected, ConnectionError):
+                protocol.send(payload.whole() + b".\r\n")
+            except ConnectionError:
                 early = protocol.take_unread_reply()
                 if early is not None:
                     return _reply(early)
@@ -1007,14 +898,14 @@ class SMTPDelivery:
         try:
             # Piece by piece, so that no second copy of a big message is ever made whole.
             for piece in payload.chunks(BODY_CHUNK):
-                protocol.write(piece)
+                protocol.send(piece)
                 # smtp_data_xfer_timeout is a no-progress limit per write, as in Postfix.
                 await asyncio.wait_for(protocol.drain(), settings.data_xfer_timeout)
         except TimeoutError:
             raise _Broken(
                 "4.4.2", f"conversation with {session.namaddr} timed out while {BODY}"
             ) from None
-        except (SMTPServerDisconnected, ConnectionError):
+        except ConnectionError:
             # Postfix reads a reply the server may have sent before hanging up (a 5xx for
             # a message too big, say); only without one is this a lost connection.
             early = protocol.take_unread_reply()
