@@ -33,7 +33,14 @@ from relay import config as config_mod
 from relay import log as maillog
 from relay.config import Config, ConfigError
 from relay.loop import run_loop
-from relay.settings import qmgr_settings, resolver_for, router_for, sasl_credentials, smtpd_settings
+from relay.settings import (
+    client_tls,
+    qmgr_settings,
+    resolver_for,
+    router_for,
+    sasl_credentials,
+    smtpd_settings,
+)
 from relay.smtpd.listener import Listener
 from spool import Envelope, Spool
 from spool.fsync import Syncer
@@ -96,6 +103,7 @@ class Daemon:
             router_for(cfg)
             resolver_for(cfg)
             qmgr_settings(cfg)
+            client_tls(cfg)
             smtpd = smtpd_settings(cfg)
         except (ConfigError, ValueError) as exc:
             log.warning("reload failed, keeping the old configuration: %s", exc)
@@ -309,6 +317,7 @@ def serve(config_dir: str | None) -> int:
         router_for(cfg)
         resolver_for(cfg)
         sasl_credentials(cfg)
+        client_tls(cfg)
         smtpd_settings(cfg)
     except ValueError as exc:
         print(f"relay: fatal: {exc}", file=sys.stderr)

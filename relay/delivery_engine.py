@@ -202,6 +202,13 @@ class Connection(SMTPProtocol):
         self._over_ssl = True
 
     @property
+    def local_address(self) -> str:
+        """This end's IP address (RFC 8460's sending-mta-ip)."""
+        transport = self.transport
+        name = transport.get_extra_info("sockname") if transport is not None else None
+        return str(name[0]) if name else ""
+
+    @property
     def ssl_object(self) -> ssl.SSLObject | None:
         """The TLS session's SSLObject (certificate, cipher, version), once upgraded."""
         transport = self.transport

@@ -34,7 +34,7 @@ from relay.config import Config, ConfigError
 from relay.delivery import SMTPDelivery
 from relay.loop import run_loop
 from relay.scheduler import Scheduler
-from relay.settings import qmgr_settings, resolver_for, router_for
+from relay.settings import qmgr_settings, resolver_for, router_for, tls_planner
 from spool import Spool
 from spool.fsync import Syncer
 from spool.store import fault_hook_from
@@ -58,11 +58,12 @@ class Qmgr:
         try:
             cfg = config_mod.load(self.config_dir)
             router, resolver, settings = router_for(cfg), resolver_for(cfg), qmgr_settings(cfg)
+            tls = tls_planner(cfg, resolver, self.spool)
         except (ConfigError, ValueError) as exc:
             log.warning("reload failed, keeping the old configuration: %s", exc)
             return
         self.cfg = cfg
-        self.scheduler.reconfigure(settings, router, resolver)
+        self.scheduler.reconfigure(settings, router, resolver, tls)
 
     async def on_control(self, verb: str, args: list[str]) -> str:
         sched = self.scheduler
@@ -132,8 +133,9 @@ async def run(config_dir: str | None, cfg: Config, trigger_fd: int) -> int:
     await asyncio.to_thread(fcntl.flock, lock_fd, fcntl.LOCK_EX)
     await asyncio.to_thread(spool.forget_kept_spares)
     clock = clock_mod.from_environ()
-    scheduler = Scheduler(spool, qmgr_settings(cfg), router_for(cfg), resolver_for(cfg),
-                          SMTPDelivery(), clock=clock)
+    resolver = resolver_for(cfg)
+    scheduler = Scheduler(spool, qmgr_settings(cfg), router_for(cfg), resolver,
+                          SMTPDelivery(), clock=clock, tls=tls_planner(cfg, resolver, spool))
     scheduler.syncer = Syncer()
     scheduler.syncer.start()
     qmgr = Qmgr(config_dir, cfg, spool, scheduler)

@@ -14,6 +14,7 @@ anything; the only reads are main.cf's files (certificates, password files, tabl
 
 from __future__ import annotations
 
+import re
 import ssl
 from typing import Any
 
@@ -24,6 +25,8 @@ from relay.outcome import Policy
 from relay.routing import Resolver, Router, open_table
 from relay.scheduler import QmgrSettings
 from relay.smtpd.policy import SmtpdSettings, check_relay_restrictions
+from relay.tls.destination import ClientTLS, Planner
+from relay.tls.policy import Defaults, Level, PolicyError, PolicyMaps, cipher_list, protocol_range
 
 
 def smtpd_settings(cfg: Config) -> SmtpdSettings:
@@ -92,18 +95,111 @@ def _smtpd_security(cfg: Config) -> dict[str, Any]:
 
 def smtpd_tls_context(cfg: Config) -> ssl.SSLContext | None:
     """The server TLS context from smtpd_tls_cert_file and smtpd_tls_key_file (the key
-    may be in the certificate file, as Postfix allows); None if no certificate is set."""
+    may be in the certificate file, as Postfix allows); None if no certificate is set.
+
+    Its protocols and ciphers are Postfix's: smtpd_tls_mandatory_protocols and
+    smtpd_tls_mandatory_ciphers when TLS is required (smtpd_tls_security_level =
+    encrypt), else smtpd_tls_protocols and smtpd_tls_ciphers; the grade's list
+    (tls_high_cipherlist: forward-secret AEAD suites only, by default) minus
+    smtpd_tls_exclude_ciphers (and smtpd_tls_mandatory_exclude_ciphers when required).
+    TLS 1.3 suites are OpenSSL's own, all of them AEAD."""
     cert = cfg.str("smtpd_tls_cert_file")
     if not cert:
         return None
     key = cfg.str("smtpd_tls_key_file") or cert
+    mandatory = cfg.str("smtpd_tls_security_level") == "encrypt"
+    prefix = "smtpd_tls_mandatory_" if mandatory else "smtpd_tls_"
+    exclusions = list(cfg.list("smtpd_tls_exclude_ciphers"))
+    if mandatory:
+        exclusions += cfg.list("smtpd_tls_mandatory_exclude_ciphers")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.minimum_version, context.maximum_version = protocol_range(
+            cfg.str(prefix + "protocols"))
+    except PolicyError as exc:
+        raise ValueError(f"{prefix}protocols: {exc}") from None
+    ciphers = cipher_list(cfg.str(prefix + "ciphers"), _cipherlists(cfg), exclusions)
+    try:
+        context.set_ciphers(ciphers)
+    except ssl.SSLError:
+        raise ValueError(f"{prefix}ciphers: no cipher left in {ciphers!r}") from None
+    # The server's preference decides, as Postfix's tls_preempt_cipherlist can ask.
+    context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
         raise ValueError(f"cannot load certificate {cert} and key {key}: {exc}") from None
     return context
+
+
+def _cipherlists(cfg: Config) -> dict[str, str]:
+    return {"high": cfg.str("tls_high_cipherlist"), "medium": cfg.str("tls_medium_cipherlist")}
+
+
+def tls_defaults(cfg: Config) -> Defaults:
+    """The SMTP client's smtp_tls_* settings a policy entry may override."""
+    try:
+        return Defaults(
+            ciphers=cfg.str("smtp_tls_ciphers"),
+            mandatory_ciphers=cfg.str("smtp_tls_mandatory_ciphers"),
+            exclude_ciphers=" ".join(cfg.list("smtp_tls_exclude_ciphers")),
+            mandatory_exclude_ciphers=" ".join(cfg.list("smtp_tls_mandatory_exclude_ciphers")),
+            protocols=cfg.str("smtp_tls_protocols"),
+            mandatory_protocols=cfg.str("smtp_tls_mandatory_protocols"),
+            verify_cert_match=_match_list(cfg, "smtp_tls_verify_cert_match"),
+            secure_cert_match=_match_list(cfg, "smtp_tls_secure_cert_match"),
+            cipherlists=tuple(_cipherlists(cfg).items()),
+        )
+    except PolicyError as exc:
+        raise ValueError(f"smtp_tls_*: {exc}") from None
+
+
+def _match_list(cfg: Config, name: str) -> tuple[str, ...]:
+    # Postfix splits these on commas, white space and colons.
+    return tuple(w for w in re.split(r"[\s,:]+", cfg.str(name)) if w)
+
+
+def client_tls(cfg: Config) -> ClientTLS:
+    """What the SMTP client's TLS planner works from; ValueError names a bad table entry."""
+    try:
+        maps = PolicyMaps([open_table(spec) for spec in cfg.list("smtp_tls_policy_maps")])
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+    level = Level.NONE
+    if cfg.str("smtp_tls_security_level"):
+        level = next(lv for lv in Level if lv.word == cfg.str("smtp_tls_security_level"))
+    return ClientTLS(
+        level=level,
+        defaults=tls_defaults(cfg),
+        maps=maps,
+        dnssec=cfg.str("smtp_dns_support_level") == "dnssec",
+        mta_sts=cfg.bool("smtp_mta_sts_enable"),
+        tls_required_header=cfg.bool("tls_required_enable"),
+    )
+
+
+def https_context(cfg: Config) -> ssl.SSLContext:
+    """The MTA-STS policy fetch's context: the SMTP client's trust anchors, else the
+    system's (SSL_CERT_FILE and SSL_CERT_DIR honoured), names checked."""
+    ca_file, ca_path = cfg.str("smtp_tls_CAfile"), cfg.str("smtp_tls_CApath")
+    try:
+        return ssl.create_default_context(cafile=ca_file or None, capath=ca_path or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"smtp_tls_CAfile/smtp_tls_CApath: {exc}") from None
+
+
+def tls_planner(cfg: Config, resolver: Resolver, cache: Any,
+                *, https_port: int = 443) -> Planner:
+    """The TLS planner of the queue manager (and of ``relay tls policy``): policy maps,
+    MTA-STS with its cache in the spool (``cache``: a spool.Spool, or None), DANE."""
+    from relay.tls.mta_sts import Fetcher, StsResolver
+
+    settings = client_tls(cfg)
+    sts = None
+    if settings.mta_sts:
+        sts = StsResolver(resolver, Fetcher(resolver, https_context(cfg), port=https_port),
+                          cache)
+    return Planner(settings, resolver, sts)
 
 
 def _bare_newline(value: str) -> str:
@@ -154,6 +250,9 @@ def qmgr_settings(cfg: Config) -> QmgrSettings:
         starttls_timeout=cfg.time("smtp_starttls_timeout"),
         tls_level=tls,
         tls_ca_file=cfg.str("smtp_tls_CAfile"),
+        tls_ca_path=cfg.str("smtp_tls_CApath"),
+        tls_loglevel=cfg.int("smtp_tls_loglevel"),
+        tls_defaults=tls_defaults(cfg),
         sasl_enable=cfg.bool("smtp_sasl_auth_enable"),
         sasl_credentials=sasl_credentials(cfg),  # type: ignore[arg-type]
         send_dummy_mail_auth=cfg.bool("smtp_send_dummy_mail_auth"),
@@ -191,9 +290,24 @@ def router_for(cfg: Config) -> Router:
 
 
 def resolver_for(cfg: Config) -> Resolver:
+    nameservers = cfg.list("dns_nameservers")
     return Resolver(
-        nameservers=cfg.list("dns_nameservers"),
+        nameservers=nameservers,
         myhostname=cfg.str("myhostname"),
         self_addresses=self_addresses(cfg),
         mx_address_limit=cfg.int("smtp_mx_address_limit"),
+        dnssec=cfg.str("smtp_dns_support_level") == "dnssec",
+        trust_ad=cfg.bool("dns_trust_ad") or (not nameservers and resolv_conf_trusts_ad()),
     )
+
+
+def resolv_conf_trusts_ad(path: str = "/etc/resolv.conf") -> bool:
+    """glibc's ``options trust-ad``: the operator declares the system's name servers
+    trusted to validate DNSSEC (and the path to them safe)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return False
+    return any(line.split()[:1] == ["options"] and "trust-ad" in line.split()[1:]
+               for line in lines)
