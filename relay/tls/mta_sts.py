@@ -173,6 +173,7 @@ class Fetched:
     text: str = ""
     failure: str = ""  # "sts-policy-fetch-error", "sts-webpki-invalid"
     reason: str = ""
+    url: str = ""
 
 
 class Fetcher:
@@ -219,7 +220,7 @@ class Fetcher:
             return Fetched(failure="sts-policy-fetch-error",
                            reason=f"{url}: policy larger than {MAX_POLICY_SIZE} bytes")
         try:
-            return Fetched(text=body.decode("utf-8"))
+            return Fetched(text=body.decode("utf-8"), url=url)
         except UnicodeDecodeError:
             return Fetched(failure="sts-policy-invalid", reason=f"{url}: not UTF-8")
 
@@ -318,7 +319,7 @@ class StsResolver:
             try:
                 policy = parse_policy(fetched.text)
             except StsError as exc:
-                failure, reason = "sts-policy-invalid", f"mta-sts.{domain}: {exc}"
+                failure, reason = "sts-policy-invalid", f"{fetched.url}: {exc}"
             else:
                 self._store(domain, txt_id, policy, now)
                 log.info("MTA-STS policy for %s: id %s, mode %s, max_age %d", domain, txt_id,
