@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TESTSTAMP := $(VENV)/.test-installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-deps check bench soak fuzz clean
+.PHONY: install run test test-deps check bench soak fuzz clean interop
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,11 @@ test-deps: $(TESTSTAMP)
 
 test: $(TESTSTAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Only the interoperability suite: relay between private Postfix, Exim and OpenSMTPD
+# instances (scripts/install-peers puts them on a Debian machine; run as root).
+interop: $(TESTSTAMP)
+	$(BIN)/python -m pytest -q tests/interop $(PYTEST_ARGS)
 
 check: $(TESTSTAMP)
 	$(BIN)/pip install --quiet mypy ruff

@@ -13,7 +13,6 @@ means our log lines would break the tools Postfix administrators already use.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from collections.abc import Callable
@@ -23,14 +22,16 @@ import pytest
 from tests.integration.test_relay_e2e import Client, route
 from tests.support.daemon import RelayDaemon, free_port
 from tests.support.peers import PeerScript, Reply, ThreadedPeer
+from tests.support.tools import require
 
 PFLOGSUMM = "/usr/sbin/pflogsumm"
 
-pytestmark = [
-    pytest.mark.timeout(60),
-    pytest.mark.skipif(not os.access(PFLOGSUMM, os.X_OK),
-                       reason=f"{PFLOGSUMM} is not installed (Debian package pflogsumm)"),
-]
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(autouse=True)
+def _pflogsumm_installed() -> None:
+    require("pflogsumm", PFLOGSUMM)  # Debian package pflogsumm
 
 MakeDaemon = Callable[..., RelayDaemon]
 
