@@ -73,6 +73,8 @@ def _smtpd_security(cfg: Config) -> dict[str, Any]:
         "tls_context": tls,
         "tls_security_level": level,
         "tls_auth_only": cfg.bool("smtpd_tls_auth_only"),
+        "tls_loglevel": cfg.int("smtpd_tls_loglevel"),
+        "requiretls_enable": cfg.bool("requiretls_enable"),
         "sasl_auth_enable": passwords is not None,
         "passwords": passwords,
         "auth_failure_delay": cfg.time("smtpd_auth_failure_delay"),

@@ -181,3 +181,50 @@ def test_level_by_certificate_case(column: tuple[str, Level, str], case: str, ce
             assert not {"MAIL", "AUTH", "RCPT"} & set(session.verbs()), session.verbs()
     if expect.log:
         assert expect.log.replace("PEER", outcome.peer_name) in logs, logs
+
+
+@pytest.mark.parametrize("case", ["wrong_name", "expired", "self_signed", "untrusted"])
+def test_no_password_over_a_connection_below_the_level_asked(
+        case: str, certs: Certs, ca_file: Path, dns: LoopbackDNS) -> None:
+    """smtp_sasl_auth_enable = yes and a server that offers AUTH: when its certificate
+    fails the verify level, the session ends before AUTH, so the password never leaves."""
+    script = PeerScript(hostname=MX, starttls=True, auth_mechanisms=("PLAIN", "LOGIN"),
+                        credentials=("user", "secret"))
+    settings = DeliverySettings(
+        helo_name="client.test", tls_ca_file=str(ca_file), starttls_timeout=5,
+        connection_cache_time_limit=0, sasl_enable=True,
+        sasl_credentials=lambda label, target: ("user", "secret"))
+    outcome = asyncio.run(deliver_once(dns, certs[case], Level.VERIFY, ca_file, script=script,
+                                       settings=settings))
+    assert outcome.attempt.results[0].reason == NOT_VERIFIED
+    assert outcome.sessions and all("AUTH" not in s.verbs() for s in outcome.sessions)
+    assert all(b"secret" not in s.raw and b"AHVzZXIAc2VjcmV0" not in s.raw
+               for s in outcome.sessions)
+
+
+def test_a_cached_connection_serves_only_its_own_policy(certs: Certs, ca_file: Path,
+                                                        dns: LoopbackDNS) -> None:
+    """A connection a may-level delivery left in the cache is not reused by a verify-level
+    one (it was never verified); the verify-level one opens its own and checks it."""
+
+    async def run() -> tuple[list[str], int]:
+        script = PeerScript(hostname=MX, starttls=True)
+        async with Peer(script, tls_context=certs["wrong_name"].server_context()) as peer:
+            resolver = Resolver([dns.nameserver])
+            hop = NextHop(Transport.SMTP, "good.test", peer.port, True)
+            resolution = await resolver.resolve(hop, "good.test")
+            settings = DeliverySettings(helo_name="client.test", tls_ca_file=str(ca_file),
+                                        connection_cache_time_limit=30)
+            delivery = SMTPDelivery()
+            statuses = []
+            for level in (Level.MAY, Level.VERIFY):
+                plan = await Planner(ClientTLS(level=level), resolver).plan(hop, resolution)
+                attempt = await delivery.deliver(resolution.targets, hop.label, "a@c.test",
+                                                 ["u@good.test"], MESSAGE, settings, tls=plan)
+                statuses.append(attempt.results[0].status.value)
+            await delivery.close()
+            return statuses, peer.connection_count
+
+    statuses, connections = asyncio.run(run())
+    assert statuses == ["sent", "defer"]
+    assert connections == 2
