@@ -34,7 +34,14 @@ from relay.config import Config, ConfigError
 from relay.delivery import SMTPDelivery
 from relay.loop import run_loop
 from relay.scheduler import Scheduler
-from relay.settings import qmgr_settings, resolver_for, router_for, tls_planner
+from relay.settings import (
+    qmgr_settings,
+    report_settings,
+    resolver_for,
+    router_for,
+    tls_planner,
+)
+from relay.tls.report import TlsReports
 from spool import Spool
 from spool.fsync import Syncer
 from spool.store import fault_hook_from
@@ -48,11 +55,12 @@ PR_SET_PDEATHSIG = 1
 
 class Qmgr:
     def __init__(self, config_dir: str | None, cfg: Config, spool: Spool,
-                 scheduler: Scheduler) -> None:
+                 scheduler: Scheduler, reports: TlsReports | None = None) -> None:
         self.config_dir = config_dir
         self.cfg = cfg
         self.spool = spool
         self.scheduler = scheduler
+        self.reports = reports
 
     def reload(self) -> None:
         try:
@@ -64,6 +72,9 @@ class Qmgr:
             return
         self.cfg = cfg
         self.scheduler.reconfigure(settings, router, resolver, tls)
+        if self.reports is not None:
+            self.reports.dns = resolver
+            self.reports.settings = report_settings(cfg)
 
     async def on_control(self, verb: str, args: list[str]) -> str:
         sched = self.scheduler
@@ -138,7 +149,9 @@ async def run(config_dir: str | None, cfg: Config, trigger_fd: int) -> int:
                           SMTPDelivery(), clock=clock, tls=tls_planner(cfg, resolver, spool))
     scheduler.syncer = Syncer()
     scheduler.syncer.start()
-    qmgr = Qmgr(config_dir, cfg, spool, scheduler)
+    reports = TlsReports(spool, report_settings(cfg), resolver, clock=clock.time)
+    scheduler.tls_events = reports.record
+    qmgr = Qmgr(config_dir, cfg, spool, scheduler, reports)
     ctl = await control.serve(spool.root, qmgr.on_control)
     trigger = socket.socket(fileno=trigger_fd)
     trigger.setblocking(False)
@@ -149,6 +162,8 @@ async def run(config_dir: str | None, cfg: Config, trigger_fd: int) -> int:
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # the parent decides
     loop.add_signal_handler(signal.SIGHUP, qmgr.reload)
     sched_task = loop.create_task(scheduler.run())
+    report_task = loop.create_task(reports.run(
+        lambda: qmgr.cfg.bool("smtp_tlsrpt_enable"), scheduler.wakeup))
     with contextlib.suppress(OSError):
         trigger.send(b"ready")
     stop_task = loop.create_task(stop.wait())
@@ -160,6 +175,9 @@ async def run(config_dir: str | None, cfg: Config, trigger_fd: int) -> int:
     loop.remove_reader(trigger.fileno())
     ctl.close()
     await scheduler.stop(grace=SHUTDOWN_GRACE)
+    report_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await report_task  # its counts are written on the way out
     sched_task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await sched_task

@@ -190,6 +190,15 @@ def https_context(cfg: Config) -> ssl.SSLContext:
         raise ValueError(f"smtp_tls_CAfile/smtp_tls_CApath: {exc}") from None
 
 
+def report_settings(cfg: Config) -> Any:
+    """Who signs TLS reports (RFC 8460): $mydomain, postmaster@$mydomain, $myhostname."""
+    from relay.tls.report import ReportSettings
+
+    domain = cfg.str("mydomain")
+    return ReportSettings(organization=domain, contact=f"postmaster@{domain}",
+                          submitter=cfg.str("myhostname"), from_address=f"postmaster@{domain}")
+
+
 def tls_planner(cfg: Config, resolver: Resolver, cache: Any,
                 *, https_port: int = 443) -> Planner:
     """The TLS planner of the queue manager (and of ``relay tls policy``): policy maps,

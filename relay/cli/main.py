@@ -22,6 +22,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("queue", help="inspect and act on the queue (relay queue --help)",
                    add_help=False)
     sub.add_parser("passwd", help="add or change an SMTP AUTH user", add_help=False)
+    sub.add_parser("tls", help="TLS policy of a domain, TLS reports (relay tls --help)",
+                   add_help=False)
     if args and args[0] == "queue":
         from relay.cli import queue
 
@@ -30,6 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from relay import qmgrd
 
         return qmgrd.main(args[1:])
+    if args and args[0] == "tls":
+        from relay.cli import tls
+
+        return tls.main(args[1:])
     if args and args[0] == "passwd":
         from relay.cli import passwd
 

@@ -323,3 +323,37 @@ def test_policy_host_is_resolved_with_relays_dns_only(certs: Certs, ca_file: Pat
     reason, server = asyncio.run(run())
     assert server.hits == []
     assert "Host or domain name not found" in reason and POLICY_HOST in reason
+
+
+def test_relay_tls_policy_says_what_would_be_enforced_and_why(
+        certs: Certs, ca_file: Path, dns: LoopbackDNS, tmp_path: Path) -> None:
+    """``relay tls policy DOMAIN``: the policy found, and each MX host's level."""
+    import io
+
+    from relay.cli import tls as tls_command
+
+    dns.zone.add_mx(DOMAIN, 20, "mx2.elsewhere.test").add_a("mx2.elsewhere.test", "127.0.0.2")
+    config = tmp_path / "etc"
+    config.mkdir()
+    (config / "main.cf").write_text(
+        f"queue_directory = {tmp_path / 'spool'}\ndns_nameservers = {dns.nameserver}\n"
+        f"smtp_tls_CAfile = {ca_file}\nsmtp_tls_security_level = may\n")
+    Spool(str(tmp_path / "spool"))
+    out, err = io.StringIO(), io.StringIO()
+
+    async def run() -> int:
+        async with policy_server(certs, PolicyServer()) as server:
+            return await asyncio.to_thread(
+                tls_command.main, ["-c", str(config), "policy", DOMAIN], stdout=out,
+                stderr=err, https_port=server.port)
+
+    assert asyncio.run(run()) == 0, err.getvalue()
+    text = out.getvalue()
+    assert "next hop: sts.test (MX lookup; MX RRset DNSSEC-validated: no)" in text
+    assert "MTA-STS: policy id 20260101T000000 (fetched), mode enforce, max_age 86400, " \
+           "mx mx.sts.test" in text
+    assert "mx.sts.test[127.0.0.1]:25: verify (MTA-STS enforce), certificate must match " \
+           "mx.sts.test, protocols TLSv1.2 to TLSv1.3" in text
+    assert "mx2.elsewhere.test[127.0.0.2]:25: skipped: MX host mx2.elsewhere.test does not " \
+           "match the MTA-STS policy of sts.test (4.7.5)" in text
+    assert (tmp_path / "spool" / "state" / "mta-sts" / DOMAIN).exists()
