@@ -165,10 +165,10 @@ def test_relay_to_relay_at_verify_with_requiretls(tmp_path: Path, certs: Certs, 
 
 
 @pytest.mark.parametrize("served,offers,reason", [
-    ("good", False, "Sender requested REQUIRETLS, but no server was found that supports "
-                    "REQUIRETLS. The last attempted server was 127.0.0.1[127.0.0.1]"),
-    ("wrong_name", True, "Sender requested REQUIRETLS, but no matching server certificate "
-                         "was found. The last attempted server was 127.0.0.1[127.0.0.1]"),
+    ("good", False, ("Sender requested REQUIRETLS, but no server was found that supports "
+                     "REQUIRETLS. The last attempted server was 127.0.0.1[127.0.0.1]")),
+    ("wrong_name", True, ("Sender requested REQUIRETLS, but no matching server certificate "
+                          "was found. The last attempted server was 127.0.0.1[127.0.0.1]")),
 ])
 def test_requiretls_bounces_when_it_cannot_be_honoured(
         tmp_path: Path, certs: Certs, ca_file: Path, served: str, offers: bool,

@@ -26,7 +26,7 @@ from relay.tls.destination import ClientTLS, Planner
 from relay.tls.policy import Level
 from tests.support.certs import CASES, CertCase, Certs, make_certs
 from tests.support.dnsserver import LoopbackDNS
-from tests.support.peers import Peer, PeerScript, ReceivedMessage, SessionRecord
+from tests.support.peers import Peer, PeerScript, ReceivedMessage, Reply, SessionRecord
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -228,3 +228,106 @@ def test_a_cached_connection_serves_only_its_own_policy(certs: Certs, ca_file: P
     statuses, connections = asyncio.run(run())
     assert statuses == ["sent", "defer"]
     assert connections == 2
+
+
+# --- how the planner combines its sources ------------------------------------------------
+
+
+async def plan_and_deliver(dns: LoopbackDNS, case: CertCase, settings: ClientTLS, ca_file: Path,
+                           *, message: bytes = MESSAGE, requiretls: bool = False,
+                           secure_mx: bool = True, tlsa: tuple[int, int, int, bytes] | None = None,
+                           script: PeerScript | None = None) -> Outcome:
+    from relay.tls.policy import tls_not_required
+
+    script = script or PeerScript(hostname=MX, starttls=True)
+    if not secure_mx:
+        dns.zone.clear()
+        dns.zone.add_mx("good.test", 10, MX).add_a(MX, "127.0.0.1")
+    async with Peer(script, tls_context=case.server_context()) as peer:
+        if tlsa is not None:
+            dns.zone.add_tlsa(f"_{peer.port}._tcp.{MX}", *tlsa)
+            dns.zone.secure(f"_{peer.port}._tcp.{MX}")
+        resolver = Resolver([dns.nameserver], dnssec=settings.dnssec, trust_ad=True)
+        hop = NextHop(Transport.SMTP, "good.test", peer.port, True)
+        resolution = await resolver.resolve(hop, "good.test")
+        plan = await Planner(settings, resolver).plan(
+            hop, resolution, requiretls=requiretls, tls_not_required=tls_not_required(message))
+        delivery = SMTPDelivery()
+        attempt = await delivery.deliver(
+            resolution.targets, hop.label, "a@client.test", ["u@good.test"], message,
+            DeliverySettings(helo_name="client.test", tls_ca_file=str(ca_file),
+                             connection_cache_time_limit=0), tls=plan)
+        await delivery.close()
+        return Outcome(attempt, f"{MX}[127.0.0.1]:{peer.port}", peer.messages, peer.sessions)
+
+
+def test_tls_required_no_caps_the_level_at_may(certs: Certs, ca_file: Path,
+                                               dns: LoopbackDNS) -> None:
+    message = b"TLS-Required: No\r\nSubject: x\r\n\r\nbody\r\n"
+    outcome = asyncio.run(plan_and_deliver(dns, certs["wrong_name"], ClientTLS(
+        level=Level.VERIFY), ca_file, message=message))
+    assert outcome.attempt.results[0].status is RcptStatus.SENT
+    assert outcome.messages[0].tls  # still encrypted when offered: may, not none
+
+
+def test_requiretls_by_mx_needs_a_dnssec_mx_or_an_mta_sts_policy(
+        certs: Certs, ca_file: Path, dns: LoopbackDNS) -> None:
+    outcome = asyncio.run(plan_and_deliver(dns, certs["good"], ClientTLS(level=Level.MAY),
+                                           ca_file, requiretls=True, secure_mx=False))
+    result = outcome.attempt.results[0]
+    assert (result.status, result.dsn) == (RcptStatus.BOUNCE, "5.7.30")
+    assert result.reason == ("Sender requested REQUIRETLS, but the MX lookup of good.test was "
+                             "not DNSSEC-validated and it has no MTA-STS policy")
+    assert outcome.sessions == []
+
+
+def test_requiretls_raises_may_to_verify(certs: Certs, ca_file: Path, dns: LoopbackDNS) -> None:
+    """With a DNSSEC-validated MX, REQUIRETLS mail at level may goes over verified TLS
+    to a server that offers REQUIRETLS, and the request goes on with it."""
+    ehlo = Reply(250, f"{MX}\nPIPELINING\nSTARTTLS\nENHANCEDSTATUSCODES\nREQUIRETLS")
+    outcome = asyncio.run(plan_and_deliver(
+        dns, certs["good"], ClientTLS(level=Level.MAY, dnssec=True), ca_file, requiretls=True,
+        script=PeerScript(hostname=MX, starttls=True, ehlo=ehlo)))
+    assert outcome.attempt.results[0].status is RcptStatus.SENT
+    assert "REQUIRETLS" in outcome.messages[0].mail_params
+
+
+@pytest.mark.parametrize("settings,sent,reason", [
+    # dane without DNSSEC lookups: Postfix warns and uses may; dane-only defers.
+    (ClientTLS(level=Level.DANE, dnssec=False), True, ""),
+    (ClientTLS(level=Level.DANE_ONLY, dnssec=False), False, "client TLS configuration problem"),
+])
+def test_dane_without_dnssec(certs: Certs, ca_file: Path, dns: LoopbackDNS,
+                             settings: ClientTLS, sent: bool, reason: str) -> None:
+    outcome = asyncio.run(plan_and_deliver(dns, certs["wrong_name"], settings, ca_file))
+    result = outcome.attempt.results[0]
+    assert (result.status is RcptStatus.SENT) is sent
+    if not sent:
+        assert (result.dsn, result.reason) == ("4.7.5", reason)
+
+
+def test_dane_with_an_insecure_mx_falls_back(certs: Certs, ca_file: Path,
+                                             dns: LoopbackDNS) -> None:
+    """RFC 7672 2.2.1: an MX RRset that did not validate gives no DANE: may for dane,
+    a deferral for dane-only."""
+    may = asyncio.run(plan_and_deliver(dns, certs["wrong_name"], ClientTLS(
+        level=Level.DANE, dnssec=True), ca_file, secure_mx=False))
+    assert may.attempt.results[0].status is RcptStatus.SENT
+    only = asyncio.run(plan_and_deliver(dns, certs["wrong_name"], ClientTLS(
+        level=Level.DANE_ONLY, dnssec=True), ca_file, secure_mx=False))
+    assert (only.attempt.results[0].dsn, only.attempt.results[0].reason) == (
+        "4.7.5", "non DNSSEC destination")
+
+
+def test_unusable_tlsa_records_mean_encrypt(certs: Certs, ca_file: Path,
+                                            dns: LoopbackDNS) -> None:
+    """PKIX-EE(1) records are unusable for SMTP (RFC 7672 3.1.3): TLS is still required,
+    the certificate is not checked (Postfix's dane_init())."""
+    import hashlib
+
+    record = (1, 1, 1, hashlib.sha256(certs["wrong_name"].spki).digest())
+    without_tls = PeerScript(hostname=MX, starttls=False)
+    outcome = asyncio.run(plan_and_deliver(dns, certs["wrong_name"], ClientTLS(
+        level=Level.DANE, dnssec=True), ca_file, tlsa=record, script=without_tls))
+    assert (outcome.attempt.results[0].dsn, outcome.attempt.results[0].reason) == (
+        "4.7.4", f"TLS is required, but was not offered by host {MX}[127.0.0.1]")
