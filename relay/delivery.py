@@ -12,6 +12,16 @@ RFC 3463, the reason text Postfix would log, and whether the server took the DSN
 along). Also owns the cache of idle connections (Postfix's
 `smtp_connection_cache_time_limit` / `smtp_connection_reuse_time_limit`).
 
+TLS: each server gets the HostPolicy its TlsPlan (relay.tls.destination) decides before
+connecting; a server the plan skips is not connected to.  What the level demands is
+enforced here, as Postfix's smtp_proto.c does: STARTTLS refused or not offered at a level
+that requires TLS (4.7.4), a failed handshake (plaintext retry only at ``may`` and only
+without credentials), a certificate that fails the check relay.tls.session makes after the
+handshake (4.7.5 "Server certificate not verified", before AUTH or MAIL), REQUIRETLS
+(RFC 8689) not offered or not verifiable (5.7.30, final once no server is left).  A cached
+connection serves only deliveries under the same policy.  Sessions under an MTA-STS or
+DANE policy come back in the Attempt as TlsEvents, for TLS reports.
+
 Never: reads or writes the spool, decides retry times or dead destinations (it only says
 whether the failure was a connection failure), logs maillog delivery lines (the scheduler
 does, from the Attempt), raises a delivery problem to its caller (refusals, timeouts, lost

@@ -109,7 +109,8 @@ class Planner:
             plan.header_cap = True
             plan.note("TLS-Required: No: at most may, no policy lookups (RFC 8689)")
             return plan
-        destination = hop.label if not hop.mx_lookup else hop.host
+        # Postfix's key: the next hop as written, brackets and a non-default port included.
+        destination = hop.label
         plan.entry = settings.maps.lookup(destination)
         if plan.entry is not None:
             plan.note(f"smtp_tls_policy_maps: {plan.entry.table}: {plan.entry.key} -> "

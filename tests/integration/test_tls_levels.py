@@ -331,3 +331,33 @@ def test_unusable_tlsa_records_mean_encrypt(certs: Certs, ca_file: Path,
         level=Level.DANE, dnssec=True), ca_file, tlsa=record, script=without_tls))
     assert (outcome.attempt.results[0].dsn, outcome.attempt.results[0].reason) == (
         "4.7.4", f"TLS is required, but was not offered by host {MX}[127.0.0.1]")
+
+
+def test_a_policy_map_entry_is_keyed_by_the_next_hop_as_written(
+        certs: Certs, ca_file: Path, dns: LoopbackDNS) -> None:
+    """TLS_README: the key is the next-hop destination, brackets and a non-default port
+    included; an entry there overrides smtp_tls_security_level."""
+    from relay.routing import open_table
+    from relay.tls.policy import PolicyMaps
+
+    async def run() -> Outcome:
+        script = PeerScript(hostname=MX, starttls=True)
+        async with Peer(script, tls_context=certs["wrong_name"].server_context()) as peer:
+            maps = PolicyMaps([open_table(
+                f"inline:{{ {{ good.test:{peer.port} = verify }}, .test = none }}")])
+            resolver = Resolver([dns.nameserver])
+            hop = NextHop(Transport.SMTP, "good.test", peer.port, True)
+            resolution = await resolver.resolve(hop, "good.test")
+            plan = await Planner(ClientTLS(level=Level.MAY, maps=maps), resolver).plan(
+                hop, resolution)
+            delivery = SMTPDelivery()
+            attempt = await delivery.deliver(
+                resolution.targets, hop.label, "a@client.test", ["u@good.test"], MESSAGE,
+                DeliverySettings(helo_name="client.test", tls_ca_file=str(ca_file),
+                                 connection_cache_time_limit=0), tls=plan)
+            await delivery.close()
+            return Outcome(attempt, "", peer.messages, peer.sessions)
+
+    outcome = asyncio.run(run())
+    assert (outcome.attempt.results[0].dsn, outcome.attempt.results[0].reason) == (
+        "4.7.5", NOT_VERIFIED)
