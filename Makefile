@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TESTSTAMP := $(VENV)/.test-installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-deps check bench soak fuzz clean interop
+.PHONY: install run test test-deps check bench bench-quick soak fuzz clean interop
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -39,9 +39,13 @@ check: $(TESTSTAMP)
 	$(BIN)/ruff check relay spool
 	$(BIN)/mypy relay spool
 
-bench: $(TESTSTAMP)
-	$(BIN)/python scripts/bench_accept --messages 5000 --sessions 20 --size 1024 --postfix --repeat 2
-	$(BIN)/python scripts/bench_relay --messages 5000 --sessions 20 --size 1024 --postfix --repeat 2
+# Every load against a private Postfix, one table in bench/results.md (tens of minutes;
+# needs root for Postfix).  bench-quick: small counts, one run each, a few minutes.
+bench: $(STAMP)
+	$(BIN)/python scripts/bench
+
+bench-quick: $(STAMP)
+	$(BIN)/python scripts/bench --quick
 
 soak: $(TESTSTAMP)
 	$(BIN)/python scripts/soak --messages 100000

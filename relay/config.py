@@ -234,15 +234,15 @@ def _system_names() -> tuple[str, str]:
 def _default_myhostname(ctx: DefaultContext) -> str:
     fqdn, hostname = _system_names()
     for name in (fqdn.rstrip("."), hostname.rstrip(".")):
-        if "." in name and _valid_hostname(name):
+        if "." in name and valid_hostname(name):
             return name
     # Postfix's check_myhostname(): a bare host name gets $mydomain (or localdomain).
-    if not _valid_hostname(hostname):
+    if not valid_hostname(hostname):
         hostname = "localhost"
     return f"{hostname}.{ctx.explicit('mydomain') or 'localdomain'}"
 
 
-def _valid_hostname(name: str) -> bool:
+def valid_hostname(name: str) -> bool:
     return len(name) <= 255 and _HOSTNAME_RE.match(name) is not None and not name.endswith(".")
 
 
@@ -279,6 +279,7 @@ _TABLE = (
     Parameter("myorigin", "$myhostname", _S),
     Parameter("mynetworks", "127.0.0.0/8 [::1]/128", _N),
     Parameter("relay_domains", "", _L),
+    Parameter("fast_flush_domains", "$relay_domains", _L),
     Parameter("syslog_name", "relay", _S),
     Parameter("mail_name", "relay", _S),
     Parameter("maillog_file", "", _S),
@@ -680,7 +681,7 @@ def _convert(param: Parameter, text: str) -> object:
     if kind is Kind.STR:
         return text
     if kind is Kind.HOSTNAME:
-        if not _valid_hostname(text):
+        if not valid_hostname(text):
             raise _BadValue("bad hostname value")
         return text
     if kind is Kind.TIME:

@@ -66,6 +66,15 @@ class QmgrLink:
     def queued(self, env: Envelope) -> None:
         self.send(env.queue_id.encode("ascii"))
 
+    def flush_site(self, site: str) -> bool:
+        """ETRN: the queue manager retries the deferred mail for ``site`` now (Postfix's
+        flush service); a trigger that does not fit is lost, as a flush may be."""
+        try:
+            self.sock.send(b"etrn=" + site.encode("ascii", "replace"))
+        except OSError:
+            return False
+        return True
+
     def send(self, data: bytes) -> None:
         try:
             if self.lost:
@@ -194,7 +203,8 @@ async def run(config_dir: str | None, cfg: Config) -> int:
     link = QmgrLink(mine)
 
     clock = clock_mod.from_environ()
-    listener = Listener(spool, smtpd_settings(cfg), on_queued=link.queued, clock=clock)
+    listener = Listener(spool, smtpd_settings(cfg), on_queued=link.queued, clock=clock,
+                        flush_site=link.flush_site)
     syncer = listener.cleanup.syncer = Syncer()
     syncer.start()
     servers: list[asyncio.AbstractServer] = []

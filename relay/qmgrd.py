@@ -61,6 +61,7 @@ class Qmgr:
         self.spool = spool
         self.scheduler = scheduler
         self.reports = reports
+        self._etrn: set[asyncio.Task[str]] = set()  # ETRN flushes under way (in threads)
 
     def reload(self) -> None:
         try:
@@ -105,7 +106,7 @@ class Qmgr:
 
     def on_trigger(self, sock: socket.socket) -> None:
         """Queue IDs from the listener, one datagram per message; ``scan`` after a
-        trigger was lost."""
+        trigger was lost; ``etrn=SITE`` for a client's ETRN."""
         while True:
             try:
                 data = sock.recv(4096)
@@ -118,6 +119,11 @@ class Qmgr:
             for word in data.decode("ascii", "replace").split():
                 if word == "scan":
                     self.scheduler.scan()
+                elif word.startswith("etrn="):
+                    task = asyncio.get_running_loop().create_task(
+                        asyncio.to_thread(self.flush_site, word[len("etrn="):]))
+                    self._etrn.add(task)
+                    task.add_done_callback(self._etrn.discard)
                 else:
                     self.scheduler.wakeup_id(word)
 

@@ -50,9 +50,19 @@ from relay.outcome import Fate, Policy
 from relay.routing import NextHop, Resolver, RouteError, Router
 from relay.tls.destination import Planner
 from relay.tls.policy import TlsEvent, tls_not_required
-from spool import CorruptEntry, EntryGone, Envelope, RcptState, Recipient, Spool, SpoolError
+from spool import (
+    CorruptEntry,
+    EntryGone,
+    Envelope,
+    RcptState,
+    Recipient,
+    Spool,
+    SpoolError,
+    transitions,
+)
 from spool.fsync import Syncer
 from spool.store import Steps, run_steps, run_steps_async
+from spool.transitions import Transition
 
 # Messages up to this size keep their content in memory while active (at most
 # qmgr_message_active_limit of them); bigger ones are read from disk per attempt.
@@ -346,7 +356,7 @@ class Scheduler:
 
     def _quarantine(self, queue: str, name: str, why: str) -> None:
         try:
-            saved = self.spool.quarantine(queue, name, why)
+            saved = transitions.quarantine(self.spool, queue, name, why)
         except (EntryGone, OSError):
             return
         log.warning('saving corrupt file "%s" from queue "%s" to queue "corrupt" (%s)',
@@ -391,7 +401,7 @@ class Scheduler:
         for entry in self.spool.scan(queue):
             if entry.queue_id in self.messages:
                 continue
-            if queue == "deferred" and not ignore_times and entry.mtime > now + 1:
+            if queue == "deferred" and not ignore_times and not transitions.is_due(entry, now):
                 continue
             out.append(entry.queue_id)
             if len(out) >= limit:
@@ -476,7 +486,7 @@ class Scheduler:
                 content = self.spool.read_content(queue_id, env.size)
             else:
                 self.spool.read_content_check(queue_id, env.size)
-            entry.move("active", durable=False)  # a crash leaves it where it was: fine
+            transitions.apply(entry, Transition.ACTIVATE)
             return env, content
 
     def _plan(self, message: Message) -> None:
@@ -695,7 +705,8 @@ class Scheduler:
         """Mark each recipient's fate durably, whatever queue the message is in now."""
         try:
             with self.spool.locked(message.queue_id) as entry:
-                entry.write(self._merge(entry.read(), results))
+                transitions.apply(entry, Transition.RECORD,
+                                  env=self._merge(entry.read(), results))
         except EntryGone:
             log.info("%s: message was removed during delivery", message.queue_id)
         self._log_results(message, results)
@@ -731,7 +742,7 @@ class Scheduler:
                     # postsuper moved it meanwhile: the operator's state wins, and
                     # what was delivered stays delivered.
                     if results:
-                        yield from entry.write_steps(env)
+                        yield from transitions.steps(entry, Transition.RECORD, env=env)
                     message.again = entry.queue in ("incoming", "deferred")
                     self._log_results(message, results)
                     return notices
@@ -751,7 +762,7 @@ class Scheduler:
                         if r.state is RcptState.PENDING else r for r in env.recipients))
                 env = yield from self._notices(env, now, notices)
                 if decision.fate in (Fate.DONE, Fate.EXPIRE):
-                    yield from entry.remove_steps()
+                    yield from transitions.steps(entry, Transition.REMOVE)
                     self._log_results(message, results)
                     log.info("%s: removed", env.queue_id)
                     return notices
@@ -762,11 +773,7 @@ class Scheduler:
                     env = replace(env, warned=True)
                 env = replace(env, attempts=env.attempts + 1, last_attempt=now,
                               next_attempt=decision.next_attempt)
-                # The rewrite is durable; the move to deferred/ need not be (a crash
-                # leaves it in active/, and it is scheduled again at start).
-                yield from entry.write_and_move_steps(env, "deferred",
-                                                      mtime=decision.next_attempt,
-                                                      durable_move=False)
+                yield from transitions.steps(entry, Transition.DEFER, env=env)
                 self._log_results(message, results)
         except EntryGone:
             log.info("%s: message was removed during delivery", message.queue_id)

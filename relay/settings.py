@@ -3,8 +3,9 @@
 It owns the translation from main.cf parameters (relay.config's Config) to the records
 each part runs on: the listener's ``SmtpdSettings`` (with its TLS context and password
 file), the queue manager's ``QmgrSettings`` (with the SMTP client's ``DeliverySettings``
-and the SASL client credentials), the ``Router`` of transport_maps and relayhost, and the
-DNS ``Resolver``.  Both daemon processes, ``relay serve`` (relay.daemon) and the queue
+and the SASL client credentials), and, from relay.routing_settings and relay.tls.settings
+(which the commands use without the daemon's parts), the ``Router``, the DNS ``Resolver``
+and the SMTP client's TLS settings.  Both daemon processes, ``relay serve`` (relay.daemon) and the queue
 manager (relay.qmgrd), build what they need from here, so neither imports the other.
 
 A configuration that must not run raises ValueError naming the parameter, so ``relay
@@ -14,7 +15,6 @@ anything; the only reads are main.cf's files (certificates, password files, tabl
 
 from __future__ import annotations
 
-import re
 import ssl
 from typing import Any
 
@@ -22,11 +22,34 @@ from relay.auth import PasswordFile, PasswordFileError, password_file_path
 from relay.config import Config
 from relay.delivery import DeliverySettings
 from relay.outcome import Policy
-from relay.routing import Resolver, Router, open_table
+from relay.routing import open_table
+from relay.routing_settings import resolver_for, router_for, self_addresses
 from relay.scheduler import QmgrSettings
 from relay.smtpd.policy import SmtpdSettings, check_relay_restrictions
-from relay.tls.destination import ClientTLS, Planner
-from relay.tls.policy import Defaults, Level, PolicyError, PolicyMaps, cipher_list, protocol_range
+from relay.tls.policy import PolicyError, cipher_list, protocol_range
+from relay.tls.settings import (
+    cipherlists,
+    client_tls,
+    https_context,
+    report_settings,
+    tls_defaults,
+    tls_planner,
+)
+
+__all__ = [
+    "client_tls",
+    "https_context",
+    "qmgr_settings",
+    "report_settings",
+    "resolver_for",
+    "router_for",
+    "sasl_credentials",
+    "self_addresses",
+    "smtpd_settings",
+    "smtpd_tls_context",
+    "tls_defaults",
+    "tls_planner",
+]
 
 
 def smtpd_settings(cfg: Config) -> SmtpdSettings:
@@ -35,6 +58,7 @@ def smtpd_settings(cfg: Config) -> SmtpdSettings:
         banner=cfg.str("smtpd_banner"),
         mynetworks=cfg.network_matcher("mynetworks"),
         relay_domains=cfg.list("relay_domains"),
+        fast_flush_domains=cfg.list("fast_flush_domains"),
         message_size_limit=cfg.int("message_size_limit"),
         queue_minfree=cfg.int("queue_minfree"),
         recipient_limit=cfg.int("smtpd_recipient_limit"),
@@ -120,7 +144,7 @@ def smtpd_tls_context(cfg: Config) -> ssl.SSLContext | None:
             cfg.str(prefix + "protocols"))
     except PolicyError as exc:
         raise ValueError(f"{prefix}protocols: {exc}") from None
-    ciphers = cipher_list(cfg.str(prefix + "ciphers"), _cipherlists(cfg), exclusions)
+    ciphers = cipher_list(cfg.str(prefix + "ciphers"), cipherlists(cfg), exclusions)
     try:
         context.set_ciphers(ciphers)
     except ssl.SSLError:
@@ -132,85 +156,6 @@ def smtpd_tls_context(cfg: Config) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as exc:
         raise ValueError(f"cannot load certificate {cert} and key {key}: {exc}") from None
     return context
-
-
-def _cipherlists(cfg: Config) -> dict[str, str]:
-    return {"high": cfg.str("tls_high_cipherlist"), "medium": cfg.str("tls_medium_cipherlist")}
-
-
-def tls_defaults(cfg: Config) -> Defaults:
-    """The SMTP client's smtp_tls_* settings a policy entry may override."""
-    try:
-        return Defaults(
-            ciphers=cfg.str("smtp_tls_ciphers"),
-            mandatory_ciphers=cfg.str("smtp_tls_mandatory_ciphers"),
-            exclude_ciphers=" ".join(cfg.list("smtp_tls_exclude_ciphers")),
-            mandatory_exclude_ciphers=" ".join(cfg.list("smtp_tls_mandatory_exclude_ciphers")),
-            protocols=cfg.str("smtp_tls_protocols"),
-            mandatory_protocols=cfg.str("smtp_tls_mandatory_protocols"),
-            verify_cert_match=_match_list(cfg, "smtp_tls_verify_cert_match"),
-            secure_cert_match=_match_list(cfg, "smtp_tls_secure_cert_match"),
-            cipherlists=tuple(_cipherlists(cfg).items()),
-        )
-    except PolicyError as exc:
-        raise ValueError(f"smtp_tls_*: {exc}") from None
-
-
-def _match_list(cfg: Config, name: str) -> tuple[str, ...]:
-    # Postfix splits these on commas, white space and colons.
-    return tuple(w for w in re.split(r"[\s,:]+", cfg.str(name)) if w)
-
-
-def client_tls(cfg: Config) -> ClientTLS:
-    """What the SMTP client's TLS planner works from; ValueError names a bad table entry."""
-    try:
-        maps = PolicyMaps([open_table(spec) for spec in cfg.list("smtp_tls_policy_maps")])
-    except ValueError as exc:
-        raise ValueError(str(exc)) from None
-    level = Level.NONE
-    if cfg.str("smtp_tls_security_level"):
-        level = next(lv for lv in Level if lv.word == cfg.str("smtp_tls_security_level"))
-    return ClientTLS(
-        level=level,
-        defaults=tls_defaults(cfg),
-        maps=maps,
-        dnssec=cfg.str("smtp_dns_support_level") == "dnssec",
-        mta_sts=cfg.bool("smtp_mta_sts_enable"),
-        tls_required_header=cfg.bool("tls_required_enable"),
-    )
-
-
-def https_context(cfg: Config) -> ssl.SSLContext:
-    """The MTA-STS policy fetch's context: the SMTP client's trust anchors, else the
-    system's (SSL_CERT_FILE and SSL_CERT_DIR honoured), names checked."""
-    ca_file, ca_path = cfg.str("smtp_tls_CAfile"), cfg.str("smtp_tls_CApath")
-    try:
-        return ssl.create_default_context(cafile=ca_file or None, capath=ca_path or None)
-    except (OSError, ssl.SSLError) as exc:
-        raise ValueError(f"smtp_tls_CAfile/smtp_tls_CApath: {exc}") from None
-
-
-def report_settings(cfg: Config) -> Any:
-    """Who signs TLS reports (RFC 8460): $mydomain, postmaster@$mydomain, $myhostname."""
-    from relay.tls.report import ReportSettings
-
-    domain = cfg.str("mydomain")
-    return ReportSettings(organization=domain, contact=f"postmaster@{domain}",
-                          submitter=cfg.str("myhostname"), from_address=f"postmaster@{domain}")
-
-
-def tls_planner(cfg: Config, resolver: Resolver, cache: Any,
-                *, https_port: int = 443) -> Planner:
-    """The TLS planner of the queue manager (and of ``relay tls policy``): policy maps,
-    MTA-STS with its cache in the spool (``cache``: a spool.Spool, or None), DANE."""
-    from relay.tls.mta_sts import Fetcher, StsResolver
-
-    settings = client_tls(cfg)
-    sts = None
-    if settings.mta_sts:
-        sts = StsResolver(resolver, Fetcher(resolver, https_context(cfg), port=https_port),
-                          cache)
-    return Planner(settings, resolver, sts)
 
 
 def _bare_newline(value: str) -> str:
@@ -290,35 +235,3 @@ def qmgr_settings(cfg: Config) -> QmgrSettings:
         ),
         delivery=delivery,
     )
-
-
-def self_addresses(cfg: Config) -> list[tuple[str, int]]:
-    return [(a.host, a.port) for a in cfg.listen_addresses()]
-
-
-def router_for(cfg: Config) -> Router:
-    return Router(cfg.list("transport_maps"), cfg.str("relayhost"))
-
-
-def resolver_for(cfg: Config) -> Resolver:
-    nameservers = cfg.list("dns_nameservers")
-    return Resolver(
-        nameservers=nameservers,
-        myhostname=cfg.str("myhostname"),
-        self_addresses=self_addresses(cfg),
-        mx_address_limit=cfg.int("smtp_mx_address_limit"),
-        dnssec=cfg.str("smtp_dns_support_level") == "dnssec",
-        trust_ad=cfg.bool("dns_trust_ad") or (not nameservers and resolv_conf_trusts_ad()),
-    )
-
-
-def resolv_conf_trusts_ad(path: str = "/etc/resolv.conf") -> bool:
-    """glibc's ``options trust-ad``: the operator declares the system's name servers
-    trusted to validate DNSSEC (and the path to them safe)."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return False
-    return any(line.split()[:1] == ["options"] and "trust-ad" in line.split()[1:]
-               for line in lines)

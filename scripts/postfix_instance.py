@@ -1,13 +1,14 @@
-"""A private Postfix instance for the benchmarks in scripts/ (bench_relay, bench_accept).
+"""A private Postfix instance for the benchmarks in scripts/ (bench, bench_relay, bench_accept).
 
 Its own configuration directory, queue_directory and data_directory under a directory the
 caller owns (a temporary one), smtpd on a free loopback port, started with ``postfix -c
 DIR start`` and always stopped with ``postfix -c DIR stop``.  It never reads or writes
 /etc/postfix or the system's Postfix service.  It needs root and an installed Postfix.
 
-It also holds what both scripts need to compare the two MTAs fairly: ``abba`` (the order
-of repeated runs) and ``unjournaled_ext4`` (whether the temporary directories sit on ext4
-without a journal, where file creation is slow for minutes after mass deletions).
+It also holds what the scripts need to compare the two MTAs fairly: ``abba`` (the order
+of repeated runs), ``unjournaled_ext4`` (whether the temporary directories sit on ext4
+without a journal, where file creation is slow for minutes after mass deletions), and
+``free_port`` and ``wait_banner`` for the servers they start.
 
 The scripts import it as ``from postfix_instance import ...``: a script's own directory
 is the first entry of sys.path.
@@ -98,29 +99,54 @@ def unjournaled_ext4(path: str) -> bool | None:
     return None
 
 
+def update_params(main: dict[str, str], changes: Mapping[str, str | None]) -> None:
+    """Apply ``changes`` to the main.cf parameters ``main``: a value of None removes one."""
+    for k, v in changes.items():
+        if v is None:
+            main.pop(k, None)
+        else:
+            main[k] = v
+
+
+def describe_filesystem(path: str) -> str:
+    """The filesystem holding ``path``: "ext4 on /dev/vda, no journal", say."""
+    mount = _mount_of(path)
+    if mount is None:
+        return "unknown"
+    device, fstype = mount
+    journal = {True: ", no journal", False: ", with a journal", None: ""}
+    return f"{fstype} on {device}" + (journal[unjournaled_ext4(path)] if fstype == "ext4" else "")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-async def wait_listening(port: int, timeout: float = 20.0,
-                         alive: Callable[[], bool] = lambda: True,
-                         prog: str = "bench") -> None:
+def wait_banner(port: int, timeout: float = 20.0,
+                alive: Callable[[], bool] = lambda: True, prog: str = "bench") -> None:
     """Return once 127.0.0.1:``port`` sends a greeting line; SystemExit after ``timeout``."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if not alive():
             raise SystemExit(f"{prog}: the server for port {port} exited")
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            await asyncio.wait_for(reader.readline(), 2)
-            writer.write(b"QUIT\r\n")
-            writer.close()
-            return
-        except (OSError, TimeoutError):
-            await asyncio.sleep(0.05)
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                if s.recv(512):
+                    s.sendall(b"QUIT\r\n")
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
     raise SystemExit(f"{prog}: nothing listens on 127.0.0.1:{port}")
+
+
+async def wait_listening(port: int, timeout: float = 20.0,
+                         alive: Callable[[], bool] = lambda: True,
+                         prog: str = "bench") -> None:
+    """wait_banner for a caller on an event loop."""
+    await asyncio.to_thread(wait_banner, port, timeout, alive, prog)
 
 
 class PostfixUnderTest:
@@ -184,8 +210,8 @@ class PostfixUnderTest:
             "multi_instance_enable": "no",
         }
         main.update(extra or {})
-        (self.config / "main.cf").write_text(
-            "".join(f"{k} = {v}\n" for k, v in main.items()))
+        self.main = main
+        self._write_main()
         # Only what relaying needs; the service names are those Postfix's programs expect.
         master = f"""\
 127.0.0.1:{self.port} inet n - y - - smtpd
@@ -213,7 +239,28 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
         (self.config / "master.cf").write_text(master)
         self.started = False
-        self._run("start")
+        self._start()
+
+    def _write_main(self) -> None:
+        (self.config / "main.cf").write_text(
+            "".join(f"{k} = {v}\n" for k, v in self.main.items()))
+
+    def restart(self, changes: Mapping[str, str | None]) -> None:
+        """Stop if running, change main.cf (a value of None removes it), start again."""
+        self.stop()
+        update_params(self.main, changes)
+        self._write_main()
+        self._start()
+
+    def _start(self) -> None:
+        try:
+            self._run("start")
+        except BaseException:
+            # A start cut short (Ctrl-C, a timeout) may have left a master running.
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run([POSTFIX, "-c", str(self.config), "stop"],
+                               capture_output=True, timeout=60, check=False)
+            raise
         self.started = True
 
     def _run(self, verb: str) -> None:
@@ -230,11 +277,21 @@ postlog   unix-dgram n  -       n       -       1       postlogd
     async def ready(self) -> None:
         await wait_listening(self.port, prog=self.prog)
 
-    def left_in_queue(self) -> int:
-        """Queue files in incoming, active, deferred and maildrop (hashed subdirectories too)."""
+    def queue_counts(self) -> dict[str, int]:
+        """Queue files in maildrop, incoming, active and deferred (hashed subdirectories too)."""
         queue = self.base / "spool"
-        return sum(len(files) for q in ("incoming", "active", "deferred", "maildrop")
-                   for _, _, files in os.walk(queue / q))
+        return {q: sum(len(files) for _, _, files in os.walk(queue / q))
+                for q in ("maildrop", "incoming", "active", "deferred")}
+
+    def left_in_queue(self) -> int:
+        return sum(self.queue_counts().values())
+
+    def root_pid(self) -> int:
+        """The master's pid: every Postfix process of this instance is below it."""
+        return int((self.base / "spool" / "pid" / "master.pid").read_text().split()[0])
+
+    def postqueue_argv(self, *args: str) -> list[str]:
+        return ["postqueue", "-c", str(self.config), *args]
 
     def stop(self) -> None:
         if self.started:

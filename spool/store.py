@@ -21,16 +21,17 @@ step 4 leaves a complete message that is delivered after restart (if the client
 never saw the 250 it may send it again: the protocol's unavoidable duplicate).
 
 Every other state change happens under an exclusive flock(2) on data/ID, which
-never moves, so the daemon and the admin commands exclude each other per message:
+never moves, so the daemon and the admin commands exclude each other per message.
+This module gives the three ways a change touches files:
 
     rewrite  tmp/ID -> QUEUE/ID (rename over), dir fsync
     move     QUEUE/ID -> OTHER/ID (rename), dir fsync
-    defer    rewrite in place, then move to deferred/ with mtime = next attempt
     remove   unlink QUEUE/ID, then data/ID
 
-A crash between two renames leaves the envelope in its old queue with its new
-content, never two envelopes.  The next attempt time of a deferred message is the
-mtime of deferred/ID (Postfix's trick) so a scan needs only stat().
+and spool.transitions the table of which change leads from which queue to which, what
+each does to the envelope and the mtime (deferred/: the next attempt; hold/: held
+since), and what must be durable.  A crash between two renames leaves the envelope in
+its old queue with its new content, never two envelopes.
 
 The daemon recycles inodes: its qmgr renames the files of a finished message into
 free/ instead of unlinking them (``retire_to_free``), and its listener links them
@@ -851,6 +852,10 @@ class Entry:
         self.queue_id = queue_id
         self.queue = queue
 
+    @property
+    def spool(self) -> Spool:
+        return self._spool
+
     def read(self) -> Envelope:
         return self._spool.read(self.queue, self.queue_id)
 
@@ -868,11 +873,10 @@ class Entry:
         return self._spool._rewrite_steps(self.queue, env, mtime)
 
     def move(self, queue: str, mtime: float | None = None, durable: bool = True) -> None:
-        """Move to another queue; mtime (e.g. the next attempt) is set first.
+        """Move to another queue; ``mtime`` is set first (spool.transitions says what).
 
-        ``durable=False`` skips the directory fsync, for moves that a crash may
-        undo harmlessly (the queue manager's active <-> deferred: after a restart
-        the message is simply scheduled again); an operator's move is durable.
+        ``durable=False`` skips the directory fsync, for moves that a crash may undo
+        harmlessly, or whose directory the caller fsyncs later (spool.transitions).
         """
         if queue not in QUEUES:
             raise ValueError(f"unknown queue: {queue}")

@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from relay.cli.command import EX_USAGE
 from relay.config import config_dir_from
 
 
@@ -46,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return daemon.serve(config_dir_from(ns.config_dir))
     parser.print_usage(sys.stderr)
-    return 64
+    return EX_USAGE
 
 
 if __name__ == "__main__":

@@ -30,10 +30,7 @@ from relay.auth import (
     update_password_file,
     valid_username,
 )
-
-EX_USAGE = 64
-EX_TEMPFAIL = 75
-EX_CONFIG = 78
+from relay.cli.command import EX_CONFIG, EX_OK, EX_TEMPFAIL, EX_USAGE, Fatal, run
 
 
 def read_password(stdin: TextIO, prompt: Callable[[str], str] = getpass.getpass) -> str:
@@ -69,41 +66,41 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None,
     parser.add_argument("-d", dest="delete", action="store_true", help="remove the user")
     parser.add_argument("user", metavar="USER")
     try:
+        # argparse's own usage and help: relay's command, not one of Postfix's.
         ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:
-        return 0 if exc.code == 0 else EX_USAGE
-    user: str = ns.user
-    if not valid_username(user):
-        say(f"fatal: bad user name: {user!r} (no ':', white space or control characters)")
-        return EX_USAGE
-    try:
-        cfg = config_mod.load(config_mod.config_dir_from(ns.config_dir, env), environ=env,
-                              warn=lambda m: say(f"warning: {m}"))
-    except config_mod.ConfigError as exc:
-        say(f"fatal: {exc}")
-        return EX_CONFIG
-    path = password_file_path(cfg.str("smtpd_sasl_password_file"), cfg.path)
-    if not path:
-        say("fatal: smtpd_sasl_password_file is not set")
-        return EX_CONFIG
-    try:
-        if ns.delete:
-            if not update_password_file(path, user, None):
-                say(f"fatal: {user}: no such user in {path}")
-                return EX_USAGE
-            say(f"{user}: removed from {path}")
-            return 0
+        return EX_OK if exc.code == 0 else EX_USAGE
+
+    def body() -> int:
+        user: str = ns.user
+        if not valid_username(user):
+            raise Fatal(f"bad user name: {user!r} (no ':', white space or control characters)",
+                        EX_USAGE)
         try:
-            password = read_password(inp, prompt)
-        except (ValueError, EOFError) as exc:
-            say(f"fatal: {exc or 'no password'}")
-            return EX_USAGE
-        update_password_file(path, user, hash_password(password))
-    except PasswordFileError as exc:
-        say(f"fatal: {exc}")
-        return EX_TEMPFAIL
-    say(f"{user}: password set in {path}")
-    return 0
+            cfg = config_mod.load(config_mod.config_dir_from(ns.config_dir, env), environ=env,
+                                  warn=lambda m: say(f"warning: {m}"))
+        except config_mod.ConfigError as exc:
+            raise Fatal(str(exc), EX_CONFIG) from None
+        path = password_file_path(cfg.str("smtpd_sasl_password_file"), cfg.path)
+        if not path:
+            raise Fatal("smtpd_sasl_password_file is not set", EX_CONFIG)
+        try:
+            if ns.delete:
+                if not update_password_file(path, user, None):
+                    raise Fatal(f"{user}: no such user in {path}", EX_USAGE)
+                say(f"{user}: removed from {path}")
+                return EX_OK
+            try:
+                password = read_password(inp, prompt)
+            except (ValueError, EOFError) as exc:
+                raise Fatal(str(exc) or "no password", EX_USAGE) from None
+            update_password_file(path, user, hash_password(password))
+        except PasswordFileError as exc:
+            raise Fatal(str(exc), EX_TEMPFAIL) from None
+        say(f"{user}: password set in {path}")
+        return EX_OK
+
+    return run("relay passwd", body, stderr=err)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     postcat [-behv] [-c config_dir] -q queue_id ...
     postcat [-behv] [-c config_dir] QUEUE_DIRECTORY/QUEUE/queue_id ...
+    postcat [-behv] [-c config_dir] < QUEUE_DIRECTORY/QUEUE/queue_id
 
 Output, in Postfix's sections (``src/postcat/postcat.c``; FORMATS.md 1.5)::
 
@@ -33,29 +34,33 @@ printed with LF endings.  The content is streamed from the data file in blocks, 
 held whole.
 
 ``-q`` looks for the ID in incoming, active, deferred, hold, corrupt, twice (the
-message may move while we look).  This command only reads: it takes no lock and
-changes nothing, so a crash leaves nothing behind.  Errors: ``postcat: fatal: bad
-mail queue ID: X``, ``postcat: fatal: open queue file X: No such file or directory``
-(exit 1, as Postfix's msg_fatal), a usage error exits 64.
+message may move while we look).  With neither a file nor a queue ID, postcat reads a
+queue file from standard input, as Postfix's does: here the envelope (a file of one
+of the queues), labelled ``stdin``, with the content of its queue ID in the spool of
+main.cf (``data/ID``: our queue files are two files); an empty input shows nothing,
+and one that is not an envelope gets ``postcat: warning: stdin: input is not a valid
+queue file``; both exit 0, as Postfix's.  This command only reads: it takes no lock
+and changes nothing, so a crash leaves nothing behind.  Errors: ``postcat: fatal: bad
+mail queue ID: X``, ``postcat: fatal: open queue file X: No such file or directory``,
+and a bad option (getopt's ``postcat: invalid option -- 'x'``, then ``postcat: fatal:
+usage: ...``), all exit 1, as Postfix's msg_fatal().
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from typing import BinaryIO, NoReturn, TextIO
+from dataclasses import dataclass
+from typing import BinaryIO, TextIO
 
 from relay import config, dsn
+from relay.cli.command import EX_OK, Fatal, parse_options, run
 from spool import CorruptEntry, EntryGone, Envelope, RcptState, Spool
+from spool import envelope as envfmt
 from spool.store import valid_queue_id
-
-EX_OK = 0
-EX_FATAL = 1
-EX_USAGE = 64
 
 USAGE = ("usage: postcat [-b (body text)] [-c config_dir] [-e (envelope records)]"
          " [-h (header text)] [-q (access queue)] [-v] [file(s)...]")
@@ -68,28 +73,23 @@ BLOCK = 65536
 _HEADER = re.compile(rb"[!-9;-~]+[ \t]*:")
 
 
-class _Fatal(Exception):
-    def __init__(self, message: str, status: int = EX_FATAL) -> None:
-        super().__init__(message)
-        self.status = status
+@dataclass(frozen=True, slots=True)
+class _Options:
+    config_dir: str | None
+    envelope: bool
+    header: bool
+    body: bool
+    queue: bool
+    names: tuple[str, ...]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise _Fatal(USAGE, EX_USAGE)
-
-
-def _parser() -> _Parser:
-    # add_help=False: -h is "header", as in Postfix.
-    p = _Parser(prog="postcat", add_help=False)
-    p.add_argument("-b", dest="body", action="store_true")
-    p.add_argument("-c", dest="config_dir", metavar="config_dir")
-    p.add_argument("-e", dest="envelope", action="store_true")
-    p.add_argument("-h", dest="header", action="store_true")
-    p.add_argument("-q", dest="queue", action="store_true")
-    p.add_argument("-v", dest="verbose", action="count", default=0)
-    p.add_argument("names", nargs="*")
-    return p
+def _options(argv: Sequence[str]) -> _Options:
+    # -h is "header", as in Postfix, not help.
+    opts, names = parse_options(argv, "bc:ehqv", USAGE)
+    given = {letter for letter, _ in opts}
+    config_dir = next((value for letter, value in reversed(opts) if letter == "c"), None)
+    return _Options(config_dir, "e" in given, "h" in given, "b" in given, "q" in given,
+                    tuple(names))
 
 
 def _asctime(when: float) -> str:
@@ -222,70 +222,85 @@ def _find(spool: Spool, queue_id: str) -> tuple[str, Envelope]:
             except EntryGone:
                 continue
             except CorruptEntry as exc:
-                raise _Fatal(f"{queue}/{queue_id}: input is not a valid queue file: {exc}") \
+                raise Fatal(f"{queue}/{queue_id}: input is not a valid queue file: {exc}") \
                     from None
-    raise _Fatal(f"open queue file {queue_id}: No such file or directory")
+    raise Fatal(f"open queue file {queue_id}: No such file or directory")
 
 
-def _by_queue_id(ns: argparse.Namespace, shower: _Postcat) -> None:
+def _load_spool(config_dir: str | None) -> Spool:
+    """The spool of main.cf (``-c``, else MAIL_CONFIG, else the defaults)."""
     try:
-        cfg = config.load(config.config_dir_from(ns.config_dir, os.environ),
+        cfg = config.load(config.config_dir_from(config_dir, os.environ),
                           warn=lambda message: None)
     except config.ConfigError as exc:
-        raise _Fatal(str(exc)) from None
-    spool = Spool(cfg.str("queue_directory"), long_ids=cfg.bool("enable_long_queue_ids"),
-                  create=False)
+        raise Fatal(str(exc)) from None
+    return Spool(cfg.str("queue_directory"), long_ids=cfg.bool("enable_long_queue_ids"),
+                 create=False)
+
+
+def _by_queue_id(ns: _Options, shower: _Postcat) -> None:
+    spool = _load_spool(ns.config_dir)
     if not os.path.isdir(spool.root):
-        raise _Fatal(f"chdir {spool.root}: No such file or directory")
+        raise Fatal(f"chdir {spool.root}: No such file or directory")
     for queue_id in ns.names:
         if not valid_queue_id(queue_id):
-            raise _Fatal(f"bad mail queue ID: {queue_id}")
+            raise Fatal(f"bad mail queue ID: {queue_id}")
         queue, env = _find(spool, queue_id)
         shower.show(spool, queue, env, spool.relative_path(queue, queue_id))
 
 
-def _by_path(ns: argparse.Namespace, shower: _Postcat) -> None:
+def _from_stdin(ns: _Options, shower: _Postcat, stdin: BinaryIO) -> None:
+    """An envelope on standard input, shown with its content from main.cf's spool."""
+    spool = _load_spool(ns.config_dir)
+    raw = stdin.read()
+    if not raw:
+        return  # Postfix's postcat shows nothing of an empty queue file
+    try:
+        env = envfmt.loads(raw)
+    except CorruptEntry:
+        shower.out.flush()
+        print("postcat: warning: stdin: input is not a valid queue file", file=shower.err)
+        return
+    shower.show(spool, "", env, "stdin")
+
+
+def _by_path(ns: _Options, shower: _Postcat) -> None:
     for path in ns.names:
         # QUEUE_DIRECTORY/QUEUE/ID: the spool is two levels up, the content in its data/.
         full = os.path.abspath(path)
         queue_dir, queue_id = os.path.split(full)
         root, queue = os.path.split(queue_dir)
         if not os.path.isfile(full):
-            raise _Fatal(f"open {path}: No such file or directory")
+            raise Fatal(f"open {path}: No such file or directory")
         spool = Spool(root, create=False)
         try:
             env = spool.read(queue, queue_id)
         except (EntryGone, CorruptEntry) as exc:
-            raise _Fatal(f"{path}: input is not a valid queue file: {exc}") from None
+            raise Fatal(f"{path}: input is not a valid queue file: {exc}") from None
         shower.show(spool, queue, env, path)
 
 
-def main(argv: Sequence[str] | None = None, *, stdout: BinaryIO | None = None,
-         stderr: TextIO | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, stdin: BinaryIO | None = None,
+         stdout: BinaryIO | None = None, stderr: TextIO | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    inp = sys.stdin.buffer if stdin is None else stdin
     out = sys.stdout.buffer if stdout is None else stdout
     err = sys.stderr if stderr is None else stderr
-    try:
-        ns = _parser().parse_args(args)
-        if not ns.names:
-            # Postfix's postcat would read a queue file on stdin; ours are two files.
-            raise _Fatal(USAGE, EX_USAGE)
+
+    def body() -> int:
+        ns = _options(args)
         everything = not (ns.envelope or ns.header or ns.body)
         shower = _Postcat(out, err, ns.envelope or everything, ns.header or everything,
                           ns.body or everything)
-        if ns.queue:
+        if not ns.names:
+            _from_stdin(ns, shower, inp)
+        elif ns.queue:
             _by_queue_id(ns, shower)
         else:
             _by_path(ns, shower)
-    except _Fatal as exc:
-        out.flush()
-        print(f"postcat: fatal: {exc}", file=err)
-        return exc.status
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    return EX_OK
+        return EX_OK
+
+    return run("postcat", body, stdout=out, stderr=err)
 
 
 if __name__ == "__main__":

@@ -18,30 +18,20 @@ Exit status: 0, also after ``warning: NAME: unknown parameter`` (as Postfix); 1 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import NoReturn, TextIO
+from typing import TextIO
 
 from relay import config
+from relay.cli.command import EX_FATAL, EX_OK, EX_USAGE, Fatal, Parser, UsageError, run
 
-EX_USAGE = 64
 USAGE = "usage: postconf [-dhnx] [-c config_dir] [name ...]"
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(message)
-
-
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> Parser:
     # add_help=False: -h is Postfix's "value only", not help.
-    p = _Parser(prog="postconf", add_help=False)
+    p = Parser(prog="postconf", add_help=False)
     p.add_argument("-c", dest="config_dir", metavar="config_dir")
     p.add_argument("-d", dest="defaults", action="store_true")
     p.add_argument("-h", dest="value_only", action="store_true")
@@ -68,46 +58,42 @@ def main(
     env = os.environ if environ is None else environ
     out = sys.stdout if stdout is None else stdout
     err = sys.stderr if stderr is None else stderr
-    try:
-        args = _parser().parse_intermixed_args(sys.argv[1:] if argv is None else list(argv))
-        if args.defaults and args.explicit_only:
-            raise _UsageError("-d and -n cannot be used together")
-    except _UsageError as e:
-        print(f"postconf: fatal: {e}", file=err)
-        print(f"postconf: fatal: {USAGE}", file=err)
-        return EX_USAGE
 
     def warn(message: str) -> None:
         print(f"postconf: warning: {message}", file=err)
 
-    try:
-        if args.defaults:
-            cfg = config.defaults(environ=env)
-        else:
-            cfg = config.load(config.config_dir_from(args.config_dir, env), environ=env, warn=warn)
-    except config.ConfigError as e:
-        print(f"postconf: fatal: {e}", file=err)
-        return 1
+    def body() -> int:
+        try:
+            args = _parser().parse_intermixed_args(sys.argv[1:] if argv is None else list(argv))
+            if args.defaults and args.explicit_only:
+                raise UsageError("-d and -n cannot be used together")
+        except UsageError as e:
+            raise Fatal(USAGE, EX_USAGE, before=[f"fatal: {e}"]) from None
+        try:
+            if args.defaults:
+                cfg = config.defaults(environ=env)
+            else:
+                cfg = config.load(config.config_dir_from(args.config_dir, env), environ=env,
+                                  warn=warn)
+        except config.ConfigError as e:
+            raise Fatal(str(e), EX_FATAL) from None
 
-    names: list[str] = list(args.names) or list(cfg.names())
-    lines: list[str] = []
-    for name in names:
-        if name not in cfg.values:
-            warn(f"{name}: unknown parameter")
-            continue
-        if args.explicit_only and name not in cfg.settings:
-            continue
-        value = cfg.raw(name) if args.expand else cfg.unexpanded(name)
-        lines.append(format_line(name, value, value_only=args.value_only))
-    try:
+        names: list[str] = list(args.names) or list(cfg.names())
+        lines: list[str] = []
+        for name in names:
+            if name not in cfg.values:
+                warn(f"{name}: unknown parameter")
+                continue
+            if args.explicit_only and name not in cfg.settings:
+                continue
+            value = cfg.raw(name) if args.expand else cfg.unexpanded(name)
+            lines.append(format_line(name, value, value_only=args.value_only))
+        # "postconf | head": the reader is gone, which is not an error (run()).
         out.write("".join(line + "\n" for line in lines))
         out.flush()
-    except BrokenPipeError:
-        # "postconf | head": the reader is gone, which is not an error; keep the
-        # interpreter's final flush from complaining.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, out.fileno())
-    return 0
+        return EX_OK
+
+    return run("postconf", body, stdout=out, stderr=err)
 
 
 if __name__ == "__main__":

@@ -8,79 +8,56 @@
     mailq [-v] [-c config_dir]                same as postqueue -p
 
 The listings read the spool directly through :mod:`relay.cli.showq`, whether or not the
-daemon runs (like Postfix's postqueue run by root with the mail system down, minus the
-warning: reading the spool is our normal path, not a fallback).  The flush requests
-only send one line to the daemon's control socket (``flush``, ``flush-id``,
-``flush-site``), as Postfix's postqueue only writes a trigger to qmgr: this command
-never moves or rewrites a queue file, so a crash leaves nothing behind.
+daemon runs: reading the spool is our normal path, where Postfix's postqueue asks its
+showq service and reads the spool itself only when run by root with the mail system
+down.  Postfix then warns, and so do we, at the same moment: run by root, when the
+daemon does not answer a ``ping`` on its control socket (``QUEUE_DIR/control``)::
 
-Messages go to stderr as ``postqueue: fatal: ...``; exit status is sysexits: 0, 64 for
-a usage error or a bad argument, 69 when the mail system is down, 1 for other fatal
-errors (a bad main.cf, a missing queue directory), as Postfix's msg_fatal().
+    postqueue: warning: Mail system is down -- accessing queue directly (Connect to the relay control socket QUEUE_DIR/control: Connection refused)
+
+Postfix's text in the parentheses is ``Connect to the Postfix showq service:
+<strerror>``; ours names what we asked and why it did not answer (``No such file or
+directory`` when the socket is absent: the daemon never ran or was stopped, ``Connection
+refused`` when it died, ``timed out`` when it did not answer within 5 seconds).  The
+listing follows all the same, exit 0.  Another user gets no warning (Postfix would stop
+with ``Queue report unavailable``, exit 69; the spool is that user's own here).  mailq
+says ``postqueue: warning: ...`` too: Postfix's mailq runs postqueue.
+
+The flush requests only send one line to the daemon's control socket (``flush``,
+``flush-id``, ``flush-site``), as Postfix's postqueue only writes a trigger to qmgr:
+this command never moves or rewrites a queue file, so a crash leaves nothing behind.
+
+Errors go to stderr as Postfix's: ``postqueue: fatal: ...``, after getopt's own
+``postqueue: invalid option -- 'x'`` or ``postqueue: option requires an argument --
+'i'`` for a bad option.  Every fatal error of postqueue exits 69 (EX_UNAVAILABLE), a
+usage error, a bad queue ID or site and a bad main.cf included, as Postfix 3.7.11's
+does (measured: FORMATS.md 1.3).  mailq is Postfix's sendmail, which turns its fatal
+errors into 75 (EX_TEMPFAIL): ``mailq: fatal: usage: mailq [options]``, ``mailq:
+fatal: display queue mode requires no recipient``, exit 75.
 """
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import NoReturn, TextIO
+from typing import TextIO
 
-from relay import config
+from relay import config, control
 from relay.cli import showq
+from relay.cli.command import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, Fatal, parse_options, run
 from spool.store import valid_queue_id
-
-EX_OK = 0
-EX_FATAL = 1
-EX_USAGE = 64
-EX_UNAVAILABLE = 69
 
 USAGE = ("usage: postqueue -f | postqueue -i queueid | postqueue -j | postqueue -p"
          " | postqueue -s site")
-MAILQ_USAGE = "usage: mailq [-v] [-c config_dir]"
+MAILQ_USAGE = "usage: mailq [options]"
+# How long a listing run by root waits for the daemon to answer before it warns.
+PING_TIMEOUT = 5.0
 
 # valid_hostname(): letters, digits, '-' and '_' in labels of at most 63, 255 in all.
 _LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
-
-
-class _Fatal(Exception):
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports like Postfix's getopt loop: one usage line, exit 64."""
-
-    usage_line = USAGE
-
-    def error(self, message: str) -> NoReturn:
-        raise _Fatal(self.usage_line, EX_USAGE)
-
-
-def _postqueue_parser() -> _Parser:
-    p = _Parser(prog="postqueue", add_help=False)
-    p.add_argument("-c", dest="config_dir", metavar="config_dir")
-    p.add_argument("-f", dest="flush", action="count", default=0)
-    p.add_argument("-i", dest="queue_ids", action="append", default=[], metavar="queue_id")
-    p.add_argument("-j", dest="json", action="count", default=0)
-    p.add_argument("-p", dest="listing", action="count", default=0)
-    p.add_argument("-s", dest="sites", action="append", default=[], metavar="site")
-    p.add_argument("-v", dest="verbose", action="count", default=0)
-    return p
-
-
-def _mailq_parser() -> _Parser:
-    p = _Parser(prog="mailq", add_help=False)
-    p.usage_line = MAILQ_USAGE
-    p.add_argument("-c", dest="config_dir", metavar="config_dir")
-    # Postfix's mailq is sendmail -bp, whose -C names the configuration (file or directory).
-    p.add_argument("-C", dest="config_file", metavar="config_file")
-    p.add_argument("-v", dest="verbose", action="count", default=0)
-    return p
 
 
 def _quoted(arg: str) -> str:
@@ -112,111 +89,138 @@ def valid_site(site: str) -> bool:
     return any(not label.isdigit() for label in labels)
 
 
-def _load(config_dir: str | None) -> config.Config:
+def _load(config_dir: str | None, status: int) -> config.Config:
     try:
         return config.load(config.config_dir_from(config_dir, os.environ),
                            warn=lambda message: None)
     except config.ConfigError as exc:
-        raise _Fatal(str(exc), EX_FATAL) from None
+        raise Fatal(str(exc), status) from None
 
 
-def _list(cfg: config.Config, json_format: bool, out: TextIO) -> int:
+def mail_system_down(queue_dir: str) -> str | None:
+    """Why the daemon of this spool does not answer (Postfix's "mail system is down"),
+    or None when it does."""
+    try:
+        control.request(queue_dir, "ping", timeout=PING_TIMEOUT)
+    except control.MailSystemDown as exc:
+        return f"Connect to the relay control socket {control.socket_path(queue_dir)}: {exc}"
+    return None
+
+
+def _list(cfg: config.Config, json_format: bool, out: TextIO, err: TextIO, status: int) -> int:
     try:
         spool = showq.open_spool(cfg)
+        if os.geteuid() == 0:
+            # Postfix's postqueue, run by root, lists the spool itself when showq does
+            # not answer, and says so; we always do, and say so when it would.
+            why = mail_system_down(spool.root)
+            if why is not None:
+                err.write("postqueue: warning: Mail system is down -- accessing queue"
+                          f" directly ({why})\n")
+                err.flush()
         items = showq.records(spool)
         if json_format:
             showq.write(showq.json_records(items), out)
         else:
             showq.write(showq.sendmail_records(items, long_ids=spool.long_ids), out)
     except showq.NoQueueDirectory as exc:
-        raise _Fatal(str(exc), EX_FATAL) from None
+        raise Fatal(str(exc), status) from None
     except OSError as exc:
-        raise _Fatal(f"scan {cfg.str('queue_directory')}: {exc.strerror or exc}",
-                     EX_FATAL) from None
+        raise Fatal(f"scan {cfg.str('queue_directory')}: {exc.strerror or exc}",
+                    status) from None
     return EX_OK
 
 
 def _flush(cfg: config.Config, verb: str, *args: str) -> int:
     """Send one flush request; the daemon answers ``ok`` or ``error TEXT``."""
-    # Imported here: asyncio, which the control client needs, would double the start-up
-    # time of the listings.
-    from relay.control import MailSystemDown, request
-
     try:
-        reply = request(cfg.str("queue_directory"), verb, *args)
-    except MailSystemDown:
-        raise _Fatal("Cannot flush mail queue - mail system is down", EX_UNAVAILABLE) from None
+        reply = control.request(cfg.str("queue_directory"), verb, *args)
+    except control.MailSystemDown:
+        raise Fatal("Cannot flush mail queue - mail system is down", EX_UNAVAILABLE) from None
     if reply == "ok":
         return EX_OK
     if args:  # the server refused this queue ID or site
-        raise _Fatal(f"Invalid request: {_quoted(args[0])}", EX_USAGE)
+        raise Fatal(f"Invalid request: {_quoted(args[0])}", EX_UNAVAILABLE)
     text = reply.removeprefix("error").strip() or "mail system is down"
-    raise _Fatal(f"Cannot flush mail queue - {text}", EX_UNAVAILABLE)
+    raise Fatal(f"Cannot flush mail queue - {text}", EX_UNAVAILABLE)
 
 
-def _run_postqueue(argv: list[str], out: TextIO) -> int:
-    ns = _postqueue_parser().parse_args(argv)
-    modes = sum(1 for given in (ns.flush, ns.json, ns.listing, ns.queue_ids, ns.sites) if given)
-    # Postfix's getopt loop: each mode once (-i may repeat), exactly one mode.
-    if modes != 1 or ns.flush > 1 or ns.json > 1 or ns.listing > 1 or len(ns.sites) > 1:
-        raise _Fatal(USAGE, EX_USAGE)
-    for queue_id in ns.queue_ids:
+def _run_postqueue(argv: list[str], out: TextIO, err: TextIO) -> int:
+    opts, operands = parse_options(argv, "c:fi:jps:v", USAGE, EX_UNAVAILABLE)
+    config_dir: str | None = None
+    mode = ""
+    queue_ids: list[str] = []
+    site = ""
+    for letter, value in opts:
+        if letter == "c":
+            config_dir = value
+        elif letter == "v":
+            pass
+        elif letter == "i" and mode in ("", "i"):
+            # Postfix's getopt loop: one mode, once; only -i may repeat.
+            mode = "i"
+            queue_ids.append(value)
+        elif mode:
+            raise Fatal(USAGE, EX_UNAVAILABLE)
+        else:
+            mode = letter
+            site = value
+    if not mode or operands:
+        raise Fatal(USAGE, EX_UNAVAILABLE)
+    for queue_id in queue_ids:
         if not valid_queue_id(queue_id):
-            raise _Fatal(f"Cannot flush queue ID - invalid name: {_quoted(queue_id)}", EX_USAGE)
-    for site in ns.sites:
-        if not valid_site(site):
-            raise _Fatal(f"Cannot flush mail queue - invalid destination: {_quoted(site)}",
-                         EX_USAGE)
-    cfg = _load(ns.config_dir)
-    if ns.listing or ns.json:
-        return _list(cfg, bool(ns.json), out)
-    if ns.flush:
+            raise Fatal(f"Cannot flush queue ID - invalid name: {_quoted(queue_id)}",
+                        EX_UNAVAILABLE)
+    if mode == "s" and not valid_site(site):
+        raise Fatal(f"Cannot flush mail queue - invalid destination: {_quoted(site)}",
+                    EX_UNAVAILABLE)
+    cfg = _load(config_dir, EX_UNAVAILABLE)
+    if mode in ("p", "j"):
+        return _list(cfg, mode == "j", out, err, EX_UNAVAILABLE)
+    if mode == "f":
         return _flush(cfg, "flush")
-    if ns.sites:
-        return _flush(cfg, "flush-site", ns.sites[0])
-    for queue_id in ns.queue_ids:
+    if mode == "s":
+        return _flush(cfg, "flush-site", site)
+    for queue_id in queue_ids:
         _flush(cfg, "flush-id", queue_id)
     return EX_OK
 
 
-def _run_mailq(argv: list[str], out: TextIO) -> int:
-    ns, rest = _mailq_parser().parse_known_args(argv)
-    if rest:
-        if rest[0].startswith("-"):
-            raise _Fatal(MAILQ_USAGE, EX_USAGE)
-        raise _Fatal("display queue mode requires no recipient", EX_USAGE)
-    config_dir = ns.config_dir
-    if ns.config_file and not config_dir:
-        path = ns.config_file
-        config_dir = path if os.path.isdir(path) else os.path.dirname(path) or "."
-    return _list(_load(config_dir), False, out)
-
-
-def _main(prog: str, argv: Sequence[str] | None, stdout: TextIO | None,
-          stderr: TextIO | None, runner: str) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    out = showq.utf8_stdout() if stdout is None else stdout
-    err = sys.stderr if stderr is None else stderr
-    try:
-        if runner == "mailq":
-            return _run_mailq(args, out)
-        return _run_postqueue(args, out)
-    except _Fatal as exc:
-        out.flush()
-        print(f"{prog}: fatal: {exc}", file=err)
-        return exc.status
+def _run_mailq(argv: list[str], out: TextIO, err: TextIO) -> int:
+    # Postfix's mailq is sendmail -bp, whose -C names the configuration (file or
+    # directory); its fatal errors exit 75, as all of sendmail's.
+    opts, operands = parse_options(argv, "c:C:v", MAILQ_USAGE, EX_TEMPFAIL)
+    config_dir: str | None = None
+    config_file = ""
+    for letter, value in opts:
+        if letter == "c":
+            config_dir = value
+        elif letter == "C":
+            config_file = value
+    if operands:
+        raise Fatal("display queue mode requires no recipient", EX_TEMPFAIL)
+    if config_file and not config_dir:
+        config_dir = (config_file if os.path.isdir(config_file)
+                      else os.path.dirname(config_file) or ".")
+    return _list(_load(config_dir, EX_TEMPFAIL), False, out, err, EX_TEMPFAIL)
 
 
 def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
          stderr: TextIO | None = None) -> int:
     """The ``postqueue`` command."""
-    return _main("postqueue", argv, stdout, stderr, "postqueue")
+    args = list(sys.argv[1:] if argv is None else argv)
+    out = showq.utf8_stdout() if stdout is None else stdout
+    err = sys.stderr if stderr is None else stderr
+    return run("postqueue", lambda: _run_postqueue(args, out, err), stdout=out, stderr=err)
 
 
 def mailq_main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
                stderr: TextIO | None = None) -> int:
     """The ``mailq`` command: ``postqueue -p`` under sendmail's name."""
-    return _main("mailq", argv, stdout, stderr, "mailq")
+    args = list(sys.argv[1:] if argv is None else argv)
+    out = showq.utf8_stdout() if stdout is None else stdout
+    err = sys.stderr if stderr is None else stderr
+    return run("mailq", lambda: _run_mailq(args, out, err), stdout=out, stderr=err)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,13 @@ Each ``-d``/``-e``/``-f``/``-h``/``-H``/``-r`` takes a queue ID, ``ALL`` (upper 
 as a safety measure) or ``-`` (queue IDs from standard input, one per line, not trimmed).
 Options repeat and run in command-line order (Postfix runs every -d first, then -r,
 -h and -H; the order given is easier to reason about and the same for sane uses);
-trailing queue names limit the queues searched (``postsuper -d ALL deferred``).  Messages on standard error are Postfix's,
-byte for byte: ``postsuper: ID: removed`` per explicitly named message, then summaries
+trailing queue names limit the queues searched (``postsuper -d ALL deferred``).
+Messages on standard error are Postfix's, byte for byte: ``postsuper: ID: removed`` per explicitly named message, then summaries
 in the fixed order Requeued, Deleted, Force-expired, Placed on hold, Released from hold.
 
-This module owns the four state changes an operator makes, as importable functions
-(``delete``, ``hold``, ``release``, ``requeue``, ``expire`` and ``apply``) that
-``relay queue`` and the tests use too.  Each runs under the message's lock
+The state changes themselves are spool.transitions' rows (remove, hold, release,
+requeue, expire): this module says which rows each option takes (``apply``), finds the
+messages and reports as Postfix does.  Each change runs under the message's lock
 (``Spool.locked``), so it excludes the daemon per message: a message being delivered
 right now is moved or removed between two of the daemon's steps, and the daemon then
 leaves the operator's state alone and only records which recipients it already
@@ -26,54 +26,52 @@ picked up within seconds (a daemon that is down reads the queue when it starts).
 
 Unlike Postfix, it does not require root: the spool belongs to the user running relay.
 
+Exit status, as Postfix 3.7.11's (FORMATS.md 1.4): 0; 1 for a bad option or an option
+without its queue ID (getopt's ``postsuper: invalid option -- 'x'`` or ``option
+requires an argument -- 'd'``, then ``postsuper: fatal: usage: ...``), an unknown queue
+name, a bad main.cf or a missing queue directory (msg_fatal()); 75 when the spool fails
+under it (a full or broken disk).
+
 What a crash leaves: each action is one rename (or a rewrite then a rename, or an
 unlink of the envelope then of the content) under the lock; a crash between two steps
-leaves the message in its old or its new queue, never in two (spool.store).
+leaves the message in its old or its new queue, never in two (spool.transitions).
 
 Mass operations (``ALL``, ``-`` and ``relay queue``) pass ``durable=False``: their
 renames and unlinks skip the per-message directory fsync, and the queue directories
-they changed are fsync'ed once at the end (``Spool.sync_queues``), also when they stop
-on an error.  A crash before that fsync may undo some of the changes: a deleted message
-may come back whole, a held one may be back in its old queue; never a message in two
-queues or an envelope without its content (spool.store.Entry.remove).  Rewrites (-e,
-and the held time recorded by -H and -r) stay durable one by one.
-
-They also keep a few messages in flight at once (``in_parallel``): most of their time
-is the kernel's, not ours (on ext4, unlinking a file frees its blocks, a fraction of a
-millisecond spent mostly waiting), and a few threads overlap those waits.  Each message
-is still handled whole under its own lock, by one thread; the results are reported in
-the order of the queue walk or of standard input, and memory stays bounded.
+they changed are fsync'ed once at the end (``transitions.deferred_syncs``), also when
+they stop on an error.  A crash before that fsync may undo some of the changes: a
+deleted message may come back whole, a held one may be back in its old queue; never a
+message in two queues or an envelope without its content (spool.store.Entry.remove).
+Rewrites (-e, and the held time recorded by -H and -r) stay durable one by one.  They
+also keep a few messages in flight at once (``transitions.in_parallel``); the results
+are reported in the order of the queue walk or of standard input, and memory stays
+bounded.
 """
 
 from __future__ import annotations
 
 import enum
-import itertools
 import logging
 import os
 import re
 import sys
-import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from typing import TextIO, TypeVar
+from dataclasses import dataclass, field
+from typing import TextIO
 
 from relay import config as config_mod
-from spool import CorruptEntry, EntryGone, Envelope, Spool, SpoolError
-from spool.store import Entry
+from relay.cli import command
+from relay.cli.command import EX_OK, EX_TEMPFAIL, Fatal, parse_options
+from spool import CorruptEntry, Spool, SpoolError, transitions
+from spool.transitions import Transition
 
 log = logging.getLogger("relay.postsuper")
-
-EX_USAGE = 64
-EX_TEMPFAIL = 75
 
 USAGE = (
     "usage: postsuper [-c config_dir] [-d queue_id (delete)] [-e queue_id (expire)] "
     "[-f queue_id (expire and/or un-hold)] [-h queue_id (hold)] [-H queue_id (un-hold)] "
     "[-p (purge temporary files)] [-r queue_id (requeue)] [-s (structure fix)] "
-    "[-S (redundant structure fix)] [-v (verbose)] [queue...]"
+    "[-S (redundant structure fix)][-v (verbose)] [queue...]"  # sic: no space, as Postfix
 )
 
 # Queues in the order a mass operation walks them.  hold comes last so that
@@ -87,7 +85,7 @@ KNOWN_QUEUES = ("incoming", "active", "deferred", "hold", "corrupt")
 _ID_SHAPE = re.compile(r"[A-Za-z0-9]{1,255}\Z")
 
 
-class Action(enum.Enum):
+class Action(enum.StrEnum):  # StrEnum: hashed in C, per message of a mass operation
     DELETE = "d"
     EXPIRE = "e"
     EXPIRE_RELEASE = "f"
@@ -101,20 +99,28 @@ class ActionInfo:
     done: str  # what postsuper prints after the queue ID
     queues: tuple[str, ...]  # searched by default
     allowed: tuple[str, ...]  # a named queue outside these is skipped for this action
+    transitions: tuple[Transition, ...]  # spool.transitions' rows, in this order
 
 
 ACTIONS: Mapping[Action, ActionInfo] = {
-    Action.DELETE: ActionInfo("removed", MESSAGE_QUEUES, (*MESSAGE_QUEUES, "corrupt")),
-    Action.EXPIRE: ActionInfo("expired", MESSAGE_QUEUES, MESSAGE_QUEUES),
-    Action.EXPIRE_RELEASE: ActionInfo("expired", MESSAGE_QUEUES, MESSAGE_QUEUES),
+    Action.DELETE: ActionInfo("removed", MESSAGE_QUEUES, (*MESSAGE_QUEUES, "corrupt"),
+                              (Transition.REMOVE,)),
+    Action.EXPIRE: ActionInfo("expired", MESSAGE_QUEUES, MESSAGE_QUEUES, (Transition.EXPIRE,)),
+    # -f: the daemon never looks at hold/, so an expired message there is released.
+    Action.EXPIRE_RELEASE: ActionInfo("expired", MESSAGE_QUEUES, MESSAGE_QUEUES,
+                                      (Transition.EXPIRE, Transition.RELEASE)),
     Action.HOLD: ActionInfo("placed on hold", ("incoming", "active", "deferred"),
-                            ("incoming", "active", "deferred")),
-    Action.RELEASE: ActionInfo("released from hold", ("hold",), ("hold",)),
-    Action.REQUEUE: ActionInfo("requeued", MESSAGE_QUEUES, MESSAGE_QUEUES),
+                            ("incoming", "active", "deferred"), (Transition.HOLD,)),
+    Action.RELEASE: ActionInfo("released from hold", ("hold",), ("hold",),
+                               (Transition.RELEASE,)),
+    # Postfix gives a requeued message a new queue ID; we keep it (nothing here depends
+    # on a fresh one).  Recipients already delivered stay done.
+    Action.REQUEUE: ActionInfo("requeued", MESSAGE_QUEUES, MESSAGE_QUEUES,
+                               (Transition.REQUEUE,)),
 }
 
 
-class Counter(enum.Enum):
+class Counter(enum.StrEnum):
     """The summary lines, in the order Postfix prints them."""
 
     REQUEUED = "Requeued"
@@ -138,10 +144,18 @@ _COUNTERS: Mapping[Action, tuple[Counter, ...]] = {
 # was done.  One switch, should the lead prefer Postfix's silence.
 REPORT_ZERO_COUNTS = True
 
-Accept = Callable[[Envelope], bool]
+Accept = transitions.Accept
 
 
-# ---- the state changes ------------------------------------------------------------------
+# ---- the state changes: spool.transitions' rows ----------------------------------------
+
+_COUNTER_OF: Mapping[Transition, Counter] = {
+    Transition.REMOVE: Counter.DELETED,
+    Transition.EXPIRE: Counter.EXPIRED,
+    Transition.HOLD: Counter.HELD,
+    Transition.RELEASE: Counter.RELEASED,
+    Transition.REQUEUE: Counter.REQUEUED,
+}
 
 
 def _queues(action: Action, queues: Iterable[str] | None) -> tuple[str, ...]:
@@ -151,163 +165,25 @@ def _queues(action: Action, queues: Iterable[str] | None) -> tuple[str, ...]:
     return tuple(q for q in queues if q in info.allowed)
 
 
-def _accepted(entry: Entry, accept: Accept | None) -> bool:
-    """Whether a filter (relay queue) still holds now that the message is locked."""
-    if accept is None:
-        return True
-    try:
-        return accept(entry.read())
-    except CorruptEntry:
-        return False
-
-
-def delete(spool: Spool, queue_id: str, queues: Iterable[str] | None = None, *,
-           accept: Accept | None = None, durable: bool = True) -> bool:
-    """Remove one message (envelope, then content).  False if it was not there.
-
-    ``durable=False``: see the module docstring (mass operations).
-    """
-    try:
-        with spool.locked(queue_id, _queues(Action.DELETE, queues)) as entry:
-            if not _accepted(entry, accept):
-                return False
-            entry.remove(durable=durable)
-            return True
-    except EntryGone:
-        return False
-
-
-def hold(spool: Spool, queue_id: str, queues: Iterable[str] | None = None, *,
-         now: float | None = None, accept: Accept | None = None,
-         durable: bool = True) -> bool:
-    """Move one message to hold/; its mtime records when, so release can tell how long."""
-    now = time.time() if now is None else now
-    try:
-        with spool.locked(queue_id, _queues(Action.HOLD, queues)) as entry:
-            if not _accepted(entry, accept):
-                return False
-            entry.move("hold", mtime=now, durable=durable)
-            return True
-    except EntryGone:
-        return False
-
-
-def _leave_hold(entry: Entry, target: str, now: float, durable: bool = True) -> None:
-    """Move a held message to ``target``: time on hold does not count towards expiry."""
-    try:
-        env = entry.read()
-    except CorruptEntry:
-        # The hold time cannot be accounted for, but the operator asked for the message
-        # to go: the daemon quarantines it when it reads it.
-        entry.move(target, mtime=now, durable=durable)
-        return
-    held = max(0.0, now - entry.mtime())
-    env = replace(env, held_seconds=env.held_seconds + held, next_attempt=now)
-    entry.write_and_move(env, target, mtime=now, durable_move=durable)
-
-
-def release(spool: Spool, queue_id: str, queues: Iterable[str] | None = None, *,
-            now: float | None = None, accept: Accept | None = None,
-            durable: bool = True) -> bool:
-    """Move one message from hold/ to deferred/, due at once."""
-    now = time.time() if now is None else now
-    try:
-        with spool.locked(queue_id, _queues(Action.RELEASE, queues)) as entry:
-            if not _accepted(entry, accept):
-                return False
-            _leave_hold(entry, "deferred", now, durable)
-            return True
-    except EntryGone:
-        return False
-
-
-def requeue(spool: Spool, queue_id: str, queues: Iterable[str] | None = None, *,
-            now: float | None = None, accept: Accept | None = None,
-            durable: bool = True) -> bool:
-    """Move one message to incoming/, where the daemon picks it up as new.
-
-    Postfix gives a requeued message a new queue ID; we keep it (nothing here depends on
-    a fresh one).  Recipients already delivered stay done, so only the pending ones are
-    tried again.  Time spent on hold is kept out of the message's age, as for -H.
-    """
-    now = time.time() if now is None else now
-    try:
-        with spool.locked(queue_id, _queues(Action.REQUEUE, queues)) as entry:
-            if not _accepted(entry, accept):
-                return False
-            if entry.queue == "hold":
-                _leave_hold(entry, "incoming", now, durable)
-            else:
-                entry.move("incoming", mtime=now, durable=durable)
-            return True
-    except EntryGone:
-        return False
-
-
-def expire(spool: Spool, queue_id: str, queues: Iterable[str] | None = None, *,
-           release_held: bool = False, now: float | None = None,
-           accept: Accept | None = None, durable: bool = True) -> tuple[bool, bool]:
-    """Mark one message force-expired (returned to the sender at its next attempt).
-
-    With ``release_held`` (postsuper -f) a message on hold is also released, because
-    the daemon never looks at hold/.  Returns (expired, released).
-    """
-    now = time.time() if now is None else now
-    action = Action.EXPIRE_RELEASE if release_held else Action.EXPIRE
-    try:
-        with spool.locked(queue_id, _queues(action, queues)) as entry:
-            try:
-                env = entry.read()
-            except CorruptEntry:
-                return False, False
-            if accept is not None and not accept(env):
-                return False, False
-            env = replace(env, forced_expire=True)
-            # Keep the mtime: in deferred/ it is the next attempt time, in hold/ the
-            # moment the message was put on hold.
-            entry.write(env, mtime=entry.mtime())
-            if release_held and entry.queue == "hold":
-                _leave_hold(entry, "deferred", now, durable)
-                return True, True
-            return True, False
-    except EntryGone:
-        return False, False
-
-
 def apply(spool: Spool, action: Action, queue_id: str, queues: Iterable[str] | None = None,
           *, now: float | None = None, accept: Accept | None = None,
           durable: bool = True) -> tuple[Counter, ...]:
     """Do one action on one message; the counters it advanced (empty: nothing done).
 
-    Like the single actions, raises CorruptEntry for a message that cannot even be
-    locked (an envelope without content); a message that is not there is no error.
-    With ``durable=False`` the caller fsyncs ``synced_queues(action, queues)`` at the end.
+    Raises CorruptEntry for a message that cannot even be locked (an envelope without
+    content); a message that is not there is no error.  With ``durable=False`` the
+    caller fsyncs ``synced_queues(action, queues)`` at the end.
     """
-    if action is Action.DELETE:
-        done = delete(spool, queue_id, queues, accept=accept, durable=durable)
-        return (Counter.DELETED,) if done else ()
-    if action is Action.HOLD:
-        done = hold(spool, queue_id, queues, now=now, accept=accept, durable=durable)
-        return (Counter.HELD,) if done else ()
-    if action is Action.RELEASE:
-        done = release(spool, queue_id, queues, now=now, accept=accept, durable=durable)
-        return (Counter.RELEASED,) if done else ()
-    if action is Action.REQUEUE:
-        done = requeue(spool, queue_id, queues, now=now, accept=accept, durable=durable)
-        return (Counter.REQUEUED,) if done else ()
-    expired, released = expire(spool, queue_id, queues, now=now, accept=accept,
-                               release_held=action is Action.EXPIRE_RELEASE, durable=durable)
-    return ((Counter.EXPIRED,) if expired else ()) + ((Counter.RELEASED,) if released else ())
+    info = ACTIONS[action]
+    search = info.queues if queues is None else tuple(q for q in queues if q in info.allowed)
+    done = transitions.change(spool, queue_id, info.transitions, search, now=now,
+                              accept=accept, durable=durable)
+    return tuple(map(_COUNTER_OF.__getitem__, done))
 
 
 def synced_queues(action: Action, queues: Iterable[str] | None = None) -> tuple[str, ...]:
-    """The queue directories that ``durable=False`` leaves to fsync: those an action
-    unlinks from (delete) or renames into (the rest; -e rewrites are durable)."""
-    if action is Action.DELETE:
-        return _queues(action, queues)
-    return {Action.HOLD: ("hold",), Action.RELEASE: ("deferred",),
-            Action.REQUEUE: ("incoming",), Action.EXPIRE_RELEASE: ("deferred",),
-            Action.EXPIRE: ()}[action]
+    """The queue directories that ``durable=False`` leaves to fsync at the end."""
+    return transitions.deferred_syncs(ACTIONS[action].transitions, _queues(action, queues))
 
 
 def walk(spool: Spool, queues: Iterable[str]) -> Iterator[tuple[str, str]]:
@@ -345,14 +221,6 @@ class Report:
         return out
 
 
-class UsageError(Exception):
-    """A bad command line; ``show_usage`` adds Postfix's usage line."""
-
-    def __init__(self, message: str, show_usage: bool = True) -> None:
-        super().__init__(message)
-        self.show_usage = show_usage
-
-
 @dataclass(frozen=True, slots=True)
 class Options:
     config_dir: str | None
@@ -362,48 +230,29 @@ class Options:
 
 
 def parse_args(argv: Sequence[str]) -> Options:
-    """Postfix's getopt("c:d:e:f:h:H:pr:sSv"), options before the queue names."""
+    """Postfix's getopt("c:d:e:f:h:H:pr:sSv"), options before the queue names.
+
+    A bad command line raises Fatal as Postfix's postsuper reports it: getopt's line,
+    then the usage line, exit 1; an unknown queue name, exit 1 too."""
+    opts, names = parse_options(argv, "c:d:e:f:h:H:pr:sSv", USAGE)
     config_dir: str | None = None
     requests: list[Request] = []
     purge = False
     structure = False
-    args = list(argv)
-    i = 0
     with_arg = {a.value: a for a in Action}
-    while i < len(args):
-        arg = args[i]
-        if arg == "--":
-            i += 1
-            break
-        if not arg.startswith("-") or arg == "-":
-            break
-        j = 1
-        while j < len(arg):
-            flag = arg[j]
-            if flag in with_arg or flag == "c":
-                value = arg[j + 1:]
-                if not value:
-                    i += 1
-                    if i >= len(args):
-                        raise UsageError(f"option requires an argument -- '{flag}'")
-                    value = args[i]
-                if flag == "c":
-                    config_dir = value
-                else:
-                    requests.append(Request(with_arg[flag], value))
-                break
-            if flag == "p":
-                purge = True
-            elif flag in "sS":
-                structure = True
-            elif flag != "v":
-                raise UsageError(f"invalid option -- '{flag}'")
-            j += 1
-        i += 1
-    queues = tuple(args[i:]) or None
+    for letter, value in opts:
+        if letter == "c":
+            config_dir = value
+        elif letter in with_arg:
+            requests.append(Request(with_arg[letter], value))
+        elif letter == "p":
+            purge = True
+        elif letter in "sS":
+            structure = True
+    queues = tuple(names) or None
     for name in queues or ():
         if name not in KNOWN_QUEUES:
-            raise UsageError(f"invalid directory name: {name}", show_usage=False)
+            raise Fatal(f"invalid directory name: {name}")
     # Postfix's default action, with no option at all, is -s -p.
     purge = purge or (not requests and not structure)
     return Options(config_dir, tuple(requests), queues, purge)
@@ -415,61 +264,6 @@ def _ids_from(stream: TextIO) -> Iterator[str]:
 
 
 # ---- mass operations ----------------------------------------------------------------------
-
-MASS_THREADS = 8  # messages in flight at once (see the module docstring)
-MASS_CHUNK = 16  # messages per task: a thread hand-off costs about as much as a rename
-MASS_WINDOW = 4 * MASS_THREADS  # tasks submitted ahead of the one being reported
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def in_parallel(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]]:
-    """(item, fn(item)) for each item, in the order of ``items``, a few at a time.
-
-    ``items`` is consumed as the work goes (at most MASS_WINDOW * MASS_CHUNK ahead), so
-    memory does not grow with the queue.  When fn raises, the items already handed out
-    are finished and yielded, those not yet handed out are not, and the first exception
-    is raised after them: what was done is reported, as when one thread does it all.
-    """
-    def run_chunk(chunk: list[T]) -> tuple[list[tuple[T, R]], BaseException | None]:
-        done: list[tuple[T, R]] = []
-        for item in chunk:
-            try:
-                done.append((item, fn(item)))
-            except Exception as exc:  # noqa: BLE001 -- re-raised in order, below
-                return done, exc
-        return done, None
-
-    failure: BaseException | None = None
-    with ThreadPoolExecutor(MASS_THREADS, thread_name_prefix="postsuper") as pool:
-        window: deque[Future[tuple[list[tuple[T, R]], BaseException | None]]] = deque()
-        try:
-            for chunk in _chunks(items, MASS_CHUNK):
-                window.append(pool.submit(run_chunk, chunk))
-                while len(window) >= MASS_WINDOW or (window and window[0].done()):
-                    done, exc = window.popleft().result()
-                    yield from done
-                    if exc is not None:
-                        failure = exc
-                        break
-                if failure is not None:
-                    break
-            while window:
-                done, exc = window.popleft().result()
-                yield from done
-                failure = failure or exc
-        finally:
-            for future in window:  # only when our consumer stops early
-                future.cancel()
-    if failure is not None:
-        raise failure
-
-
-def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    it = iter(items)
-    while chunk := list(itertools.islice(it, size)):
-        yield chunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -531,7 +325,7 @@ def _run(spool: Spool, options: Options, report: Report, to_sync: dict[str, None
                 continue
             seen_all.add(action)
             to_sync.update(dict.fromkeys(synced_queues(action, queues)))
-            for _, (counters, warning) in in_parallel(_Apply(spool, action, now),
+            for _, (counters, warning) in transitions.in_parallel(_Apply(spool, action, now),
                                                       _walk_once(spool, queues)):
                 if warning:
                     warn(warning)
@@ -540,7 +334,7 @@ def _run(spool: Spool, options: Options, report: Report, to_sync: dict[str, None
             continue
         if request.target == "-":
             to_sync.update(dict.fromkeys(synced_queues(action, queues)))
-            results = in_parallel(_Apply(spool, action, now),
+            results = transitions.in_parallel(_Apply(spool, action, now),
                                   ((queue_id, queues if _ID_SHAPE.match(queue_id) else None)
                                    for queue_id in _ids_from(stdin)))
         else:
@@ -598,32 +392,27 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None,
     err = sys.stderr if stderr is None else stderr
     inp = sys.stdin if stdin is None else stdin
     env = os.environ if environ is None else environ
+    if stdin is None and hasattr(inp, "reconfigure"):
+        inp.reconfigure(errors="surrogateescape")  # a bad byte is an invalid ID, not a crash
+    return command.run("postsuper", lambda: _main(args, inp, err, env), stderr=err)
 
+
+def _main(args: Sequence[str], inp: TextIO, err: TextIO, env: Mapping[str, str]) -> int:
     def say(text: str) -> None:
         err.write(f"postsuper: {text}\n")
         err.flush()
 
-    try:
-        options = parse_args(args)
-    except UsageError as exc:
-        say(f"fatal: {exc}")
-        if exc.show_usage:
-            say(f"fatal: {USAGE}")
-        return EX_USAGE
+    options = parse_args(args)
     try:
         cfg = config_mod.load(config_mod.config_dir_from(options.config_dir, env), environ=env,
                               warn=lambda m: say(f"warning: {m}"))
     except config_mod.ConfigError as exc:
-        say(f"fatal: {exc}")
-        return 1
+        raise Fatal(str(exc)) from None
     queue_dir = cfg.str("queue_directory")
     spool = Spool(queue_dir, long_ids=cfg.bool("enable_long_queue_ids"), create=False)
     if not spool.exists():
         # Postfix's commands chdir(queue_directory) first; msg_fatal() exits 1.
-        say(f"fatal: chdir {queue_dir}: No such file or directory")
-        return 1
-    if stdin is None and hasattr(inp, "reconfigure"):
-        inp.reconfigure(errors="surrogateescape")  # a bad byte is an invalid ID, not a crash
+        raise Fatal(f"chdir {queue_dir}: No such file or directory")
 
     handler = _maillog_handler(cfg)
     if handler is not None:
@@ -648,10 +437,9 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None,
         for line in report.summary():
             info(line)
     except SpoolError as exc:
-        say(f"fatal: {exc}")
         if handler is not None:
             log.critical("%s", exc)
-        return EX_TEMPFAIL
+        raise Fatal(str(exc), EX_TEMPFAIL) from None
     finally:
         if handler is not None:
             log.removeHandler(handler)
@@ -659,7 +447,7 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO | None = None,
             handler.close()
     if report.counts.get(Counter.RELEASED) or report.counts.get(Counter.REQUEUED):
         notify_daemon(spool.root)
-    return 0
+    return EX_OK
 
 
 if __name__ == "__main__":

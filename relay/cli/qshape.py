@@ -28,7 +28,6 @@ never with the number of messages.  Read only, no lock, nothing left by a crash.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
@@ -36,17 +35,14 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import NoReturn, TextIO
+from typing import TextIO
 
 from relay import config
 from relay.cli import showq
+from relay.cli.command import EX_OK, EX_USAGE, Fatal, Parser, UsageError, run
 from spool import Envelope
 from spool import envelope as envfmt
 from spool.envelope import Fields
-
-EX_OK = 0
-EX_FATAL = 1
-EX_USAGE = 64
 
 USAGE = ("usage: qshape [ -s ] [ -p ] [ -m <min_subdomains> ] [ -l ]"
          " [ -b <bucket_count> ] [ -t <bucket_time> ] [ -w <terminal_width> ]"
@@ -62,19 +58,8 @@ _TRIM = re.compile(r"\.?(.+?)\.?$")
 _PARENT = re.compile(r"^(?:\.)?[^.]+\.(.*\.)")
 
 
-class _Fatal(Exception):
-    def __init__(self, message: str, status: int = EX_FATAL) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise _Fatal(f"{message}\n{USAGE}", EX_USAGE)
-
-
-def _parser() -> _Parser:
-    p = _Parser(prog="qshape", add_help=False)
+def _parser() -> Parser:
+    p = Parser(prog="qshape", add_help=False)
     p.add_argument("-s", dest="senders", action="store_true")
     p.add_argument("-p", dest="parents", action="store_true")
     p.add_argument("-m", dest="min_subdomains", type=int, default=5)
@@ -218,9 +203,12 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
          stderr: TextIO | None = None, now: float | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     out = showq.utf8_stdout() if stdout is None else stdout
-    err = sys.stderr if stderr is None else stderr
-    try:
-        ns = _parser().parse_args(args)
+
+    def body() -> int:
+        try:
+            ns = _parser().parse_args(args)
+        except UsageError as exc:
+            raise Fatal(f"{exc}\n{USAGE}", EX_USAGE) from None
         # qshape.pl ignores values out of range and keeps its defaults.
         shape = Shape(
             buckets=ns.buckets if ns.buckets > 0 else 10,
@@ -234,13 +222,13 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
         queues = ns.queues or list(DEFAULT_QUEUES)
         for queue in queues:
             if queue not in KNOWN_QUEUES:
-                raise _Fatal(f"unknown queue name: {queue}", EX_USAGE)
+                raise Fatal(f"unknown queue name: {queue}", EX_USAGE)
         try:
             cfg = config.load(config.config_dir_from(ns.config_dir, os.environ),
                               warn=lambda message: None)
             spool = showq.open_spool(cfg)
         except (config.ConfigError, showq.NoQueueDirectory) as exc:
-            raise _Fatal(str(exc)) from None
+            raise Fatal(str(exc)) from None
         top = 0
         if out.isatty():
             top = ns.top_domains if ns.top_domains is not None else 20
@@ -249,13 +237,15 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
         for _queue, rec in showq.records(spool, [q for q in queues if q != "maildrop"]):
             counts.add_fields(rec, when)
         showq.write([render(counts, width, top)], out)
-    except _Fatal as exc:
-        print(f"qshape: fatal: {exc}", file=err)
-        return exc.status
-    except OSError as exc:
-        print(f"qshape: fatal: {exc.strerror or exc}", file=err)
-        return EX_FATAL
-    return EX_OK
+        return EX_OK
+
+    def body_or_fatal() -> int:
+        try:
+            return body()
+        except OSError as exc:
+            raise Fatal(exc.strerror or str(exc)) from None
+
+    return run("qshape", body_or_fatal, stderr=stderr)
 
 
 if __name__ == "__main__":

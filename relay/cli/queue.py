@@ -24,8 +24,8 @@ refused, not mail that has any refused recipient and any example.com recipient.
 This is an extension beyond Postfix (whose closest tools are the ``mailq | awk |
 postsuper -d -`` pipelines in postsuper(1)).  ``ls`` prints postqueue -p blocks (or with
 ``--json`` the postqueue -j objects, one per line) so the same scripts parse it.  The
-actions use postsuper's functions under each message's lock and re-check the filters
-once the message is locked, so a message that changed meanwhile is left alone; they
+actions take spool.transitions' rows (retry, remove, hold, release), as postsuper does,
+under each message's lock and re-check the filters once the message is locked, so a message that changed meanwhile is left alone; they
 print ``ID: removed`` (``requeued`` for retry, ``placed on hold``, ``released from
 hold``) per message and a count line as postsuper does, on standard output.  ``retry``
 makes deferred mail due now and asks the daemon for it (``flush-id``); held mail stays
@@ -37,8 +37,8 @@ mail for it with ``destination paused`` and, on ``resume``, tries it at once.  A
 names one domain exactly: pausing example.com does not pause sub.example.com.  The
 pause file outlives daemon restarts; telling the daemon (``pauses``) is best effort.
 
-It never talks SMTP and never builds a spool path.  A crash leaves what postsuper's
-functions leave: each message is in its old or its new queue, never two.  The actions
+It never talks SMTP and never builds a spool path.  A crash leaves what a transition
+leaves: each message is in its old or its new queue, never two.  The actions
 are mass operations as postsuper's ``ALL``: the per-message directory fsyncs are left
 out and each changed queue directory is fsync'ed once at the end, so a crash before
 that may undo some of them (a deleted message comes back whole, a held one is back in
@@ -55,25 +55,19 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NoReturn, TextIO
+from typing import TextIO
 
 from relay import config as config_mod
-from relay.cli import postsuper, showq
-from relay.cli.postsuper import Action, Counter
-from spool import CorruptEntry, EntryGone, Envelope, Spool, SpoolError
+from relay.cli import showq
+from relay.cli.command import EX_OK, EX_TEMPFAIL, EX_USAGE, Fatal, Parser, UsageError, run
+from spool import CorruptEntry, Envelope, Spool, SpoolError, transitions
 from spool.envelope import Fields
-
-EX_USAGE = 64
-EX_TEMPFAIL = 75
+from spool.transitions import Transition
 
 LIST_QUEUES = showq.LISTED_QUEUES  # active, incoming, deferred, hold
 _TIME = re.compile(r"([0-9]+)([smhdw]?)\Z")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 FLUSH_BATCH = 200  # queue IDs per flush-id request; the control line stays short
-
-
-class UsageError(Exception):
-    pass
 
 
 def parse_time(text: str) -> float:
@@ -259,30 +253,26 @@ def print_summary(stats: Mapping[str, QueueStats], dests: Mapping[str, list[int]
 
 
 def retry(spool: Spool, queue_id: str, *, now: float | None = None,
-          accept: postsuper.Accept | None = None) -> bool:
-    """Make one deferred message due now (its mtime is its next attempt time)."""
-    now = time.time() if now is None else now
-    try:
-        with spool.locked(queue_id, ("deferred",)) as entry:
-            if accept is not None:
-                try:
-                    if not accept(entry.read()):
-                        return False
-                except CorruptEntry:
-                    return False
-            entry.move("deferred", mtime=now)
-            return True
-    except EntryGone:
-        return False
+          accept: transitions.Accept | None = None) -> bool:
+    """Make one deferred message due now."""
+    return bool(transitions.change(spool, queue_id, Transition.RETRY, now=now, accept=accept))
 
 
-# subcommand -> (postsuper action or None for retry, default queues, per-message text, counter)
-_VERBS: Mapping[str, tuple[Action | None, tuple[str, ...], str, Counter]] = {
-    "retry": (None, ("deferred",), "requeued", Counter.REQUEUED),
-    "delete": (Action.DELETE, ("hold", "incoming", "active", "deferred", "corrupt"),
-               "removed", Counter.DELETED),
-    "hold": (Action.HOLD, ("incoming", "active", "deferred"), "placed on hold", Counter.HELD),
-    "release": (Action.RELEASE, ("hold",), "released from hold", Counter.RELEASED),
+@dataclass(frozen=True, slots=True)
+class Verb:
+    transition: Transition
+    queues: tuple[str, ...]  # searched by default
+    done: str  # printed after each queue ID, as postsuper prints it
+    counter: str  # postsuper's summary word
+
+
+VERBS: Mapping[str, Verb] = {
+    "retry": Verb(Transition.RETRY, ("deferred",), "requeued", "Requeued"),
+    "delete": Verb(Transition.REMOVE, ("hold", "incoming", "active", "deferred", "corrupt"),
+                   "removed", "Deleted"),
+    "hold": Verb(Transition.HOLD, ("incoming", "active", "deferred"), "placed on hold",
+                 "Placed on hold"),
+    "release": Verb(Transition.RELEASE, ("hold",), "released from hold", "Released from hold"),
 }
 
 
@@ -292,8 +282,8 @@ def act(spool: Spool, verb: str, filt: Filter, out: TextIO, err: TextIO,
 
     Returns the queue IDs acted upon.
     """
-    action, default, text, counter = _VERBS[verb]
-    queues = _queues(filt, default)
+    v = VERBS[verb]
+    queues = _queues(filt, v.queues)
     t = time.time() if now is None else now
     # A corrupt envelope cannot be read, so only a bare "--queue corrupt" selects it.
     corrupt_ok = filt == Filter(queues=filt.queues)
@@ -305,30 +295,27 @@ def act(spool: Spool, verb: str, filt: Filter, out: TextIO, err: TextIO,
         """Act on one message (in any thread): whether it was done, and a warning."""
         queue, queue_id = item
         try:
-            if action is None:
-                return retry(spool, queue_id, now=t, accept=accept), ""
             if queue == "corrupt":
-                return bool(postsuper.apply(spool, action, queue_id, ("corrupt",), now=t,
-                                            durable=False)), ""
-            return bool(postsuper.apply(spool, action, queue_id, queues, now=t,
-                                        accept=accept, durable=False)), ""
+                return bool(transitions.change(spool, queue_id, v.transition, ("corrupt",),
+                                               now=t, durable=False)), ""
+            return bool(transitions.change(spool, queue_id, v.transition, queues, now=t,
+                                           accept=accept, durable=False)), ""
         except CorruptEntry as exc:
             return False, str(exc)
 
     done: list[str] = []
     try:
-        for (_, queue_id), (ok, warning) in postsuper.in_parallel(
+        for (_, queue_id), (ok, warning) in transitions.in_parallel(
                 one, _candidates(spool, filt, queues, corrupt_ok, t)):
             if warning:
                 err.write(f"relay queue: warning: {warning}\n")
             if ok:
                 done.append(queue_id)
-                out.write(f"{queue_id}: {text}\n")
+                out.write(f"{queue_id}: {v.done}\n")
     finally:
-        # retry only changes mtimes in place; the others rename or unlink.
-        spool.sync_queues(postsuper.synced_queues(action, queues) if action else ())
+        spool.sync_queues(transitions.deferred_syncs(v.transition, queues))
     n = len(done)
-    out.write(f"{counter.value}: {n} message{'' if n == 1 else 's'}\n")
+    out.write(f"{v.counter}: {n} message{'' if n == 1 else 's'}\n")
     return done
 
 
@@ -363,11 +350,6 @@ def _tell_daemon(queue_dir: str, verb: str, args: Sequence[str], err: TextIO) ->
 # ---- command line -------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
-
-
 def _add_filters(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("filters (combined; repeat one to allow several values)")
     g.add_argument("--queue", action="append", default=[], metavar="NAME",
@@ -387,9 +369,9 @@ def _config_arg(p: argparse.ArgumentParser, top: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="relay queue", description="Inspect and act on the mail queue.")
+    parser = Parser(prog="relay queue", description="Inspect and act on the mail queue.")
     _config_arg(parser, top=True)
-    sub = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=Parser)
     p = sub.add_parser("ls", help="list matching messages in mailq format")
     _config_arg(p)
     _add_filters(p)
@@ -465,6 +447,10 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
     out = sys.stdout if stdout is None else stdout
     err = sys.stderr if stderr is None else stderr
     env = os.environ if environ is None else environ
+    return run("relay queue", lambda: _main(args, out, err, env), stdout=out, stderr=err)
+
+
+def _main(args: list[str], out: TextIO, err: TextIO, env: Mapping[str, str]) -> int:
     parser = build_parser()
     try:
         ns = parser.parse_args(args)
@@ -478,15 +464,13 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
         if ns.verb in ("pause", "resume"):
             name = pause_name(ns.domain, ns.nexthop)
     except UsageError as exc:
-        err.write(f"relay queue: fatal: {exc}\n")
-        err.write(parser.format_usage().replace("usage: ", "relay queue: usage: ", 1))
-        return EX_USAGE
+        usage = parser.format_usage().rstrip("\n").replace("usage: ", "relay queue: usage: ", 1)
+        raise Fatal(f"{exc}\n{usage}", EX_USAGE) from None
     try:
         cfg = config_mod.load(config_mod.config_dir_from(ns.config_dir, env), environ=env,
                               warn=lambda m: print(f"relay queue: warning: {m}", file=err))
     except config_mod.ConfigError as exc:
-        err.write(f"relay queue: fatal: {exc}\n")
-        return 1
+        raise Fatal(str(exc)) from None
     queue_dir = cfg.str("queue_directory")
     long_ids = cfg.bool("enable_long_queue_ids")
     now = time.time()
@@ -501,21 +485,23 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
             if changed and not _tell_daemon(spool.root, "pauses", (), err):
                 err.write("relay queue: warning: the mail system is down; "
                           "the daemon reads the pause file when it starts\n")
-            return 0
+            return EX_OK
         spool = Spool(queue_dir, long_ids=long_ids, create=False)
         if ns.verb == "paused":
-            for entry in sorted(spool.pauses()):
-                out.write(entry + "\n")
-            return 0
+            out.writelines(entry + "\n" for entry in sorted(spool.pauses()))
+            return EX_OK
         if ns.verb == "ls":
             items = select_records(spool, filt, _queues(filt, (*LIST_QUEUES, "corrupt")), now)
             showq.write(showq.json_records(items) if ns.json else
                         showq.sendmail_records(items, long_ids=long_ids), out)
-            return 0
+            return EX_OK
         if ns.verb == "summary":
             stats, dests = summarize(spool, filt, now)
             print_summary(stats, dests, now, out, ns.json)
-            return 0
+            return EX_OK
+        if not spool.exists():
+            # As postsuper: Postfix's commands chdir(queue_directory) first.
+            raise Fatal(f"chdir {queue_dir}: No such file or directory")
         done = act(spool, ns.verb, filt, out, err, now)
         if ns.verb == "retry" and done:
             told = True
@@ -528,14 +514,9 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
                           "the messages are due and are tried when it starts\n")
         elif ns.verb == "release" and done:
             _tell_daemon(spool.root, "scan", (), err)
-        return 0
+        return EX_OK
     except SpoolError as exc:
-        err.write(f"relay queue: fatal: {exc}\n")
-        return EX_TEMPFAIL
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, out.fileno())
-        return 0
+        raise Fatal(str(exc), EX_TEMPFAIL) from None
 
 
 if __name__ == "__main__":

@@ -62,13 +62,9 @@ from typing import BinaryIO, TextIO
 from relay import config as config_mod
 from relay import control
 from relay import dsn as dsn_mod
+from relay.cli.command import EX_DATAERR, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE, Fatal
 from spool import Envelope, Recipient, Spool, SpoolError
 from spool.store import fault_hook_from
-
-EX_USAGE = 64
-EX_DATAERR = 65
-EX_UNAVAILABLE = 69
-EX_TEMPFAIL = 75
 
 # Postfix's GETOPT_LIST "A:B:C:F:GIL:N:O:R:UV:X:b:ce:f:h:imno:p:r:q:tvx", except that
 # relay's -c takes the configuration directory like every other relay command.
@@ -78,14 +74,6 @@ _FLAGS = set("GIUimntvx")
 _HEADER_NAME = re.compile(rb"[!-9;-~]+[ \t]*:")
 _RECIPIENT_HEADERS = (b"to", b"cc", b"bcc")
 _RESENT_HEADERS = (b"resent-to", b"resent-cc", b"resent-bcc")
-
-
-class Fatal(Exception):
-    """``sendmail: fatal: TEXT``, exit ``status``."""
-
-    def __init__(self, text: str, status: int) -> None:
-        super().__init__(text)
-        self.status = status
 
 
 class Mode(enum.Enum):

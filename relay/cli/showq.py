@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
+from relay.cli.command import silence_stdout
 from relay.config import Config
 from spool import Envelope, Spool
 from spool import envelope as envfmt
@@ -285,12 +286,4 @@ def write(chunks: Iterable[str], out: TextIO) -> None:
         out.write("".join(batch))
         out.flush()
     except BrokenPipeError:
-        _silence_stdout(out)
-
-
-def _silence_stdout(out: TextIO) -> None:
-    # Python would complain again when it flushes stdout at exit.
-    if out is sys.stdout:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        silence_stdout(out)

@@ -30,16 +30,14 @@ from typing import TextIO
 
 from relay import config as config_mod
 from relay import control
+from relay.cli.command import EX_CONFIG, EX_OK, EX_TEMPFAIL, EX_USAGE, Fatal, run
 from relay.routing import Resolution, RouteError, Transport
-from relay.settings import report_settings, resolver_for, router_for, tls_planner
+from relay.routing_settings import resolver_for, router_for
 from relay.tls.destination import Skip
 from relay.tls.policy import HostPolicy
 from relay.tls.report import TlsReports
+from relay.tls.settings import report_settings, tls_planner
 from spool import Spool
-
-EX_USAGE = 64
-EX_TEMPFAIL = 75
-EX_CONFIG = 78
 
 _VERSIONS = {"TLSv1_2": "TLSv1.2", "TLSv1_3": "TLSv1.3"}
 
@@ -56,27 +54,29 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None,
     report = sub.add_parser("report", help="queue (or show) the TLS reports owed")
     report.add_argument("--dry-run", action="store_true", help="show them, queue nothing")
     try:
+        # argparse's own usage and help: relay's command, not one of Postfix's.
         ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:
-        return 0 if exc.code == 0 else EX_USAGE
+        return EX_OK if exc.code == 0 else EX_USAGE
     if ns.action is None:
         parser.print_usage(err)
         return EX_USAGE
-    try:
-        cfg = config_mod.load(config_mod.config_dir_from(ns.config_dir))
-    except config_mod.ConfigError as exc:
-        err.write(f"relay tls: fatal: {exc}\n")
-        return EX_CONFIG
-    try:
-        if ns.action == "policy":
-            return asyncio.run(_policy(cfg, ns.domain, out, err, https_port))
-        return asyncio.run(_report(cfg, ns.dry_run, out, err))
-    except (ValueError, RouteError) as exc:
-        err.write(f"relay tls: fatal: {exc}\n")
-        return EX_CONFIG
-    except OSError as exc:
-        err.write(f"relay tls: fatal: {exc}\n")
-        return EX_TEMPFAIL
+
+    def body() -> int:
+        try:
+            cfg = config_mod.load(config_mod.config_dir_from(ns.config_dir))
+        except config_mod.ConfigError as exc:
+            raise Fatal(str(exc), EX_CONFIG) from None
+        try:
+            if ns.action == "policy":
+                return asyncio.run(_policy(cfg, ns.domain, out, https_port))
+            return asyncio.run(_report(cfg, ns.dry_run, out))
+        except (ValueError, RouteError) as exc:
+            raise Fatal(str(exc), EX_CONFIG) from None
+        except OSError as exc:
+            raise Fatal(str(exc), EX_TEMPFAIL) from None
+
+    return run("relay tls", body, stdout=out, stderr=err)
 
 
 def _spool(cfg: config_mod.Config) -> Spool | None:
@@ -84,17 +84,15 @@ def _spool(cfg: config_mod.Config) -> Spool | None:
     return spool if spool.exists() else None
 
 
-async def _policy(cfg: config_mod.Config, domain: str, out: TextIO, err: TextIO,
-                  https_port: int) -> int:
+async def _policy(cfg: config_mod.Config, domain: str, out: TextIO, https_port: int) -> int:
     domain = domain.strip().lower().rstrip(".")
     if not domain or "@" in domain or any(c.isspace() for c in domain):
-        err.write(f"relay tls: fatal: bad domain name: {domain!r}\n")
-        return EX_USAGE
+        raise Fatal(f"bad domain name: {domain!r}", EX_USAGE)
     hop = router_for(cfg).next_hop(f"postmaster@{domain}")
     out.write(f"domain: {domain}\n")
     if hop.transport is not Transport.SMTP:
         out.write(f"next hop: {hop.transport}: no SMTP, no TLS\n")
-        return 0
+        return EX_OK
     resolver = resolver_for(cfg)
     resolution = await resolver.resolve(hop, domain)
     how = "MX lookup" if hop.mx_lookup else "no MX lookup"
@@ -112,7 +110,7 @@ async def _policy(cfg: config_mod.Config, domain: str, out: TextIO, err: TextIO,
             out.write(f"{where}: skipped: {policy.reason} ({policy.dsn})\n")
             continue
         out.write(f"{where}: {_describe(policy)}\n")
-    return 0
+    return EX_OK
 
 
 def _describe(policy: HostPolicy) -> str:
@@ -130,11 +128,11 @@ def _describe(policy: HostPolicy) -> str:
     return text
 
 
-async def _report(cfg: config_mod.Config, dry_run: bool, out: TextIO, err: TextIO) -> int:
+async def _report(cfg: config_mod.Config, dry_run: bool, out: TextIO) -> int:
     spool = _spool(cfg)
     if spool is None:
         out.write("no TLS reports: the queue directory does not exist\n")
-        return 0
+        return EX_OK
     reports = TlsReports(spool, report_settings(cfg), resolver_for(cfg))
     if not dry_run:
         queued = await reports.send_due()
@@ -144,11 +142,11 @@ async def _report(cfg: config_mod.Config, dry_run: bool, out: TextIO, err: TextI
                 await asyncio.to_thread(control.request, spool.root, "scan")
             except OSError:
                 pass  # not running: the reports go out when it starts
-        return 0
+        return EX_OK
     days = reports.days()
     if not days:
         out.write("no TLS reports: no TLS session under an MTA-STS or DANE policy yet\n")
-        return 0
+        return EX_OK
     for day in days:
         made, failed = await reports.reports(day)
         out.writelines(f"{day} {domain}: TLSRPT lookup failed; tried again later\n"
@@ -158,4 +156,4 @@ async def _report(cfg: config_mod.Config, dry_run: bool, out: TextIO, err: TextI
             out.write(json.dumps(report.document, indent=2) + "\n")
         if not made and not failed:
             out.write(f"{day}: no domain with a TLSRPT record\n")
-    return 0
+    return EX_OK

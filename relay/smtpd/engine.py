@@ -110,10 +110,13 @@ class Engine(SMTP):
         self.dialogue.ended()
 
     def eof_received(self) -> bool | None:
-        # The reader sees the end of input and the session says "lost connection"; the
-        # transport closes (aiosmtpd's own eof_received cancels the session instead).
+        # The client may half-close after its last command (Exim sends the final dot and
+        # QUIT, then shuts down its side): the session still reads what came before the
+        # end, answers it, and closes when it reads the end.  aiosmtpd's own eof_received
+        # would cancel the session at once: the client would never see its 250 and would
+        # send the message again.  A TLS transport cannot stay half-open.
         asyncio.StreamReaderProtocol.eof_received(self)
-        return False
+        return not self._tls
 
     def data_received(self, data: bytes) -> None:
         if self._closing:

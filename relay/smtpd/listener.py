@@ -32,11 +32,14 @@ class Listener:
 
     def __init__(self, spool: Spool, settings: SmtpdSettings,
                  on_queued: Callable[[Envelope], None] = lambda env: None,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None,
+                 flush_site: Callable[[str], bool] = lambda site: False) -> None:
         self.clock: Clock = clock or SystemClock()
         self.spool = spool
         self.settings = settings
         self.cleanup = Cleanup(spool, settings, self.clock, on_queued)
+        # ETRN: ask the queue manager to flush a site's mail; False if it cannot be asked.
+        self.flush_site = flush_site
         self.sessions: set[Session] = set()
         self.per_client: dict[str, int] = {}
         self.shutting_down = False

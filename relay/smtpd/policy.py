@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from relay.auth import PasswordFile
-from relay.config import NetworkMatcher, domain_in_list
+from relay.config import NetworkMatcher, domain_in_list, valid_hostname
 from relay.smtpd import replies
 
 # RFC 5321 §4.5.3.1.1 and §4.5.3.1.3.
@@ -73,6 +73,7 @@ class SmtpdSettings:
         default_factory=lambda: NetworkMatcher(((False, ipaddress.ip_network("127.0.0.0/8")),
                                                 (False, ipaddress.ip_network("::1/128")))))
     relay_domains: Sequence[str] = ()
+    fast_flush_domains: Sequence[str] = ()  # the sites ETRN may flush
     message_size_limit: int = 10240000
     queue_minfree: int = 0
     recipient_limit: int = 1000
@@ -246,6 +247,21 @@ def _closing_bracket(text: str) -> int:
         elif ch == ">" and not quoted:
             return i
     return -1
+
+
+def etrn_site(arg: str) -> str | None:
+    """The site of ``ETRN site`` (RFC 1985; a leading ``@`` or ``#`` dropped): a host name
+    or an address literal; None if it is neither."""
+    site = arg[1:] if arg[:1] in ("@", "#") else arg
+    if site.startswith("[") and site.endswith("]"):
+        literal = site[1:-1]
+        literal = literal[5:] if literal[:5].lower() == "ipv6:" else literal
+        try:
+            ipaddress.ip_address(literal)
+        except ValueError:
+            return None
+        return site
+    return site if valid_hostname(site.rstrip(".")) else None
 
 
 def split_address(address: str) -> tuple[str, str]:

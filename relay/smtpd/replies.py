@@ -31,6 +31,7 @@ UNKNOWN_COMMAND = "500 5.5.2 Error: command not recognized"
 BAD_SYNTAX = "500 5.5.2 Error: bad syntax"
 COMMAND_TOO_LONG = "500 5.5.2 Error: command line too long"
 NUL_IN_COMMAND = "500 5.5.2 Error: NUL character in command"
+BAD_UTF8 = "500 5.5.2 Error: bad UTF-8 syntax"
 BARE_LF = "{code} 5.5.2 Error: bare <LF> received"
 NEED_HELO = "503 5.5.1 Error: send HELO/EHLO first"
 NEED_STARTTLS = "530 5.7.0 Must issue a STARTTLS command first"
@@ -39,13 +40,22 @@ INTERNAL_ERROR = "451 4.3.0 Error: internal error"
 
 # HELO, EHLO, RSET, NOOP, VRFY, QUIT (helo_cmd, ehlo_cmd, rset_cmd, noop_cmd, vrfy_cmd).
 HELO = "250 {myhostname}"
-HELO_SYNTAX = "501 5.5.4 Syntax: HELO hostname"
-EHLO_SYNTAX = "501 5.5.4 Syntax: EHLO hostname"
+# Before HELO/EHLO nothing has announced ENHANCEDSTATUSCODES: Postfix's two say none.
+HELO_SYNTAX = "501 Syntax: HELO hostname"
+EHLO_SYNTAX = "501 Syntax: EHLO hostname"
 RSET_SYNTAX = "501 5.5.4 Syntax: RSET"
 NOOP_SYNTAX = "501 5.5.4 Syntax: NOOP"
 VRFY = "252 2.0.0 {address}"
 VRFY_SYNTAX = "501 5.5.4 Syntax: VRFY address [SMTPUTF8]"
 QUIT_SYNTAX = "501 5.5.4 Syntax: QUIT"
+
+# ETRN (RFC 1985; etrn_cmd, flush(8)), without enhanced status codes as in Postfix.
+ETRN_STARTED = "250 Queuing started"
+ETRN_SYNTAX = "500 Syntax: ETRN domain"
+ETRN_BAD_SITE = "501 Error: invalid parameter syntax"
+ETRN_IN_TRANSACTION = "503 Error: MAIL transaction in progress"
+ETRN_DENIED = "459 <{site}>: service unavailable"
+ETRN_UNAVAILABLE = "458 Unable to queue messages"
 
 # STARTTLS (RFC 3207).
 STARTTLS_READY = "220 2.0.0 Ready to start TLS"

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from relay.anvil import Event
 from relay.auth import PasswordFileError, valid_username
+from relay.config import domain_in_list
 from relay.smtpd import policy, replies
 from relay.smtpd.content import Content
 from relay.smtpd.policy import MailParameters, RcptParameters
@@ -42,8 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("relay.smtpd")
 
 _RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
-_EHLO_ORDER = ("PIPELINING", "SIZE", "STARTTLS", "AUTH", "ENHANCEDSTATUSCODES", "8BITMIME",
-               "DSN", "SMTPUTF8", "REQUIRETLS")
+_EHLO_ORDER = ("PIPELINING", "SIZE", "VRFY", "ETRN", "STARTTLS", "AUTH", "ENHANCEDSTATUSCODES",
+               "8BITMIME", "DSN", "SMTPUTF8", "REQUIRETLS")
 
 
 class Connection(Protocol):
@@ -118,7 +119,8 @@ class Session:
         self._commands: dict[str, Callable[[str], Awaitable[None]]] = {
             "EHLO": self.ehlo, "HELO": self.helo_command, "STARTTLS": self.starttls,
             "AUTH": self.auth, "MAIL": self.mail_command, "RCPT": self.rcpt, "DATA": self.data,
-            "RSET": self.rset, "NOOP": self.noop, "VRFY": self.vrfy, "QUIT": self.quit,
+            "RSET": self.rset, "NOOP": self.noop, "VRFY": self.vrfy, "ETRN": self.etrn,
+            "QUIT": self.quit,
         }
 
     # ---- the session ----------------------------------------------------------------
@@ -294,11 +296,21 @@ class Session:
         verb_bytes, _, arg_bytes = text.partition(b" ")
         verb = verb_bytes.decode("ascii", "replace").upper()
         handler = self._commands.get(verb)
+        try:
+            text.decode("utf-8")
+        except UnicodeDecodeError:
+            handler = None  # Postfix protects everything behind it from malformed UTF-8
+            utf8 = False
+        else:
+            utf8 = True
         name = verb.lower() if handler is not None else "unknown"
         self.command = verb if handler is not None else "UNKNOWN"
         if bare and self.client.bare_newline == "reject":
             self._reject_bare_lf()
-        elif b"\x00" in text:
+        elif not utf8:
+            self.send(replies.BAD_UTF8)
+        elif b"\x00" in text and verb not in ("MAIL", "RCPT"):
+            # In MAIL and RCPT the address check answers for a NUL (501), as in Postfix.
             self.send(replies.NUL_IN_COMMAND)
         elif not text.strip():
             self.send(replies.BAD_SYNTAX)
@@ -363,7 +375,8 @@ class Session:
         self._reset()
         self.helo, self.esmtp = arg, True
         s = self.listener.settings
-        words = ["PIPELINING", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"]
+        words = ["PIPELINING", "VRFY", "ETRN", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN",
+                 "SMTPUTF8"]
         if s.message_size_limit:
             words.append(f"SIZE {s.message_size_limit}")
         if self._starttls_offered():
@@ -429,7 +442,7 @@ class Session:
             return
         mechanism = words[0].upper()
         if mechanism not in ("PLAIN", "LOGIN"):
-            self.send(replies.AUTH_MECHANISM.format(mechanism=_printable(words[0].encode())))
+            self.send(replies.AUTH_MECHANISM.format(mechanism=_printable(words[0])))
             return
         if not client.exempt and self.listener.logins.blocked(client.address):
             log.warning("too many failed logins from %s for service smtp", client.namaddr)
@@ -515,7 +528,7 @@ class Session:
         error = policy.address_error(path.address, sender=True) if path.address else None
         if error:
             log.warning("Illegal address syntax from %s in MAIL command: %s",
-                        self.namaddr(), _printable(path.address.encode()))
+                        self.namaddr(), _printable(path.address))
             self.send(error)
             return
         params = policy.parse_mail_parameters(
@@ -560,7 +573,7 @@ class Session:
                 error = replies.BAD_RECIPIENT
         if error:
             log.warning("Illegal address syntax from %s in RCPT command: %s",
-                        self.namaddr(), _printable(path.address.encode()))
+                        self.namaddr(), _printable(path.address))
             self.send(error)
             return
         params = policy.parse_rcpt_parameters(path.parameters)
@@ -683,6 +696,34 @@ class Session:
             self.send(replies.BAD_RECIPIENT)
             return
         self.send(replies.VRFY.format(address=address))
+
+    async def etrn(self, arg: str) -> None:
+        """RFC 1985: a backup MX's client asks for the mail queued for its site now;
+        the sites are those in fast_flush_domains (default $relay_domains), as Postfix's
+        flush(8) serves them."""
+        if not self.helo:
+            self.send(replies.NEED_HELO)
+            return
+        if self.mail is not None:
+            self.send(replies.ETRN_IN_TRANSACTION)
+            return
+        words = arg.split()
+        if len(words) != 1:
+            self.send(replies.ETRN_SYNTAX)
+            return
+        site = policy.etrn_site(words[0])
+        if site is None:
+            self.send(replies.ETRN_BAD_SITE)
+            return
+        if not domain_in_list(site.strip("[]"), self.listener.settings.fast_flush_domains):
+            log.warning("reject: ETRN %s... from %s", _printable(site),
+                        self.namaddr())
+            self.send(replies.ETRN_DENIED.format(site=site))
+            return
+        if not self.listener.flush_site(site):
+            self.send(replies.ETRN_UNAVAILABLE)
+            return
+        self.send(replies.ETRN_STARTED)
 
     async def quit(self, arg: str) -> None:
         self.send(replies.BYE)

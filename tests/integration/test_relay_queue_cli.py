@@ -8,6 +8,7 @@ the installed ``relay`` script.  Pause tests relay to an accepting peer instead.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import smtplib
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.cli import queue as queue_cli
 from spool import Spool
 from tests.support.daemon import RelayDaemon
 from tests.support.peers import PeerScript, Reply, ThreadedPeer, threaded_peer  # noqa: F401
@@ -319,3 +321,15 @@ def test_retry_forgets_a_dead_destination(relay_daemon) -> None:  # type: ignore
         assert code == 0, out
         sink.wait_for(len(rcpts), timeout=5)
         assert sorted(r for m in sink.messages for r in m.recipients) == sorted(rcpts)
+
+
+@pytest.mark.parametrize("argv", [["retry"], ["hold", "--sender", "a@example.org"],
+                                  ["release"], ["delete", "--all"]])
+def test_actions_on_a_missing_spool(tmp_path: Path, argv: list[str]) -> None:
+    """An action on a queue directory that does not exist: Postfix's words, exit 1, no
+    traceback (the listings show an empty queue)."""
+    (tmp_path / "main.cf").write_text(f"queue_directory = {tmp_path}/nowhere\n")
+    out, err = io.StringIO(), io.StringIO()
+    assert queue_cli.main(["-c", str(tmp_path), *argv], stdout=out, stderr=err) == 1
+    assert (out.getvalue(), err.getvalue()) == (
+        "", f"relay queue: fatal: chdir {tmp_path}/nowhere: No such file or directory\n")

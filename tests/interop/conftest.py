@@ -71,8 +71,8 @@ def reported_by(notice: bytes) -> str:
 
 def default_variant(direction: str) -> str:
     """The connection scenarios use where they are not about the connection: STARTTLS
-    when the peer sends to relay (Exim's plaintext sessions meet a relay bug of their own,
-    see test_transport), plaintext when relay sends to the peer (every peer can)."""
+    when the peer sends to relay, plaintext when relay sends to the peer (every peer can;
+    OpenSMTPD's server-side STARTTLS cannot here)."""
     return "tls" if direction == UP else "plain"
 
 

@@ -22,8 +22,6 @@ from tests.support.peers import PeerScript, ThreadedPeer
 
 pytestmark = pytest.mark.timeout(120)
 
-AUTH_PARAM = ("issue 10: relay -> relay as a smart host with AUTH bounces every message "
-              "(MAIL FROM:<...> AUTH=<> answered 555 MAIL FROM parameters not recognized)")
 
 
 @pytest.fixture
@@ -63,10 +61,8 @@ def chain() -> Iterator[tuple[RelayDaemon, RelayDaemon, ThreadedPeer]]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_relay_to_relay_with_starttls_and_auth(request: pytest.FixtureRequest,
-                                               chain: tuple[RelayDaemon, RelayDaemon,
-                                                            ThreadedPeer]) -> None:
-    request.applymarker(pytest.mark.xfail(strict=True, reason=AUTH_PARAM))
+def test_relay_to_relay_with_starttls_and_auth(
+        chain: tuple[RelayDaemon, RelayDaemon, ThreadedPeer]) -> None:
     lan, upstream, sink = chain
     rcpts = [f"user{i}@far.test" for i in range(3)]
     sent = (b"From: <app@lan.test>\r\nTo: <user0@far.test>\r\nSubject: via two relays\r\n"

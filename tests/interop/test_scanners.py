@@ -24,11 +24,8 @@ from tests.support.tools import require
 
 pytestmark = pytest.mark.timeout(300)
 
-SPLIT_REPLY = ("issue 10: relay writes each line of a multi-line reply (EHLO's) in a write "
-               "of its own, so a reader of the first segment sees part of the reply")
-OPEN_RELAY = ("issue 10: nmap's smtp-open-relay reports relay as an open relay in some "
-              "runs (it reads a partial, split EHLO reply)")
-NMAP_RUNS = {"relay": 40, "postfix": 10}  # today relay is reported in about 1 run of 4
+NMAP_RUNS = {"relay": 40, "postfix": 10}  # relay writing a reply in pieces was reported
+# in about 1 run of 4: 40 runs would have caught it
 
 
 @dataclass
@@ -75,10 +72,7 @@ def first_segment_after_ehlo(host: str, port: int) -> bytes:
         return segment
 
 
-def test_first_segment_after_ehlo_is_the_whole_reply(request: pytest.FixtureRequest,
-                                                     server: Server) -> None:
-    if server.name == "relay":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=SPLIT_REPLY))
+def test_first_segment_after_ehlo_is_the_whole_reply(server: Server) -> None:
     for _ in range(20):
         segment = first_segment_after_ehlo(server.host, server.port)
         lines = segment.split(b"\r\n")
@@ -87,11 +81,8 @@ def test_first_segment_after_ehlo_is_the_whole_reply(request: pytest.FixtureRequ
         assert all(line[3:4] == b"-" for line in lines[:-2]), segment
 
 
-def test_nmap_never_reports_an_open_relay(request: pytest.FixtureRequest,
-                                          server: Server) -> None:
+def test_nmap_never_reports_an_open_relay(server: Server) -> None:
     nmap = require("nmap")
-    if server.name == "relay":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=OPEN_RELAY))
     verdicts = []
     for _ in range(NMAP_RUNS[server.name]):
         # "+" runs the script whatever nmap thinks the port's service is.

@@ -85,7 +85,7 @@ def network_rule(draw: st.DrawFn) -> tuple[str, tuple[bool, config.IPNetwork]]:
 
 
 @st.composite
-def listen_address(draw: st.DrawFn) -> tuple[str, ListenAddress]:
+def listen_address(draw: st.DrawFn, tls_suffix: bool = True) -> tuple[str, ListenAddress]:
     kind = draw(st.sampled_from(["v4", "v6", "name"]))
     if kind == "v4":
         host = str(draw(st.ip_addresses(v=4)))
@@ -96,7 +96,7 @@ def listen_address(draw: st.DrawFn) -> tuple[str, ListenAddress]:
     else:
         host = shown = draw(hostname)
     port = draw(st.integers(0, 65535))
-    tls = draw(st.booleans())
+    tls = draw(st.booleans()) if tls_suffix else False
     return f"{shown}:{port}" + ("/tls" if tls else ""), ListenAddress(host, port, tls)
 
 
@@ -141,8 +141,10 @@ def value_for(draw: st.DrawFn, p: Parameter) -> Value:
             joined(draw, [t for t, _ in rules]), NetworkMatcher(tuple(r for _, r in rules))
         )
     if kind is Kind.HOSTPORTS:
-        entries = draw(st.lists(listen_address() if p.hostport is config.LISTENER else nameserver(),
-                                max_size=4))  # fmt: skip
+        rule = p.hostport
+        assert rule is not None
+        entries = draw(st.lists(listen_address(rule.tls_suffix) if rule.default_port is None
+                                else nameserver(), max_size=4))
         return Value(joined(draw, [t for t, _ in entries]), tuple(a for _, a in entries))
     # free text; "$$" is a literal "$"
     words = draw(st.lists(word | st.just("$$"), max_size=5))

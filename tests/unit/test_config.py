@@ -42,6 +42,7 @@ EXPECTED_DEFAULTS = {
     "smtpd_client_connection_count_limit": "50",
     "smtpd_forbid_bare_newline": "normalize",
     "smtpd_forbid_bare_newline_exclusions": "$mynetworks",
+    "fast_flush_domains": "$relay_domains",
     "smtpd_forbid_bare_newline_reject_code": "550",
     "maillog_file": "",
     "smtpd_listen": "127.0.0.1:2525",
