@@ -26,6 +26,7 @@ for ``relay tls policy``.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -140,8 +141,14 @@ class Plan:
 
     @property
     def mx_routed(self) -> bool:
-        host = self.hop.host
-        return self.hop.mx_lookup and not host.replace(".", "").isdigit() and ":" not in host
+        """The servers came from the MX records of the next-hop domain (not an address)."""
+        if not self.hop.mx_lookup:
+            return False
+        try:
+            ipaddress.ip_address(self.hop.host)
+        except ValueError:
+            return True
+        return False
 
     @property
     def nexthop_domain(self) -> str:
