@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ssl
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,11 +52,10 @@ class CertCase:
 
     def server_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        directory = _scratch()
-        cert, key = directory / f"{self.name}.pem", directory / f"{self.name}.key"
-        cert.write_bytes(self.cert_pem)
-        key.write_bytes(self.key_pem)
-        context.load_cert_chain(str(cert), str(key))
+        # ssl reads certificates only from files: written, loaded, removed at once.
+        with tempfile.TemporaryDirectory(prefix="relay-certs-") as directory:
+            cert, key = self.write(Path(directory))
+            context.load_cert_chain(str(cert), str(key))
         return context
 
     def write(self, directory: Path) -> tuple[Path, Path]:
@@ -83,17 +83,6 @@ class Certs:
     def tlsa_2_0_1(self) -> tuple[int, int, int, bytes]:
         """DANE-TA(2) Cert(0) SHA2-256(1) for the test CA."""
         return 2, 0, 1, hashlib.sha256(self.ca_der).digest()
-
-
-_SCRATCH: list[Path] = []
-
-
-def _scratch() -> Path:
-    import tempfile
-
-    if not _SCRATCH:
-        _SCRATCH.append(Path(tempfile.mkdtemp(prefix="relay-certs-")))
-    return _SCRATCH[0]
 
 
 def _case(name: str, ca: trustme.CA, leaf: trustme.LeafCert) -> CertCase:
