@@ -282,6 +282,9 @@ _T, _SZ, _I, _B, _S = Kind.TIME, Kind.SIZE, Kind.INT, Kind.BOOL, Kind.STR
 _HN = Kind.HOSTNAME
 _L, _N, _H, _E = Kind.LIST, Kind.NETWORKS, Kind.HOSTPORTS, Kind.ENUM
 _TLS_LEVELS = ("", "none", "may", "encrypt")
+_SMTP_TLS_LEVELS = ("", "none", "may", "encrypt", "dane", "dane-only", "verify", "secure")
+_GRADES = ("high", "medium")
+_AEAD = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL"
 _BARE_NL = ("normalize", "reject", "no")
 _YES_NORM = (("yes", "normalize"),)
 _FACILITIES = ("auth", "authpriv", "cron", "daemon", "ftp", "kern", "lpr", "mail", "news",
@@ -341,6 +344,17 @@ _TABLE = (
     Parameter("smtpd_tls_auth_only", "yes", _B),
     Parameter("smtpd_sasl_auth_enable", "no", _B),
     Parameter("smtpd_sasl_password_file", "", _S),
+    Parameter("smtpd_tls_loglevel", "0", _I),
+    Parameter("smtpd_tls_ciphers", "high", _E, choices=_GRADES),
+    Parameter("smtpd_tls_mandatory_ciphers", "high", _E, choices=_GRADES),
+    Parameter("smtpd_tls_exclude_ciphers", "", _L),
+    Parameter("smtpd_tls_mandatory_exclude_ciphers", "", _L),
+    Parameter("smtpd_tls_protocols", ">=TLSv1.2", _S),
+    Parameter("smtpd_tls_mandatory_protocols", ">=TLSv1.2", _S),
+    Parameter("requiretls_enable", "yes", _B),
+    Parameter("tls_required_enable", "yes", _B),
+    Parameter("tls_high_cipherlist", _AEAD, _S),
+    Parameter("tls_medium_cipherlist", "aNULL:-aNULL:HIGH:MEDIUM:+RC4:@STRENGTH", _S),
     # qmgr: scheduling and backoff
     Parameter("queue_run_delay", "300s", _T),
     Parameter("qmgr_message_active_limit", "20000", _I),
@@ -374,8 +388,23 @@ _TABLE = (
     Parameter("smtp_connection_reuse_time_limit", "300s", _T),
     Parameter("smtp_mx_address_limit", "5", _I),
     Parameter("smtp_mx_session_limit", "2", _I),
-    Parameter("smtp_tls_security_level", "", _E, choices=_TLS_LEVELS),
+    Parameter("smtp_tls_security_level", "", _E, choices=_SMTP_TLS_LEVELS),
     Parameter("smtp_tls_CAfile", "", _S),
+    Parameter("smtp_tls_CApath", "", _S),
+    Parameter("smtp_tls_policy_maps", "", _L),
+    Parameter("smtp_tls_verify_cert_match", "hostname", _L),
+    Parameter("smtp_tls_secure_cert_match", "nexthop, dot-nexthop", _L),
+    Parameter("smtp_tls_loglevel", "0", _I),
+    Parameter("smtp_tls_ciphers", "medium", _E, choices=_GRADES),
+    Parameter("smtp_tls_mandatory_ciphers", "medium", _E, choices=_GRADES),
+    Parameter("smtp_tls_exclude_ciphers", "", _L),
+    Parameter("smtp_tls_mandatory_exclude_ciphers", "", _L),
+    Parameter("smtp_tls_protocols", "!SSLv2, !SSLv3", _S),
+    Parameter("smtp_tls_mandatory_protocols", "!SSLv2, !SSLv3", _S),
+    Parameter("smtp_dns_support_level", "", _E, choices=("", "enabled", "dnssec")),
+    Parameter("dns_trust_ad", "no", _B),  # extension: believe the resolvers' AD bit
+    Parameter("smtp_mta_sts_enable", "yes", _B),  # extension: MTA-STS for MX-routed mail
+    Parameter("smtp_tlsrpt_enable", "no", _B),
     Parameter("smtp_sasl_auth_enable", "no", _B),
     Parameter("smtp_sasl_password_maps", "", _L),
     Parameter("smtp_send_dummy_mail_auth", "no", _B),

@@ -44,7 +44,13 @@ from relay.check import Severity, spool_problems
 from relay.config import Config, ConfigError
 from relay.loop import run_loop
 from relay.routing import router_for
-from relay.settings import qmgr_settings, resolver_for, sasl_credentials, smtpd_settings
+from relay.settings import (
+    client_tls,
+    qmgr_settings,
+    resolver_for,
+    sasl_credentials,
+    smtpd_settings,
+)
 from relay.smtpd.listener import Listener
 from spool import Envelope, Spool, SpoolError
 from spool.fsync import Syncer
@@ -170,6 +176,7 @@ class Daemon:
             router_for(cfg)
             resolver_for(cfg)
             qmgr_settings(cfg)
+            client_tls(cfg)
             smtpd = smtpd_settings(cfg)
         except (ConfigError, ValueError) as exc:
             log.warning("reload failed, keeping the old configuration: %s", exc)
@@ -512,6 +519,7 @@ def serve(config_dir: str | None, overrides: Sequence[str] = (), *,
         router_for(cfg)
         resolver_for(cfg)
         sasl_credentials(cfg)
+        client_tls(cfg)
         smtpd_settings(cfg)
     except ValueError as exc:
         fatal_line(str(exc))

@@ -12,6 +12,16 @@ RFC 3463, the reason text Postfix would log, and whether the server took the DSN
 along). Also owns the cache of idle connections (Postfix's
 `smtp_connection_cache_time_limit` / `smtp_connection_reuse_time_limit`).
 
+TLS: each server gets the HostPolicy its TlsPlan (relay.tls.destination) decides before
+connecting; a server the plan skips is not connected to.  What the level demands is
+enforced here, as Postfix's smtp_proto.c does: STARTTLS refused or not offered at a level
+that requires TLS (4.7.4), a failed handshake (plaintext retry only at ``may`` and only
+without credentials), a certificate that fails the check relay.tls.session makes after the
+handshake (4.7.5 "Server certificate not verified", before AUTH or MAIL), REQUIRETLS
+(RFC 8689) not offered or not verifiable (5.7.30, final once no server is left).  A cached
+connection serves only deliveries under the same policy.  Sessions under an MTA-STS or
+DANE policy come back in the Attempt as TlsEvents, for TLS reports.
+
 Never: reads or writes the spool, decides retry times or dead destinations (it only says
 whether the failure was a connection failure), logs maillog delivery lines (the scheduler
 does, from the Attempt), raises a delivery problem to its caller (refusals, timeouts, lost
@@ -22,38 +32,36 @@ the final "." and reading its reply (RFC 1047): the server may have taken the me
 the caller still records the recipients as pending, so the next attempt delivers a
 duplicate. Postfix accepts the same risk and says so in its reason text; so do we.
 
-Built on aiosmtplib's `SMTPProtocol` (framing, reply parsing, flow control) through a
-subclass that keeps every reply in order, which the stock protocol does not do when several
-commands are written at once (it drops replies that arrive before the next read).
+The wire (reply framing and parsing, flow control, the TLS upgrade) is aiosmtplib's,
+reached only through relay.delivery_engine.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import enum
 import ipaddress
 import logging
 import os
 import re
-import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn, Protocol, cast
+from typing import Any, NoReturn, Protocol
 
-from aiosmtplib.auth import auth_login_encode, auth_plain_encode
-from aiosmtplib.errors import (
-    SMTPReadTimeoutError,
-    SMTPResponseException,
-    SMTPServerDisconnected,
-    SMTPTimeoutError,
-)
-from aiosmtplib.esmtp import parse_esmtp_extensions
-from aiosmtplib.protocol import MAX_RESPONSE_LENGTH, SMTPProtocol
-from aiosmtplib.response import SMTPResponse
-
+from relay import delivery_engine as engine
 from relay import dsn as dsn_mod
+from relay.delivery_engine import Connection, Disconnected, MalformedReply, ReplyTimeout
 from relay.smtp_data import Payload
+from relay.tls import session as tls_session
+from relay.tls.policy import (
+    LEVEL_WORDS,
+    Defaults,
+    HostPolicy,
+    Level,
+    TlsEvent,
+    host_policy,
+    parse_level,
+)
 
 __all__ = (
     "Attempt",
@@ -69,7 +77,7 @@ __all__ = (
 
 log = logging.getLogger("relay.smtp")
 
-TLS_LEVELS = frozenset({"none", "may", "encrypt"})
+TLS_LEVELS = frozenset(LEVEL_WORDS)
 
 # Body bytes handed to the transport between two flow-control waits.
 BODY_CHUNK = 64 * 1024
@@ -188,6 +196,14 @@ class Attempt:
     # The content had a line longer than smtp_line_length_limit, sent broken (Postfix
     # logs "breaking line > N bytes with <CR><LF>SPACE" once per message).
     lines_broken: bool = False
+    # TLS sessions (and failures) under an MTA-STS or DANE policy, for TLS reports.
+    tls_events: tuple[TlsEvent, ...] = ()
+
+
+class TlsPlan(Protocol):
+    """Which TLS each server must give (relay.tls.destination.Plan)."""
+
+    async def for_target(self, target: Any) -> HostPolicy | Any: ...
 
 
 SaslCredentials = Callable[[str, TargetLike], tuple[str, str] | None]
@@ -208,8 +224,13 @@ class DeliverySettings:
     quit_timeout: float = 300.0
     starttls_timeout: float = 300.0
     rset_timeout: float = 20.0  # the RSET probe of a cached connection, and RSET to abort
+    # smtp_tls_security_level, used for a delivery given no TlsPlan; smtp_tls_CAfile and
+    # smtp_tls_CApath (neither: OpenSSL's default trust store); smtp_tls_loglevel.
     tls_level: str = "none"
     tls_ca_file: str = ""
+    tls_ca_path: str = ""
+    tls_loglevel: int = 0
+    tls_defaults: Defaults = field(default_factory=Defaults)
     sasl_enable: bool = False
     sasl_credentials: SaslCredentials | None = None
     # smtp_send_dummy_mail_auth: MAIL FROM:<...> AUTH=<> to a server that offers AUTH. Off
@@ -233,98 +254,6 @@ class DeliverySettings:
 # --- the wire ------------------------------------------------------------------------------
 
 
-class _ClientProtocol(SMTPProtocol):
-    """aiosmtplib's protocol, keeping every reply in arrival order.
-
-    The stock protocol parses one reply per read_response() and ignores data that arrives
-    while no read is pending, which loses replies to pipelined commands. Here every complete
-    reply is queued as it arrives and read_response() takes them in order.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop=loop)
-        self._replies: collections.deque[SMTPResponse] = collections.deque()
-        self._failure: SMTPResponseException | SMTPServerDisconnected | None = None
-        self._wakeup: asyncio.Future[None] | None = None
-
-    def data_received(self, data: bytes) -> None:
-        if self._failure is not None:
-            return
-        self._buffer.extend(data)
-        try:
-            while (response := self._read_response_from_buffer()) is not None:
-                self._replies.append(response)
-        except SMTPResponseException as exc:
-            self._failure = exc
-        else:
-            if len(self._buffer) > MAX_RESPONSE_LENGTH:
-                self._failure = SMTPResponseException(-1, "Response too long")
-        self._wake()
-
-    def eof_received(self) -> bool:
-        if self._failure is None:
-            self._failure = SMTPServerDisconnected("Unexpected EOF received")
-        self._wake()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        if self._failure is None:
-            self._failure = SMTPServerDisconnected("Connection lost")
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
-
-    @property
-    def has_unread_replies(self) -> bool:
-        return bool(self._replies)
-
-    def take_unread_reply(self) -> SMTPResponse | None:
-        return self._replies.popleft() if self._replies else None
-
-    async def read_response(self, timeout: float | None = None) -> SMTPResponse:
-        deadline = None if timeout is None else self._loop.time() + timeout
-        while not self._replies:
-            if self._failure is not None:
-                raise self._failure
-            waiter: asyncio.Future[None] = self._loop.create_future()
-            self._wakeup = waiter
-            try:
-                remaining = None if deadline is None else max(0.0, deadline - self._loop.time())
-                await asyncio.wait_for(waiter, remaining)
-            except TimeoutError as exc:
-                raise SMTPReadTimeoutError("Timed out waiting for server response") from exc
-            finally:
-                self._wakeup = None
-        return self._replies.popleft()
-
-    async def drain(self) -> None:
-        await self._drain_helper()
-
-    async def upgrade_to_tls(
-        self, context: ssl.SSLContext, server_hostname: str | None, timeout: float
-    ) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            raise SMTPServerDisconnected("Connection lost")
-        # RFC 3207 4.2: bytes that arrived after the 220 and before the handshake are
-        # plaintext a man in the middle may have injected; never read them as TLS data.
-        del self._buffer[:]
-        self._replies.clear()
-        tls_transport = await self._loop.start_tls(
-            transport,  # type: ignore[arg-type]
-            self,
-            context,
-            server_side=False,
-            server_hostname=server_hostname,
-            ssl_handshake_timeout=timeout,
-        )
-        self.transport = tls_transport
-        self._over_ssl = True
-
-
 @dataclass(frozen=True, slots=True)
 class _Reply:
     code: int
@@ -333,7 +262,7 @@ class _Reply:
     message: str  # aiosmtplib's text (codes stripped, lines joined by newlines)
 
 
-def _reply(response: SMTPResponse) -> _Reply:
+def _reply(response: engine.Reply) -> _Reply:
     lines = response.message.split("\n")
     code = response.code
     text = " ".join([f"{code}-{line}" for line in lines[:-1]] + [f"{code} {lines[-1]}".rstrip()])
@@ -367,12 +296,14 @@ class _Broken(Exception):
 class _SetupFailed(Exception):
     """A server could not be used for a transaction; the next one may be tried."""
 
-    def __init__(self, dsn: str, reason: str, *, relay: str, connection: bool) -> None:
+    def __init__(self, dsn: str, reason: str, *, relay: str, connection: bool,
+                 permanent: bool = False) -> None:
         super().__init__(reason)
         self.dsn = dsn
         self.reason = reason
         self.relay = relay
         self.connection = connection
+        self.permanent = permanent
         # The server greeted and took EHLO before this (STARTTLS or AUTH failed): one
         # of the sessions smtp_mx_session_limit counts.
         self.after_handshake = False
@@ -382,16 +313,27 @@ class _RetryPlaintext(Exception):
     """TLS level "may" and the handshake failed: Postfix retries the same server in clear."""
 
 
+def _tls_refusal(dsn: str, reason: str, session: _Session, policy: HostPolicy,
+                 requiretls_reason: str) -> _SetupFailed:
+    """A TLS failure; for a REQUIRETLS message it is final (5.7.30, RFC 8689 4.2.1) once
+    no other server is left, in Postfix's words."""
+    if policy.requiretls:
+        return _SetupFailed("5.7.30", requiretls_reason, relay=session.relay, connection=False,
+                            permanent=True)
+    return _SetupFailed(dsn, reason, relay=session.relay, connection=True)
+
+
 @dataclass(eq=False, slots=True)
 class _Session:
     key: tuple[str, str, int]
-    protocol: _ClientProtocol
+    protocol: Connection
     namaddr: str
     relay: str
     created: float
     extensions: dict[str, str] = field(default_factory=dict)
     auth_methods: list[str] = field(default_factory=list)
     tls: bool = False
+    policy_key: tuple[object, ...] = ()  # the HostPolicy it was made under
     authenticated: bool = False
     quit_timeout: float = 300.0
     idle_timer: asyncio.TimerHandle | None = None
@@ -405,20 +347,20 @@ class _Session:
 
     def send(self, *commands: bytes, where: str) -> None:
         try:
-            self.protocol.write(b"".join(command + b"\r\n" for command in commands))
-        except SMTPServerDisconnected as exc:
+            self.protocol.send(b"".join(command + b"\r\n" for command in commands))
+        except Disconnected as exc:
             raise self.lost(where) from exc
 
     async def receive(self, timeout: float, where: str) -> _Reply:
         try:
-            return _reply(await self.protocol.read_response(timeout))
-        except SMTPTimeoutError as exc:
+            return _reply(await self.protocol.read_reply(timeout))
+        except ReplyTimeout as exc:
             raise _Broken(
                 "4.4.2", f"conversation with {self.namaddr} timed out while {where}"
             ) from exc
-        except SMTPServerDisconnected as exc:
+        except Disconnected as exc:
             raise self.lost(where) from exc
-        except SMTPResponseException as exc:
+        except MalformedReply as exc:
             raise _Broken(
                 "4.4.2", f"host {self.namaddr} sent a malformed reply while {where}: {exc.message}"
             ) from exc
@@ -431,20 +373,17 @@ class _Session:
         return _Broken("4.4.2", f"lost connection with {self.namaddr} while {where}")
 
     def abort(self) -> None:
-        transport = self.protocol.transport
-        if transport is not None and not transport.is_closing():
-            cast(asyncio.Transport, transport).abort()
+        self.protocol.abort()
 
     def quit_nowait(self) -> None:
         # Postfix skips the QUIT reply by default (smtp_skip_quit_response); close() still
         # flushes the QUIT before the FIN.
-        transport = self.protocol.transport
-        if transport is not None and not transport.is_closing():
+        if self.protocol.is_connected:
             try:
-                self.protocol.write(b"QUIT\r\n")
-            except SMTPServerDisconnected:
+                self.protocol.send(b"QUIT\r\n")
+            except Disconnected:
                 pass
-            transport.close()
+            self.protocol.close()
 
     async def quit(self) -> None:
         if self.protocol.is_connected:
@@ -452,9 +391,7 @@ class _Session:
                 await self.exchange(b"QUIT", self.quit_timeout, "sending QUIT")
             except _Broken:
                 pass
-        transport = self.protocol.transport
-        if transport is not None and not transport.is_closing():
-            transport.close()
+        self.protocol.close()
 
 
 def _rcpt_dsn(options: RcptOptions) -> bytes:
@@ -480,6 +417,13 @@ def _failed_results(
             )
 
 
+def _nexthop_host(label: str) -> str:
+    """The host of a next hop as Postfix writes it: ``[host]:port`` -> ``host``."""
+    if label.startswith("["):
+        return label[1:label.find("]")] if "]" in label else label[1:]
+    return label.rsplit(":", 1)[0] if label.count(":") == 1 else label
+
+
 # --- the client ----------------------------------------------------------------------------
 
 
@@ -494,7 +438,8 @@ class SMTPDelivery:
         self._idle: dict[tuple[str, str, int], list[_Session]] = {}
         self._quitting: set[asyncio.Task[None]] = set()
         self._closed = False
-        self._tls_contexts: dict[str, ssl.SSLContext] = {}
+        self._contexts = tls_session.Contexts()
+        self._trust = tls_session.TrustStores()
 
     async def deliver(
         self,
@@ -507,10 +452,12 @@ class SMTPDelivery:
         *,
         options: MailOptions = NO_MAIL_OPTIONS,
         rcpt_options: Sequence[RcptOptions] = (),
+        tls: TlsPlan | None = None,
     ) -> Attempt:
         """Deliver ``message`` to ``recipients`` through the first of ``targets`` that
         takes a transaction; ``rcpt_options`` go with the recipients in their order
-        (missing ones count as none)."""
+        (missing ones count as none).  ``tls`` says which TLS each server must give;
+        without it every server gets smtp_tls_security_level from ``settings``."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         recipients = tuple(recipients)
@@ -521,9 +468,12 @@ class SMTPDelivery:
         last: _SetupFailed | None = None
         every_failure_is_connection = True
         sessions = 0
+        events: list[TlsEvent] = []
         for target in targets:
             try:
-                session, reused = await self._session_for(target, nexthop_label, settings)
+                policy = await self._policy_for(target, nexthop_label, settings, tls, events)
+                session, reused = await self._session_for(
+                    target, nexthop_label, settings, policy, events)
             except _SetupFailed as failure:
                 log.info("%s (next hop %s)", failure.reason, nexthop_label)
                 last = failure
@@ -549,7 +499,8 @@ class SMTPDelivery:
             payload = Payload(message, settings.line_length_limit)
             try:
                 clean = await self._transaction(
-                    session, sender, recipients, payload, settings, fates, options, per_rcpt
+                    session, sender, recipients, payload, settings, fates, options, per_rcpt,
+                    policy.requiretls,
                 )
             except _Broken as broken:
                 _failed_results(recipients, fates, broken.dsn, broken.reason)
@@ -565,7 +516,7 @@ class SMTPDelivery:
             results = tuple(fate for fate in fates if fate is not None)
             return Attempt(
                 results, session.relay, False, setup_done - started, done - setup_done, reused,
-                payload.broken,
+                payload.broken, tuple(events),
             )
 
         if last is None:
@@ -576,13 +527,32 @@ class SMTPDelivery:
                 connection=False,
             )
             every_failure_is_connection = False
-        dsn = _with_class(last.dsn, "4")
+        status = RcptStatus.BOUNCE if last.permanent else RcptStatus.DEFER
+        dsn = _with_class(last.dsn, "5" if last.permanent else "4")
         results = tuple(
-            RcptResult(address, RcptStatus.DEFER, dsn, last.reason) for address in recipients
+            RcptResult(address, status, dsn, last.reason) for address in recipients
         )
         return Attempt(
-            results, last.relay, every_failure_is_connection, loop.time() - started, 0.0, False
+            results, last.relay, every_failure_is_connection, loop.time() - started, 0.0, False,
+            tls_events=tuple(events),
         )
+
+    async def _policy_for(self, target: TargetLike, label: str, settings: DeliverySettings,
+                          tls: TlsPlan | None, events: list[TlsEvent]) -> HostPolicy:
+        if tls is None:
+            host = target.hostname
+            return host_policy(parse_level(settings.tls_level), settings.tls_defaults,
+                               hostname=host, nexthop=_nexthop_host(label))
+        decided = await tls.for_target(target)
+        if isinstance(decided, HostPolicy):
+            return decided
+        # A Skip: this server may not carry the message (relay.tls.destination).
+        if decided.report is not None and decided.result_type:
+            events.append(TlsEvent(decided.report, decided.result_type,
+                                   receiving_ip=target.address,
+                                   receiving_mx_hostname=target.hostname))
+        raise _SetupFailed(decided.dsn, decided.reason, relay="none", connection=False,
+                           permanent=decided.permanent)
 
     async def close(self) -> None:
         """QUIT and close every cached connection; later connections are not cached."""
@@ -599,10 +569,11 @@ class SMTPDelivery:
     # -- connection cache --
 
     async def _session_for(
-        self, target: TargetLike, label: str, settings: DeliverySettings
+        self, target: TargetLike, label: str, settings: DeliverySettings, policy: HostPolicy,
+        events: list[TlsEvent],
     ) -> tuple[_Session, bool]:
         key = (label, target.address, target.port)
-        while (session := self._checkout(key, settings)) is not None:
+        while (session := self._checkout(key, settings, policy)) is not None:
             try:
                 reply = await session.exchange(b"RSET", settings.rset_timeout, RSET_PROBE)
             except _Broken as broken:
@@ -616,12 +587,14 @@ class SMTPDelivery:
                 return session, True
             session.quit_nowait()
         try:
-            return await self._open(target, label, settings, starttls=True), False
+            return await self._open(target, label, settings, policy, events, starttls=True), False
         except _RetryPlaintext:
             log.info("%s: TLS handshake failed, trying again without STARTTLS", _namaddr(target))
-            return await self._open(target, label, settings, starttls=False), False
+            return await self._open(target, label, settings, policy, events,
+                                    starttls=False), False
 
-    def _checkout(self, key: tuple[str, str, int], settings: DeliverySettings) -> _Session | None:
+    def _checkout(self, key: tuple[str, str, int], settings: DeliverySettings,
+                  policy: HostPolicy) -> _Session | None:
         sessions = self._idle.get(key, [])
         now = asyncio.get_running_loop().time()
         for session in list(sessions):
@@ -630,8 +603,9 @@ class SMTPDelivery:
                 session.quit_nowait()
         chosen = None
         for session in reversed(sessions):  # the most recently used first
-            # A connection cached by a delivery with a weaker TLS policy is not good enough.
-            if settings.tls_level != "encrypt" or session.tls:
+            # Only a connection made under the same TLS policy: one a weaker policy made
+            # (or a verification another policy did not ask for) is not good enough.
+            if session.policy_key == policy.cache_key:
                 chosen = session
                 break
         if chosen is not None:
@@ -685,32 +659,15 @@ class SMTPDelivery:
 
     # -- session setup --
 
-    def _tls_context(self, settings: DeliverySettings) -> ssl.SSLContext:
-        context = self._tls_contexts.get(settings.tls_ca_file)
-        if context is None:
-            # Postfix's "may" and "encrypt" levels encrypt without authenticating the server.
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-            if settings.tls_ca_file:
-                # Changes nothing at these levels; kept so a bad file is reported early.
-                try:
-                    context.load_verify_locations(cafile=settings.tls_ca_file)
-                except (OSError, ssl.SSLError) as exc:
-                    log.warning("cannot load CA file %s: %s", settings.tls_ca_file, exc)
-            self._tls_contexts[settings.tls_ca_file] = context
-        return context
-
     async def _open(
-        self, target: TargetLike, label: str, settings: DeliverySettings, *, starttls: bool
+        self, target: TargetLike, label: str, settings: DeliverySettings, policy: HostPolicy,
+        events: list[TlsEvent], *, starttls: bool
     ) -> _Session:
-        loop = asyncio.get_running_loop()
         namaddr = _namaddr(target)
         relay = f"{namaddr}:{target.port}"
         try:
-            _, protocol = await asyncio.wait_for(
-                loop.create_connection(lambda: _ClientProtocol(loop), target.address, target.port),
-                settings.connect_timeout,
+            protocol = await asyncio.wait_for(
+                engine.connect(target.address, target.port), settings.connect_timeout
             )
         except TimeoutError:
             raise _SetupFailed(
@@ -722,10 +679,12 @@ class SMTPDelivery:
                 "4.4.1", f"connect to {relay}: {why}", relay="none", connection=True
             ) from None
         session = _Session(
-            (label, target.address, target.port), protocol, namaddr, relay, loop.time()
+            (label, target.address, target.port), protocol, namaddr, relay,
+            asyncio.get_running_loop().time(), policy_key=policy.cache_key,
         )
         try:
-            await self._handshake(session, target, label, settings, starttls=starttls)
+            await self._handshake(session, target, label, settings, policy, events,
+                                  starttls=starttls)
         except _Broken as broken:
             session.abort()
             raise _SetupFailed(broken.dsn, broken.reason, relay=relay, connection=True) from None
@@ -740,6 +699,8 @@ class SMTPDelivery:
         target: TargetLike,
         label: str,
         settings: DeliverySettings,
+        policy: HostPolicy,
+        events: list[TlsEvent],
         *,
         starttls: bool,
     ) -> None:
@@ -748,7 +709,8 @@ class SMTPDelivery:
             self._refused(session, greeting)
         await self._ehlo(session, settings)
         try:
-            await self._after_ehlo(session, target, label, settings, starttls=starttls)
+            await self._after_ehlo(session, target, label, settings, policy, events,
+                                   starttls=starttls)
         except _SetupFailed as failure:
             failure.after_handshake = True
             raise
@@ -759,6 +721,8 @@ class SMTPDelivery:
         target: TargetLike,
         label: str,
         settings: DeliverySettings,
+        policy: HostPolicy,
+        events: list[TlsEvent],
         *,
         starttls: bool,
     ) -> None:
@@ -768,32 +732,49 @@ class SMTPDelivery:
         if settings.sasl_enable and settings.sasl_credentials is not None:
             credentials = settings.sasl_credentials(label, target)
 
-        if starttls and settings.tls_level != "none" and session.offers("starttls"):
+        level = policy.level
+        required = level.required or policy.requiretls
+        if starttls and level != Level.NONE and session.offers("starttls"):
             reply = await session.exchange(b"STARTTLS", settings.starttls_timeout, STARTTLS)
             if reply.code // 100 == 2:
-                await self._start_tls(session, target, settings, credentials is not None)
+                await self._start_tls(session, target, settings, policy, events,
+                                      credentials is not None)
                 await self._ehlo(session, settings)
-            elif settings.tls_level == "encrypt":
+            elif required:
                 session.quit_nowait()
-                raise _SetupFailed(
+                raise _tls_refusal(
                     _with_class(reply.dsn, "4"),
                     f"TLS is required, but host {session.namaddr} refused to start TLS: "
-                    f"{reply.text}",
-                    relay=session.relay,
-                    connection=True,
-                )
+                    f"{reply.text}", session, policy,
+                    f"Sender requested REQUIRETLS, but host {session.namaddr} refused to "
+                    f"start TLS: {reply.text}")
             # else: level "may", the server changed its mind; carry on in plaintext.
-        if settings.tls_level == "encrypt" and not session.tls:
+        if not session.tls and policy.report is not None and level != Level.NONE:
+            events.append(self._event(session, policy, "starttls-not-supported"))
+        if required and not session.tls:
             session.quit_nowait()
-            raise _SetupFailed(
-                "4.7.4",
-                f"TLS is required, but was not offered by host {session.namaddr}",
-                relay=session.relay,
-                connection=True,
-            )
+            raise _tls_refusal(
+                "4.7.4", f"TLS is required, but was not offered by host {session.namaddr}",
+                session, policy,
+                f"Sender requested REQUIRETLS, but TLS service was not offered by host "
+                f"{session.namaddr}")
+        if policy.requiretls and not session.offers("requiretls"):
+            session.quit_nowait()
+            raise _tls_refusal(
+                "5.7.30", "", session, policy,
+                "Sender requested REQUIRETLS, but no server was found that supports "
+                f"REQUIRETLS. The last attempted server was {session.namaddr}")
 
         if credentials is not None and session.offers("auth"):
             await self._authenticate(session, credentials, settings)
+
+    @staticmethod
+    def _event(session: _Session, policy: HostPolicy, result_type: str) -> TlsEvent:
+        assert policy.report is not None
+        local = session.protocol.local_address
+        address = session.key[1]
+        return TlsEvent(policy.report, result_type, local, address,
+                        session.namaddr.partition("[")[0])
 
     def _refused(self, session: _Session, reply: _Reply) -> NoReturn:
         session.quit_nowait()
@@ -809,7 +790,7 @@ class SMTPDelivery:
         name = settings.helo_name.encode("ascii")
         reply = await session.exchange(b"EHLO " + name, settings.helo_timeout, EHLO)
         if reply.code // 100 == 2:
-            session.extensions, session.auth_methods = parse_esmtp_extensions(reply.message)
+            session.extensions, session.auth_methods = engine.parse_ehlo(reply.message)
             return
         if reply.code == 421:
             self._refused(session, reply)
@@ -823,6 +804,8 @@ class SMTPDelivery:
         session: _Session,
         target: TargetLike,
         settings: DeliverySettings,
+        policy: HostPolicy,
+        events: list[TlsEvent],
         has_credentials: bool,
     ) -> None:
         try:
@@ -832,19 +815,59 @@ class SMTPDelivery:
             server_hostname = target.hostname or None
         try:
             await session.protocol.upgrade_to_tls(
-                self._tls_context(settings), server_hostname, settings.starttls_timeout
+                self._contexts.get(policy), server_hostname, settings.starttls_timeout
             )
-        except (OSError, SMTPServerDisconnected) as exc:
+        except OSError as exc:
             log.info("%s: TLS handshake failed: %s", session.relay, exc)
             session.abort()
+            if policy.report is not None:
+                events.append(self._event(session, policy, "validation-failure"))
             # Postfix does not fall back to plaintext when it would authenticate: the server
             # may offer AUTH only under TLS and the mail would fail with "relay access denied".
-            if settings.tls_level == "may" and not has_credentials:
+            if policy.level == Level.MAY and not has_credentials and not policy.requiretls:
                 raise _RetryPlaintext() from None
-            raise _SetupFailed(
-                "4.7.5", "Cannot start TLS: handshake failure", relay=session.relay, connection=True
-            ) from None
+            raise _tls_refusal(
+                "4.7.5", "Cannot start TLS: handshake failure", session, policy,
+                "Sender requested REQUIRETLS, but no trusted server certificate was found. "
+                f"The last attempted server was {session.namaddr}") from None
         session.tls = True
+        self._check_peer(session, settings, policy, events)
+
+    def _check_peer(self, session: _Session, settings: DeliverySettings, policy: HostPolicy,
+                    events: list[TlsEvent]) -> None:
+        """Verify what the server presented and log it as Postfix does; a must-match
+        level that is not satisfied ends the session with "Server certificate not
+        verified" before anything else (AUTH above all) is sent."""
+        obj = session.protocol.ssl_object
+        if obj is None:
+            raise _Broken("4.4.2", f"lost connection with {session.namaddr} while "
+                                   "performing the TLS handshake")
+        store = self._trust.get(settings.tls_ca_file, settings.tls_ca_path)
+        verdict = tls_session.evaluate(obj, policy, store)
+        where = session.relay
+        enforced = policy.level.must_match
+        if verdict.failure and (enforced or policy.sts_testing):
+            line = tls_session.failure_line(verdict, where)
+            if enforced:
+                log.info("%s", line)
+            else:
+                log.info("%s (MTA-STS policy in testing mode: not enforced)", line)
+            log.info("%s", tls_session.peer_line(verdict, where))
+        elif settings.tls_loglevel >= 2:
+            log.info("%s", tls_session.peer_line(verdict, where))
+        if settings.tls_loglevel >= 1:
+            log.info("%s", tls_session.summary(verdict, where))
+        if policy.report is not None:
+            events.append(self._event(session, policy, verdict.result_type
+                                      if verdict.failure else ""))
+        if enforced and not verdict.satisfied:
+            session.quit_nowait()
+            trusted = verdict.result_type == "certificate-host-mismatch"
+            raise _tls_refusal(
+                "4.7.5", "Server certificate not verified", session, policy,
+                f"Sender requested REQUIRETLS, but no {'matching' if trusted else 'trusted'} "
+                f"server certificate was found. The last attempted server was "
+                f"{session.namaddr}")
 
     async def _authenticate(
         self, session: _Session, credentials: tuple[str, str], settings: DeliverySettings
@@ -853,10 +876,10 @@ class SMTPDelivery:
         timeout = settings.helo_timeout
         if "plain" in session.auth_methods:
             reply = await session.exchange(
-                b"AUTH PLAIN " + auth_plain_encode(user, password), timeout, AUTH
+                b"AUTH PLAIN " + engine.auth_plain(user, password), timeout, AUTH
             )
         elif "login" in session.auth_methods:
-            encoded_user, encoded_password = auth_login_encode(user, password)
+            encoded_user, encoded_password = engine.auth_login(user, password)
             reply = await session.exchange(b"AUTH LOGIN", timeout, AUTH)
             if reply.code == 334:
                 reply = await session.exchange(encoded_user, timeout, AUTH)
@@ -893,6 +916,7 @@ class SMTPDelivery:
         fates: list[RcptResult | None],
         options: MailOptions,
         rcpt_options: tuple[RcptOptions, ...],
+        requiretls: bool = False,
     ) -> bool:
         """Run MAIL/RCPT/DATA, filling `fates`; True when the connection may be reused."""
         namaddr = session.namaddr
@@ -955,6 +979,10 @@ class SMTPDelivery:
                 mail += b" RET=" + options.ret.strip().upper().encode("ascii")
         if needs_utf8 or (options.smtputf8 and session.offers("smtputf8")):
             mail += b" SMTPUTF8"
+        if requiretls:
+            # RFC 8689 4.2: the next hop takes the request on (session setup made sure
+            # it offers REQUIRETLS over verified TLS).
+            mail += b" REQUIRETLS"
         if settings.sasl_enable and settings.send_dummy_mail_auth and session.offers("auth"):
             # Only where asked (smtp_send_dummy_mail_auth): we authenticate ourselves, not
             # the sender (RFC 4954 section 5), and some servers refuse a MAIL with AUTH=<>.
@@ -1026,8 +1054,8 @@ class SMTPDelivery:
         if len(payload.message) <= BODY_CHUNK:
             # A small message and its final dot go out in one write.
             try:
-                protocol.write(payload.whole() + b".\r\n")
-            except (SMTPServerDisconnected, ConnectionError):
+                protocol.send(payload.whole() + b".\r\n")
+            except ConnectionError:
                 early = protocol.take_unread_reply()
                 if early is not None:
                     return _reply(early)
@@ -1036,14 +1064,14 @@ class SMTPDelivery:
         try:
             # Piece by piece, so that no second copy of a big message is ever made whole.
             for piece in payload.chunks(BODY_CHUNK):
-                protocol.write(piece)
+                protocol.send(piece)
                 # smtp_data_xfer_timeout is a no-progress limit per write, as in Postfix.
                 await asyncio.wait_for(protocol.drain(), settings.data_xfer_timeout)
         except TimeoutError:
             raise _Broken(
                 "4.4.2", f"conversation with {session.namaddr} timed out while {BODY}"
             ) from None
-        except (SMTPServerDisconnected, ConnectionError):
+        except ConnectionError:
             # Postfix reads a reply the server may have sent before hanging up (a 5xx for
             # a message too big, say); only without one is this a lost connection.
             early = protocol.take_unread_reply()

@@ -38,7 +38,8 @@ from relay.delivery import SMTPDelivery
 from relay.loop import run_loop
 from relay.routing import router_for
 from relay.scheduler import Scheduler
-from relay.settings import qmgr_settings, resolver_for
+from relay.settings import qmgr_settings, report_settings, resolver_for, tls_planner
+from relay.tls.report import TlsReports
 from spool import Spool
 from spool.fsync import Syncer
 from spool.store import fault_hook_from
@@ -55,7 +56,8 @@ PR_SET_PDEATHSIG = 1
 
 class Qmgr:
     def __init__(self, config_dir: str | None, cfg: Config, spool: Spool,
-                 scheduler: Scheduler, overrides: tuple[str, ...] = ()) -> None:
+                 scheduler: Scheduler, overrides: tuple[str, ...] = (),
+                 reports: TlsReports | None = None) -> None:
         self.config_dir = config_dir
         self.overrides = overrides
         self.cfg = cfg
@@ -64,6 +66,7 @@ class Qmgr:
         self.trigger: socket.socket | None = None  # to and from the listener
         self.accounting: accounting.AccountingLog | None = None
         self.metrics: QmgrMetrics | None = None
+        self.reports = reports
         self._etrn: set[asyncio.Task[str]] = set()  # ETRN flushes under way (in threads)
 
     def reload(self) -> None:
@@ -73,6 +76,7 @@ class Qmgr:
         try:
             cfg = config_mod.load(self.config_dir, strict=True, overrides=self.overrides)
             router, resolver, settings = router_for(cfg), resolver_for(cfg), qmgr_settings(cfg)
+            tls = tls_planner(cfg, resolver, self.spool)
         except (ConfigError, ValueError) as exc:
             log.warning("reload failed, keeping the old configuration: %s", exc)
             if self.accounting is not None:
@@ -83,7 +87,10 @@ class Qmgr:
         if self.metrics is not None:
             self.metrics.deliveries.set_limit(cfg.int("relay_metrics_domain_limit"))
         self._reopen_accounting(cfg.str("accounting_log"), old.str("accounting_log"))
-        self.scheduler.reconfigure(settings, router, resolver)
+        self.scheduler.reconfigure(settings, router, resolver, tls)
+        if self.reports is not None:
+            self.reports.dns = resolver
+            self.reports.settings = report_settings(cfg)
 
     def _reopen_accounting(self, path: str, old_path: str) -> None:
         if path == old_path:
@@ -227,11 +234,14 @@ async def run(config_dir: str | None, cfg: Config, trigger_fd: int,
               flush=True)
         return 1
     clock = clock_mod.from_environ()
-    scheduler = Scheduler(spool, qmgr_settings(cfg), router_for(cfg), resolver_for(cfg),
-                          SMTPDelivery(), clock=clock)
+    resolver = resolver_for(cfg)
+    scheduler = Scheduler(spool, qmgr_settings(cfg), router_for(cfg), resolver,
+                          SMTPDelivery(), clock=clock, tls=tls_planner(cfg, resolver, spool))
     scheduler.syncer = Syncer()
     scheduler.syncer.start()
-    qmgr = Qmgr(config_dir, cfg, spool, scheduler, overrides)
+    reports = TlsReports(spool, report_settings(cfg), resolver, clock=clock.time)
+    scheduler.tls_events = reports.record
+    qmgr = Qmgr(config_dir, cfg, spool, scheduler, overrides, reports)
     try:
         qmgr.accounting = accounting.open_log(cfg.str("accounting_log"))
     except accounting.AccountingError as exc:
@@ -262,6 +272,8 @@ async def run(config_dir: str | None, cfg: Config, trigger_fd: int,
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # the parent decides
     loop.add_signal_handler(signal.SIGHUP, qmgr.reload)
     sched_task = loop.create_task(scheduler.run())
+    report_task = loop.create_task(reports.run(
+        lambda: qmgr.cfg.bool("smtp_tlsrpt_enable"), scheduler.wakeup))
     with contextlib.suppress(OSError):
         trigger.send(b"ready")
     stop_task = loop.create_task(stop.wait())
@@ -273,6 +285,9 @@ async def run(config_dir: str | None, cfg: Config, trigger_fd: int,
     loop.remove_reader(trigger.fileno())
     ctl.close()
     await scheduler.stop(grace=SHUTDOWN_GRACE)
+    report_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await report_task  # its counts are written on the way out
     sched_task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await sched_task

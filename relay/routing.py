@@ -4,7 +4,12 @@ Owns Postfix's next-hop syntax (transport(5) results and relayhost), the lookup 
 transport_maps may name (``texthash:`` and ``inline:``), the transport(5) search order, and the
 resolution of a next hop to addresses: MX, A and AAAA lookups with dnspython following RFC 5321
 section 5.1 (MX preference order, implicit MX), RFC 7505 (null MX), and Postfix's smtp_addr.c for
-mail loop detection, backup-MX truncation and the wording of every failure reason.
+mail loop detection, backup-MX truncation and the wording of every failure reason.  It also
+answers the TXT and TLSA questions of MTA-STS (RFC 8461), TLS reporting (RFC 8460) and DANE
+(RFC 7672), and says which answers were DNSSEC-validated: with ``smtp_dns_support_level =
+dnssec`` queries ask for validation (AD and DO, RFC 6840 5.7), and an AD bit counts only when
+the operator declared the resolvers trusted (``dns_trust_ad``, or glibc's ``options trust-ad``
+in /etc/resolv.conf), as Postfix relies on its trusted local resolver.
 
 It never touches the spool, never opens an SMTP connection, and never decides what happens to a
 message: a failed resolution is a value (``Failure``: dsn, reason, permanent) that the caller turns
@@ -35,10 +40,13 @@ from typing import TYPE_CHECKING
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
 import dns.nameserver
 import dns.rdata
 import dns.rdtypes.ANY.MX
+import dns.rdtypes.ANY.TLSA
+import dns.rdtypes.ANY.TXT
 import dns.rdtypes.IN.A
 import dns.rdtypes.IN.AAAA
 import dns.resolver
@@ -49,6 +57,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Failure",
     "NextHop",
+    "Records",
     "Resolution",
     "Resolver",
     "RouteError",
@@ -594,12 +603,17 @@ def router_for(cfg: Config) -> Router:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One address to try, in order: the MX host name, its address, the port, the preference."""
+    """One address to try, in order: the MX host name, its address, the port, the preference.
+
+    ``secure``: the address lookup was DNSSEC-validated (always False without
+    ``smtp_dns_support_level = dnssec``).
+    """
 
     hostname: str
     address: str
     port: int
     preference: int
+    secure: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -623,6 +637,22 @@ class Resolution:
     targets: tuple[Target, ...]
     failure: Failure | None
     backup_mx: bool = False
+    mx_secure: bool = False  # the MX RRset was DNSSEC-validated (RFC 7672 2.2.1)
+
+
+@dataclass(frozen=True, slots=True)
+class Records:
+    """What a TXT or TLSA lookup found.
+
+    ``items``: TXT records with their strings joined (RFC 8461 3.1), or TLSA records as
+    (usage, selector, matching type, data); empty for NXDOMAIN and NODATA.  ``error`` says
+    why the lookup failed (SERVFAIL, timeout): the caller must not take that for "none".
+    ``secure``: the answer (or the denial) was DNSSEC-validated by a trusted resolver.
+    """
+
+    items: tuple[object, ...] = ()
+    error: str = ""
+    secure: bool = False
 
 
 class _Status(enum.Enum):
@@ -637,6 +667,7 @@ class _Status(enum.Enum):
 class _Answer:
     status: _Status
     records: tuple[dns.rdata.Rdata, ...] = ()
+    secure: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -648,6 +679,7 @@ class _Host:
     addresses: tuple[str, ...] = ()
     failure: Failure | None = None
     is_self: bool = False
+    secure: bool = False
 
 
 def parse_nameserver(entry: str) -> tuple[str, int]:
@@ -702,6 +734,8 @@ class Resolver:
     (address, port) pairs this relay listens on; a wildcard address (``0.0.0.0``, ``::``)
     stands for every address of this host.  ``mx_address_limit`` is smtp_mx_address_limit
     (0: no limit).  ``rng`` orders MX hosts of equal preference (tests pass a seeded one).
+    ``dnssec`` asks for DNSSEC validation (smtp_dns_support_level = dnssec); ``trust_ad``
+    says the resolvers' AD bit may be believed (else every answer counts as insecure).
     """
 
     def __init__(
@@ -713,6 +747,8 @@ class Resolver:
         mx_address_limit: int = 5,
         *,
         rng: random.Random | None = None,
+        dnssec: bool = False,
+        trust_ad: bool = False,
     ) -> None:
         self.myhostname = myhostname.lower().rstrip(".")
         self.self_addresses = tuple((address.strip("[]"), port) for address, port in self_addresses)
@@ -734,6 +770,11 @@ class Resolver:
         self._dns.timeout = timeout
         self._dns.lifetime = timeout
         self._dns.cache = None
+        self.dnssec = dnssec
+        self.trust_ad = dnssec and trust_ad
+        if dnssec:
+            self._dns.flags = dns.flags.RD | dns.flags.AD
+            self._dns.use_edns(0, dns.flags.DO, 1232)
 
     async def resolve(self, hop: NextHop, domain: str) -> Resolution:
         """The targets for ``hop`` (the next hop for recipients in ``domain``), or a Failure."""
@@ -760,7 +801,8 @@ class Resolver:
             return Resolution((), found.failure)
         if any(self._is_self(address, hop.port) for address in found.addresses):
             return Resolution((), _loop_failure(hop.host))
-        targets = [Target(hop.host, address, hop.port, 0) for address in found.addresses]
+        targets = [Target(hop.host, address, hop.port, 0, found.secure)
+                   for address in found.addresses]
         return Resolution(self._limit(targets), None)
 
     async def _resolve_mx(self, hop: NextHop) -> Resolution:
@@ -786,7 +828,11 @@ class Resolver:
         hosts = await asyncio.gather(
             *(self._mx_host(exchange, preference, hop.port) for preference, exchange in mx_list)
         )
-        return self._select(name, list(hosts), hop.port, implicit)
+        resolution = self._select(name, list(hosts), hop.port, implicit)
+        if answer.secure and not implicit:
+            resolution = Resolution(resolution.targets, resolution.failure,
+                                    resolution.backup_mx, mx_secure=True)
+        return resolution
 
     def _order(self, records: Iterable[tuple[int, str]]) -> list[tuple[int, str]]:
         """Sort by preference; hosts of equal preference in random order (RFC 5321 5.1)."""
@@ -806,7 +852,7 @@ class Resolver:
             return _Host(name, preference, is_self=True)  # no need to look ourselves up
         found = await self._addresses(name, preference)
         is_self = any(self._is_self(address, port) for address in found.addresses)
-        return _Host(name, preference, found.addresses, found.failure, is_self)
+        return _Host(name, preference, found.addresses, found.failure, is_self, found.secure)
 
     def _select(self, name: str, hosts: list[_Host], port: int, implicit: bool) -> Resolution:
         """Postfix smtp_domain_addr(): loop check, backup-MX truncation, address limit."""
@@ -829,7 +875,8 @@ class Resolver:
             for address in host.addresses:
                 if address not in seen:
                     seen.add(address)
-                    targets.append(Target(host.name, address, port, host.preference))
+                    targets.append(Target(host.name, address, port, host.preference,
+                                          host.secure))
         if targets:
             return Resolution(self._limit(targets), None, backup_mx)
         if backup_mx:
@@ -859,7 +906,8 @@ class Resolver:
             if isinstance(rr, (dns.rdtypes.IN.A.A, dns.rdtypes.IN.AAAA.AAAA))
         )
         if addresses:
-            return _Host(host, preference, addresses)
+            # Secure only when both families were validated (one may be a signed denial).
+            return _Host(host, preference, addresses, secure=a.secure and aaaa.secure)
         if a.status in (_Status.NOT_FOUND, _Status.MALFORMED):
             return _Host(host, preference, failure=_dns_failure(host, "A", a.status))
         for rdtype, answer in (("A", a), ("AAAA", aaaa)):
@@ -874,14 +922,48 @@ class Resolver:
             return _Answer(_Status.MALFORMED)
         try:
             answer = await self._dns.resolve(qname, rdtype, search=False)
-        except dns.resolver.NXDOMAIN:
-            return _Answer(_Status.NOT_FOUND)
-        except dns.resolver.NoAnswer:
-            return _Answer(_Status.NO_DATA)
+        except dns.resolver.NXDOMAIN as exc:
+            responses = exc.kwargs.get("responses") or {}
+            return _Answer(_Status.NOT_FOUND, secure=self._validated(responses.get(qname)))
+        except dns.resolver.NoAnswer as exc:
+            return _Answer(_Status.NO_DATA, secure=self._validated(exc.kwargs.get("response")))
         except dns.exception.DNSException as exc:
             dns_log.debug("%s/%s: %s", name, rdtype, exc)
             return _Answer(_Status.TRY_AGAIN)
-        return _Answer(_Status.OK, tuple(answer))
+        return _Answer(_Status.OK, tuple(answer), self._validated(answer.response))
+
+    def _validated(self, response: object) -> bool:
+        flags = getattr(response, "flags", 0)
+        return self.trust_ad and bool(flags & dns.flags.AD)
+
+    async def addresses(self, host: str) -> tuple[tuple[str, ...], Failure | None]:
+        """The A and AAAA addresses of ``host`` (a literal address is its own), or why not."""
+        found = await self._addresses(host, 0)
+        return found.addresses, found.failure
+
+    async def txt(self, name: str) -> Records:
+        """The TXT records at ``name``, each record's strings joined (RFC 8461 3.1)."""
+        answer = await self._query(name, "TXT")
+        if answer.status in (_Status.TRY_AGAIN, _Status.MALFORMED):
+            return Records(error=_dns_failure(name, "TXT", answer.status).reason)
+        items = tuple(
+            b"".join(rr.strings).decode("utf-8", "replace")
+            for rr in answer.records
+            if isinstance(rr, dns.rdtypes.ANY.TXT.TXT)
+        )
+        return Records(items, secure=answer.secure)
+
+    async def tlsa(self, name: str) -> Records:
+        """The TLSA records at ``name`` (``_25._tcp.mx.example.com``), RFC 6698."""
+        answer = await self._query(name, "TLSA")
+        if answer.status in (_Status.TRY_AGAIN, _Status.MALFORMED):
+            return Records(error=_dns_failure(name, "TLSA", answer.status).reason)
+        items = tuple(
+            (int(rr.usage), int(rr.selector), int(rr.mtype), bytes(rr.cert))
+            for rr in answer.records
+            if isinstance(rr, dns.rdtypes.ANY.TLSA.TLSA)
+        )
+        return Records(items, secure=answer.secure)
 
     def _is_self(self, address: str, port: int) -> bool:
         ip = _ip_literal(address)

@@ -53,6 +53,8 @@ from relay.delivery import (
 )
 from relay.outcome import Fate, Policy, Report, Status
 from relay.routing import NextHop, Resolver, RouteError, Router
+from relay.tls.destination import Planner
+from relay.tls.policy import TlsEvent, tls_not_required
 from spool import (
     CorruptEntry,
     EntryGone,
@@ -247,8 +249,13 @@ class Scheduler:
         resolver: Resolver,
         delivery: SMTPDelivery | None = None,
         clock: Clock | None = None,
+        tls: Planner | None = None,
     ) -> None:
         self.spool = spool
+        # Which TLS each server must give (policy maps, MTA-STS, DANE, REQUIRETLS); None:
+        # smtp_tls_security_level alone.  tls_events receives what TLS reports count.
+        self.tls = tls
+        self.tls_events: Callable[[tuple[TlsEvent, ...]], None] | None = None
         self.settings = settings
         self.router = router
         self.resolver = resolver
@@ -350,7 +357,8 @@ class Scheduler:
             return False
         return domain in self.paused or f"nexthop:{hop.host.lower()}" in self.paused
 
-    def reconfigure(self, settings: QmgrSettings, router: Router, resolver: Resolver) -> None:
+    def reconfigure(self, settings: QmgrSettings, router: Router, resolver: Resolver,
+                    tls: Planner | None = None) -> None:
         """A reload: new settings from now on; the queue-run timer re-armed as if the
         last scan had set it with the new queue_run_delay; new backoff times applied to
         every deferred message at the next scan; dead destinations forgotten (a
@@ -359,6 +367,8 @@ class Scheduler:
         self.settings = settings
         self.router = router
         self.resolver = resolver
+        if tls is not None:
+            self.tls = tls
         if settings.queue_run_delay != old.queue_run_delay:
             change = settings.queue_run_delay - old.queue_run_delay
             self._next_scan_mono += change
@@ -716,11 +726,20 @@ class Scheduler:
         if content is None:
             content = await asyncio.to_thread(self.spool.read_content, message.queue_id,
                                               env.size)
+        plan = None
+        if self.tls is not None:
+            plan = await self.tls.plan(hop, resolution, requiretls=env.requiretls,
+                                       tls_not_required=tls_not_required(content))
+        elif env.requiretls:
+            return all_(RcptStatus.BOUNCE, "5.7.30", "Sender requested REQUIRETLS, but "
+                        "this SMTP client has no TLS policy to enforce it")
         attempt: Attempt = await self.delivery.deliver(
             resolution.targets, hop.label, env.sender, job.recipients, content,
             self.settings.delivery, options=message.mail_options(),
-            rcpt_options=message.rcpt_options(job.recipients),
+            rcpt_options=message.rcpt_options(job.recipients), tls=plan,
         )
+        if attempt.tls_events and self.tls_events is not None:
+            self.tls_events(attempt.tls_events)
         if attempt.lines_broken:
             smtp_log.info("%s: breaking line > %d bytes with <CR><LF>SPACE",
                           message.queue_id, self.settings.delivery.line_length_limit)

@@ -3,10 +3,12 @@
 It owns the translation from main.cf parameters (relay.config's Config) to the records
 each part runs on: the listener's ``SmtpdSettings`` (with its TLS context and password
 file), the queue manager's ``QmgrSettings`` (with the SMTP client's ``DeliverySettings``
-and the SASL client credentials), and the DNS ``Resolver``; the ``Router`` of
-transport_maps, relayhost, default_transport and capture_maildir is
-relay.routing.router_for().  Both daemon processes, ``relay serve`` (relay.daemon) and the
-queue manager (relay.qmgrd), build what they need from here, so neither imports the other.
+and the SASL client credentials), and, from relay.routing_settings and relay.tls.settings
+(which the commands use without the daemon's parts), the DNS ``Resolver`` and the SMTP
+client's TLS settings; the ``Router`` of transport_maps, relayhost, default_transport and
+capture_maildir is relay.routing.router_for().  Both daemon processes, ``relay serve``
+(relay.daemon) and the queue manager (relay.qmgrd), build what they need from here, so
+neither imports the other.
 
 A configuration that must not run raises ValueError naming the parameter, so ``relay
 serve`` stops before it listens and a reload keeps the old settings.  Nothing here writes
@@ -22,9 +24,34 @@ from relay.auth import PasswordFile, PasswordFileError, password_file_path
 from relay.config import Config
 from relay.delivery import DeliverySettings
 from relay.outcome import Policy
-from relay.routing import Resolver, open_table
+from relay.routing import open_table, router_for
+from relay.routing_settings import resolver_for, self_addresses
 from relay.scheduler import QmgrSettings
 from relay.smtpd.policy import SmtpdSettings, check_relay_restrictions
+from relay.tls.policy import PolicyError, cipher_list, protocol_range
+from relay.tls.settings import (
+    cipherlists,
+    client_tls,
+    https_context,
+    report_settings,
+    tls_defaults,
+    tls_planner,
+)
+
+__all__ = [
+    "client_tls",
+    "https_context",
+    "qmgr_settings",
+    "report_settings",
+    "resolver_for",
+    "router_for",
+    "sasl_credentials",
+    "self_addresses",
+    "smtpd_settings",
+    "smtpd_tls_context",
+    "tls_defaults",
+    "tls_planner",
+]
 
 
 def smtpd_settings(cfg: Config) -> SmtpdSettings:
@@ -73,6 +100,8 @@ def _smtpd_security(cfg: Config) -> dict[str, Any]:
         "tls_context": tls,
         "tls_security_level": level,
         "tls_auth_only": cfg.bool("smtpd_tls_auth_only"),
+        "tls_loglevel": cfg.int("smtpd_tls_loglevel"),
+        "requiretls_enable": cfg.bool("requiretls_enable"),
         "sasl_auth_enable": passwords is not None,
         "passwords": passwords,
         "auth_failure_delay": cfg.time("smtpd_auth_failure_delay"),
@@ -97,13 +126,36 @@ def _smtpd_security(cfg: Config) -> dict[str, Any]:
 
 def smtpd_tls_context(cfg: Config) -> ssl.SSLContext | None:
     """The server TLS context from smtpd_tls_cert_file and smtpd_tls_key_file (the key
-    may be in the certificate file, as Postfix allows); None if no certificate is set."""
+    may be in the certificate file, as Postfix allows); None if no certificate is set.
+
+    Its protocols and ciphers are Postfix's: smtpd_tls_mandatory_protocols and
+    smtpd_tls_mandatory_ciphers when TLS is required (smtpd_tls_security_level =
+    encrypt), else smtpd_tls_protocols and smtpd_tls_ciphers; the grade's list
+    (tls_high_cipherlist: forward-secret AEAD suites only, by default) minus
+    smtpd_tls_exclude_ciphers (and smtpd_tls_mandatory_exclude_ciphers when required).
+    TLS 1.3 suites are OpenSSL's own, all of them AEAD."""
     cert = cfg.str("smtpd_tls_cert_file")
     if not cert:
         return None
     key = cfg.str("smtpd_tls_key_file") or cert
+    mandatory = cfg.str("smtpd_tls_security_level") == "encrypt"
+    prefix = "smtpd_tls_mandatory_" if mandatory else "smtpd_tls_"
+    exclusions = list(cfg.list("smtpd_tls_exclude_ciphers"))
+    if mandatory:
+        exclusions += cfg.list("smtpd_tls_mandatory_exclude_ciphers")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.minimum_version, context.maximum_version = protocol_range(
+            cfg.str(prefix + "protocols"))
+    except PolicyError as exc:
+        raise ValueError(f"{prefix}protocols: {exc}") from None
+    ciphers = cipher_list(cfg.str(prefix + "ciphers"), cipherlists(cfg), exclusions)
+    try:
+        context.set_ciphers(ciphers)
+    except ssl.SSLError:
+        raise ValueError(f"{prefix}ciphers: no cipher left in {ciphers!r}") from None
+    # The server's preference decides, as Postfix's tls_preempt_cipherlist can ask.
+    context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
@@ -159,6 +211,9 @@ def qmgr_settings(cfg: Config) -> QmgrSettings:
         starttls_timeout=cfg.time("smtp_starttls_timeout"),
         tls_level=tls,
         tls_ca_file=cfg.str("smtp_tls_CAfile"),
+        tls_ca_path=cfg.str("smtp_tls_CApath"),
+        tls_loglevel=cfg.int("smtp_tls_loglevel"),
+        tls_defaults=tls_defaults(cfg),
         sasl_enable=cfg.bool("smtp_sasl_auth_enable"),
         sasl_credentials=sasl_credentials(cfg),  # type: ignore[arg-type]
         send_dummy_mail_auth=cfg.bool("smtp_send_dummy_mail_auth"),
@@ -188,19 +243,4 @@ def qmgr_settings(cfg: Config) -> QmgrSettings:
             soft_bounce=cfg.bool("soft_bounce"),
         ),
         delivery=delivery,
-    )
-
-
-def self_addresses(cfg: Config) -> list[tuple[str, int]]:
-    return [(a.host, a.port) for a in cfg.listen_addresses()]
-
-
-
-
-def resolver_for(cfg: Config) -> Resolver:
-    return Resolver(
-        nameservers=cfg.list("dns_nameservers"),
-        myhostname=cfg.str("myhostname"),
-        self_addresses=self_addresses(cfg),
-        mx_address_limit=cfg.int("smtp_mx_address_limit"),
     )

@@ -85,6 +85,9 @@ class Envelope:
     dsn_envid: str = ""
     dsn_ret: str = ""
     smtputf8: bool = False
+    # RFC 8689: the client sent MAIL FROM:<...> REQUIRETLS; the message goes on only over
+    # verified TLS to a next hop that offers REQUIRETLS, else it bounces (5.7.30).
+    requiretls: bool = False
 
     @property
     def pending(self) -> tuple[Recipient, ...]:

@@ -79,6 +79,7 @@ FREE_POOL_MAX = 4096  # spare inodes kept for reuse (empty files after truncatio
 KEPT_POOL_MAX = 256  # the queue manager's own spares (replaced envelopes), for rewrites
 
 _QUEUE_ID = re.compile(r"^[A-Za-z0-9]{6,24}$")
+_RECORD_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
 _BASE52 = "0123456789BCDFGHJKLMNPQRSTVWXYZbcdfghjklmnpqrstvwxyz"
 _BASE51 = _BASE52[:-1]
 
@@ -768,6 +769,48 @@ class Spool:
             return True
         finally:
             os.close(lock)
+
+    # ---- state records (the MTA-STS policy cache, TLS report counts) --------------
+    #
+    # Small files of the queue manager's own under state/KIND/NAME, kept across
+    # restarts; never a message.  Each is replaced whole by rename, so a reader sees
+    # the old or the new one; a crash loses at most the write in progress.
+
+    def _record_path(self, kind: str, name: str) -> str:
+        for part in (kind, name):
+            if not _RECORD_NAME.fullmatch(part):
+                raise ValueError(f"bad state record name: {part!r}")
+        return os.path.join(self.root, "state", kind, name)
+
+    def read_record(self, kind: str, name: str) -> bytes | None:
+        try:
+            with open(self._record_path(kind, name), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def write_record(self, kind: str, name: str, data: bytes) -> None:
+        path = self._record_path(kind, name)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        tmp = os.path.join(self.root, "tmp", f"{kind}.{name}.{os.getpid()}.{threading.get_ident()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+
+    def record_names(self, kind: str) -> list[str]:
+        try:
+            names = os.listdir(os.path.dirname(self._record_path(kind, "x")))
+        except FileNotFoundError:
+            return []
+        return sorted(name for name in names if _RECORD_NAME.fullmatch(name))
+
+    def remove_record(self, kind: str, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._record_path(kind, name))
 
     # ---- used by Entry ------------------------------------------------------------
 

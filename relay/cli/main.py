@@ -39,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("capture", help="the captured mail (relay capture --help)", add_help=False)
     sub.add_parser("sink", help="a scriptable SMTP sink with faults (relay sink --help)",
                    add_help=False)
+    sub.add_parser("tls", help="TLS policy of a domain, TLS reports (relay tls --help)",
+                   add_help=False)
     if args and args[0] == "queue":
         from relay.cli import queue
 
@@ -61,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from relay.cli import sink
 
         return sink.main(args[1:])
+    if args and args[0] == "tls":
+        from relay.cli import tls
+
+        return tls.main(args[1:])
     if args and args[0] == "passwd":
         from relay.cli import passwd
 

@@ -120,6 +120,7 @@ class Cleanup:
             dsn_envid=params.dsn_envid,
             dsn_ret=params.dsn_ret,
             smtputf8=params.smtputf8,
+            requiretls=params.requiretls,
         )
         line = f"{queue_id}: client={session.namaddr()}"
         if session.sasl_user:

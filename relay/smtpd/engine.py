@@ -235,6 +235,15 @@ class Engine(SMTP):
         await waiter
         self._tls = True
 
+    def tls_cipher(self) -> tuple[str, str, int] | None:
+        obj = self.transport.get_extra_info("ssl_object") if self.transport else None
+        if obj is None:
+            return None
+        found = obj.cipher()
+        if not found:
+            return None
+        return str(obj.version() or found[1]), str(found[0]), int(found[2] or 0)
+
     def deadline(self, seconds: float, *, moving: bool = True) -> None:
         self._moving = moving
         self._reset_timeout(seconds)

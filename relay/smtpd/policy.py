@@ -90,6 +90,8 @@ class SmtpdSettings:
     tls_context: ssl.SSLContext | None = None  # offered with STARTTLS unless level none
     tls_security_level: str = "none"  # none | may | encrypt
     tls_auth_only: bool = True
+    tls_loglevel: int = 0  # smtpd_tls_loglevel: 1 logs each TLS session as Postfix does
+    requiretls_enable: bool = True  # RFC 8689: REQUIRETLS offered over TLS
     sasl_auth_enable: bool = False
     passwords: PasswordFile | None = None
     auth_failure_delay: float = 1.0
@@ -312,6 +314,7 @@ class MailParameters:
     dsn_ret: str = ""  # FULL | HDRS | ""
     dsn_envid: str = ""  # decoded
     auth: str = ""  # AUTH= as sent (xtext, safe to log), "" for none or <>
+    requiretls: bool = False  # RFC 8689 REQUIRETLS
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,11 +348,13 @@ def _utf8_xtext_decode(text: str) -> str | None:
         return None
 
 
-def parse_mail_parameters(words: Sequence[str]) -> MailParameters | str:
-    """The MAIL parameters as Postfix's mail_cmd reads them, or the reply refusing them."""
+def parse_mail_parameters(words: Sequence[str], *,
+                          requiretls: bool = False) -> MailParameters | str:
+    """The MAIL parameters as Postfix's mail_cmd reads them, or the reply refusing them;
+    ``requiretls``: the REQUIRETLS keyword is allowed (offered: TLS is on, RFC 8689)."""
     size: int | None = None
     body = ret = envid = auth = ""
-    smtputf8 = seen_envid = seen_auth = False
+    smtputf8 = seen_envid = seen_auth = required = False
     for word in words:
         name, eq, value = word.partition("=")
         upper = name.upper()
@@ -361,6 +366,8 @@ def parse_mail_parameters(words: Sequence[str]) -> MailParameters | str:
             body = value.upper()
         elif upper == "SMTPUTF8" and not eq:
             smtputf8 = True
+        elif upper == "REQUIRETLS" and not eq and requiretls:
+            required = True
         elif upper == "RET" and eq:
             if ret or value.upper() not in ("FULL", "HDRS"):
                 return replies.BAD_RET
@@ -380,7 +387,7 @@ def parse_mail_parameters(words: Sequence[str]) -> MailParameters | str:
             seen_auth, auth = True, "" if value == "<>" else value
         else:
             return replies.UNSUPPORTED_OPTION.format(option=_printable(word))
-    return MailParameters(size, body, smtputf8, ret, envid, auth)
+    return MailParameters(size, body, smtputf8, ret, envid, auth, required)
 
 
 def parse_rcpt_parameters(words: Sequence[str]) -> RcptParameters | str:

@@ -44,7 +44,7 @@ log = logging.getLogger("relay.smtpd")
 
 _RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
 _EHLO_ORDER = ("PIPELINING", "SIZE", "VRFY", "ETRN", "STARTTLS", "AUTH", "ENHANCEDSTATUSCODES",
-               "8BITMIME", "DSN", "SMTPUTF8")
+               "8BITMIME", "DSN", "SMTPUTF8", "REQUIRETLS")
 
 
 class Connection(Protocol):
@@ -74,6 +74,9 @@ class Connection(Protocol):
 
     async def start_tls(self, context: ssl.SSLContext) -> None:
         """The server side of a TLS handshake over this connection; raises on failure."""
+
+    def tls_cipher(self) -> tuple[str, str, int] | None:
+        """The TLS session's protocol, cipher and secret bits; None without TLS."""
 
     def deadline(self, seconds: float, *, moving: bool = True) -> None:
         """Each read must come within ``seconds`` (smtpd_timeout); with ``moving`` false,
@@ -162,6 +165,8 @@ class Session:
             self.close()
             return
         self.phase = "smtp"
+        if self.implicit_tls:
+            self._log_tls()
         self.send(replies.GREETING.format(banner=s.greeting))
         while not self.closing:
             line = await self.conn.read_line()
@@ -183,6 +188,15 @@ class Session:
                 log.exception("%s: internal error", self.namaddr())
                 self.mail = None
                 self.send(replies.INTERNAL_ERROR)
+
+    def _log_tls(self) -> None:
+        """Postfix's smtpd_tls_loglevel 1 line; relay asks no client certificate, so the
+        session is Anonymous in Postfix's words."""
+        cipher = self.conn.tls_cipher()
+        if self.listener.settings.tls_loglevel >= 1 and cipher is not None:
+            protocol, name, bits = cipher
+            log.info("Anonymous TLS connection established from %s: %s with cipher %s "
+                     "(%d/%d bits)", self.namaddr(), protocol, name, bits, bits)
 
     def _admit(self) -> bool:
         """Count the connection; refuse it with 421 over the count or rate limit."""
@@ -383,6 +397,8 @@ class Session:
             words.append("STARTTLS")
         if self._auth_offered():
             words.append("AUTH LOGIN PLAIN")
+        if s.requiretls_enable and self.tls:
+            words.append("REQUIRETLS")
         words.sort(key=lambda w: _EHLO_ORDER.index(w.split(" ")[0]))
         lines = [s.myhostname, *words]
         self.send("\r\n".join(f"250-{w}" for w in lines[:-1]) + f"\r\n250 {lines[-1]}")
@@ -412,6 +428,7 @@ class Session:
             log.info("SSL_accept error from %s: %r", self.namaddr(), exc.__cause__ or exc)
             self.close()
             return
+        self._log_tls()
         # RFC 3207 §4.2: forget what the client told us before, its login included.
         self._reset()
         self.helo, self.esmtp, self.sasl_user, self.sasl_method = "", False, "", ""
@@ -528,7 +545,8 @@ class Session:
                         self.namaddr(), _printable(path.address))
             self.send(error)
             return
-        params = policy.parse_mail_parameters(path.parameters)
+        params = policy.parse_mail_parameters(
+            path.parameters, requiretls=s.requiretls_enable and self.tls)
         if isinstance(params, str):
             self.send(params)
             return

@@ -3,8 +3,11 @@
 Owns a small authoritative-only server built on dnslib's packet codec and the standard library's
 socketserver, running in background threads so that both in-process asyncio code and a
 subprocess daemon (pointed at it with ``dns_nameservers = 127.0.0.1:PORT``) can query it.
-It answers A, AAAA, MX (including the RFC 7505 null MX ``0 .``) and CNAME from a ``DNSZone``,
-and plays faults per name: NXDOMAIN, SERVFAIL, REFUSED, or silence (a timeout).  Every query
+It answers A, AAAA, MX (including the RFC 7505 null MX ``0 .``), CNAME, TXT and TLSA from a
+``DNSZone``, and plays faults per name: NXDOMAIN, SERVFAIL, REFUSED, or silence (a timeout).
+Names the test marks ``secure`` are answered with the AD bit when the query asks for it (AD
+or the EDNS DO bit), as a validating resolver does for DNSSEC-signed data (RFC 6840 5.7), so
+DANE tests need no signed zone.  Every query
 received is recorded, so a test can assert that no DNS query happened.
 
 It never recurses, never talks to any other server, and binds only to loopback on a free port.
@@ -28,7 +31,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from dnslib import AAAA, CNAME, MX, QTYPE, RCODE, RR, A, DNSError, DNSRecord  # type: ignore[import-untyped]
+from dnslib import (  # type: ignore[import-untyped]
+    AAAA,
+    CNAME,
+    MX,
+    QTYPE,
+    RCODE,
+    RR,
+    TLSA,
+    TXT,
+    A,
+    DNSError,
+    DNSRecord,
+)
 
 __all__ = ["DNSZone", "Fault", "LoopbackDNS", "Query", "dns_server"]
 
@@ -64,6 +79,8 @@ class _Node:
     a: list[str] = field(default_factory=list)
     aaaa: list[str] = field(default_factory=list)
     cname: str | None = None
+    txt: list[tuple[bytes, ...]] = field(default_factory=list)
+    tlsa: list[tuple[int, int, int, bytes]] = field(default_factory=list)
     faults: dict[str | None, Fault] = field(default_factory=dict)  # qtype (None: any) -> fault
 
 
@@ -77,6 +94,7 @@ class DNSZone:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._nodes: dict[str, _Node] = {}
+        self._secure: set[str] = set()
 
     def _node(self, name: str) -> _Node:
         return self._nodes.setdefault(_key(name), _Node())
@@ -105,6 +123,26 @@ class DNSZone:
             self._node(name).cname = target
         return self
 
+    def add_txt(self, name: str, *strings: str | bytes) -> DNSZone:
+        """One TXT record made of ``strings`` (each at most 255 bytes, as on the wire)."""
+        record = tuple(s.encode() if isinstance(s, str) else s for s in strings)
+        with self._lock:
+            self._node(name).txt.append(record)
+        return self
+
+    def add_tlsa(self, name: str, usage: int, selector: int, mtype: int,
+                 data: bytes) -> DNSZone:
+        """A TLSA record (RFC 6698), e.g. ``_25._tcp.mx.example.com 3 1 1 <sha256>``."""
+        with self._lock:
+            self._node(name).tlsa.append((usage, selector, mtype, data))
+        return self
+
+    def secure(self, *names: str) -> DNSZone:
+        """Answer these names with AD set, as if their DNSSEC signatures validated."""
+        with self._lock:
+            self._secure.update(_key(name) for name in names)
+        return self
+
     def add_name(self, name: str) -> DNSZone:
         """Make ``name`` exist without records, so that every query for it gets NODATA."""
         with self._lock:
@@ -120,13 +158,17 @@ class DNSZone:
     def clear(self) -> None:
         with self._lock:
             self._nodes.clear()
+            self._secure.clear()
 
     def answer(self, request: DNSRecord) -> DNSRecord | None:
         """The reply to ``request``, or None to stay silent."""
         reply = request.reply()  # copies the id and question, sets QR, AA, RA
         qname = _key(str(request.q.qname))
         qtype = QTYPE.get(request.q.qtype)
+        wants_ad = bool(request.header.ad) or any(
+            rr.rtype == QTYPE.OPT and rr.ttl & 0x8000 for rr in request.ar)
         with self._lock:
+            reply.header.ad = int(wants_ad and qname in self._secure)
             for _ in range(8):  # follow CNAME chains inside the zone, with a bound
                 node = self._nodes.get(qname)
                 if node is None:
@@ -142,6 +184,7 @@ class DNSZone:
                 if node.cname is not None and qtype != "CNAME":
                     reply.add_answer(RR(qname, QTYPE.CNAME, rdata=CNAME(node.cname), ttl=TTL))
                     qname = _key(node.cname)
+                    reply.header.ad &= int(qname in self._secure)
                     continue
                 for rr in _records(qname, qtype, node):
                     reply.add_answer(rr)
@@ -161,6 +204,12 @@ def _records(name: str, qtype: str, node: _Node) -> Iterator[RR]:
             yield RR(name, QTYPE.AAAA, rdata=AAAA(address), ttl=TTL)
     if qtype == "CNAME" and node.cname is not None:
         yield RR(name, QTYPE.CNAME, rdata=CNAME(node.cname), ttl=TTL)
+    if qtype in ("TXT", "ANY"):
+        for strings in node.txt:
+            yield RR(name, QTYPE.TXT, rdata=TXT(list(strings)), ttl=TTL)
+    if qtype in ("TLSA", "ANY"):
+        for usage, selector, mtype, data in node.tlsa:
+            yield RR(name, QTYPE.TLSA, rdata=TLSA(usage, selector, mtype, data), ttl=TTL)
 
 
 class _UDPHandler(socketserver.BaseRequestHandler):
