@@ -44,7 +44,12 @@ drops such names (``forget_linked_spares``), and it never takes a name with two 
 The queue manager also keeps the inode of each envelope it replaces (a deferral's
 rewrite) under a name of its own, ``free/q...``, linked just before the rename, and
 uses those for its next rewrites; only it takes q-names, only those it made since it
-started, and its start drops the rest (``forget_kept_spares``).
+started, and its start drops the rest (``forget_kept_spares``).  A finished message's
+content is emptied before its inode is given up, so that free/ holds no mail; emptying a
+file frees its blocks, which may wait for the disk (a discard), so the queue manager
+renames the content to a name of its own (``free/e...``, never taken by anyone) on its
+event loop and a thread of its own empties it and gives it a takeable name; its start
+drops the e-names a crash left.
 
 Readers (mailq, postcat) take no lock: an envelope file is always complete because
 it only ever appears by rename; a file that vanishes under a reader is a lost race.
@@ -64,6 +69,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, replace
+from queue import Queue
 from typing import TypeVar, cast
 
 from spool import envelope as envfmt
@@ -238,6 +244,10 @@ class Spool:
         self._free_listed = 0.0
         self._free_estimate = 0
         self._retired = 0
+        # Retired content files waiting to be emptied (see _empty_retired), and the
+        # thread that empties them: the queue manager's, started at the first one.
+        self._to_empty: Queue[str] = Queue()
+        self._emptier: threading.Thread | None = None
         if create:
             self.create_dirs()
         for name in ("tmp", "data", *QUEUES):
@@ -282,22 +292,53 @@ class Spool:
             if self._free_estimate < FREE_POOL_MAX:
                 self._retired += 1
                 self._free_estimate += 1
-                spare = os.path.join(self.root, "free", f"{os.getpid()}.{next(self._free_serial)}")
+                # Content is emptied before anyone may take it (free/e..., then a
+                # takeable name): keep the inode, not the mail.
+                prefix = "e" if truncate else ""
+                spare = os.path.join(self.root, "free",
+                                     f"{prefix}{os.getpid()}.{next(self._free_serial)}")
                 try:
-                    if truncate:
-                        os.truncate(path, 0)  # keep the inode, not the content
                     os.rename(path, spare)
                 except FileNotFoundError:
                     return False
                 except OSError:
                     pass  # no free/ (an old spool): unlink as usual
                 else:
+                    if truncate:
+                        self._empty_later(spare)
                     return True
         try:
             os.unlink(path)
         except FileNotFoundError:
             return False
         return True
+
+    def _empty_later(self, staged: str) -> None:
+        """Have ``staged`` (a free/e... name) emptied and made a spare, in a thread: an
+        emptied file frees its blocks, which may wait for the disk (a synchronous
+        discard takes milliseconds), and the caller is an event loop."""
+        self._to_empty.put(staged)
+        if self._emptier is None:
+            self._emptier = threading.Thread(target=self._empty_retired, daemon=True,
+                                             name="spool-empty")
+            self._emptier.start()
+
+    def _empty_retired(self) -> None:
+        while True:
+            staged = self._to_empty.get()
+            try:
+                os.truncate(staged, 0)
+                os.rename(staged, os.path.join(
+                    self.root, "free", f"{os.getpid()}.{next(self._free_serial)}"))
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(staged)  # an e-name is nobody's: never leave mail in free/
+            finally:
+                self._to_empty.task_done()
+
+    def settle(self) -> None:
+        """Wait until every retired content file is emptied and a spare (tests)."""
+        self._to_empty.join()
 
     def _spares(self) -> Iterator[tuple[str, int]]:
         """(name, link count) of each file in free/."""
@@ -321,7 +362,7 @@ class Spool:
             return
         self._free_listed = now
         self._free.extend(name for name, links in self._spares()
-                          if links == 1 and not name.startswith("q"))
+                          if links == 1 and name[:1].isdigit())
 
     def _reuse(self, path: str) -> bool:
         """Give ``path`` a spare inode; False if none (or ``path`` exists).
@@ -379,9 +420,10 @@ class Spool:
     def forget_kept_spares(self) -> None:
         """At the queue manager's start (under qmgr.lock): the q-names an earlier one
         left in free/ are nobody's now; a crash may have left one sharing an inode
-        with a live envelope, so none is ever reused."""
+        with a live envelope, so none is ever reused.  Its e-names (content not yet
+        emptied) go too."""
         for name, _ in list(self._spares()):
-            if name.startswith("q"):
+            if name.startswith(("q", "e")):
                 self._forget_kept(name)
 
     # ---- accepting a message ---------------------------------------------------
