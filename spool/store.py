@@ -456,7 +456,8 @@ class Spool:
                      ) -> Steps[Envelope]:
         """commit() as steps (see run_steps): the files are written here, and each
         yield names what must be durable before the next step."""
-        env = replace(env, queue_id=res.queue_id)
+        if env.queue_id != res.queue_id:
+            env = replace(env, queue_id=res.queue_id)
         tmp = self._tmp_path(res.queue_id)
         try:
             size = 0

@@ -90,8 +90,9 @@ class Cleanup:
         """The store as steps (spool.store.run_steps): reserve, envelope, commit."""
         res = self.spool.reserve()
         try:
-            env = self._envelope(session, mail, res.queue_id, content)
             received = self.received_header(session, res.queue_id)
+            env = self._envelope(session, mail, res.queue_id, content,
+                                 len(received) + len(content))
         except BaseException:
             self.spool.abort(res)
             raise
@@ -100,9 +101,9 @@ class Cleanup:
         return env
 
     def _envelope(self, session: Session, mail: Transaction, queue_id: str,
-                  content: bytes) -> Envelope:
-        """The new message's envelope (its size is set when it is written); logs the
-        smtpd ``client=`` line that names the queue ID."""
+                  content: bytes, size: int) -> Envelope:
+        """The new message's envelope (``size``: of what is stored, the Received: header
+        included); logs the smtpd ``client=`` line that names the queue ID."""
         params = mail.parameters
         env = Envelope(
             queue_id=queue_id,
@@ -110,7 +111,7 @@ class Cleanup:
             recipients=tuple(Recipient(address, dsn_notify=p.dsn_notify, dsn_orcpt=p.dsn_orcpt)
                              for address, p in mail.recipients.items()),
             arrival_time=self.clock.time(),
-            size=len(content),
+            size=size,
             client_name=session.client.name,
             client_address=session.client.address,
             helo_name=session.helo,
@@ -139,15 +140,29 @@ class Cleanup:
             lines.append(f"(Authenticated sender: {session.sasl_user})")
         lines.append(f"by {s.myhostname} ({s.mail_name}) with {session.protocol_name()} "
                      f"id {queue_id};")
-        lines.append(f"{email.utils.format_datetime(email.utils.localtime())}")
+        lines.append(_date())
         text = "".join(_CTRL.sub("", ln).join(("\t" if i else "", "\r\n"))
                        for i, ln in enumerate(lines))
         return text.encode("utf-8", "surrogateescape")
 
 
+_date_cache: tuple[int, str] = (-1, "")  # (second, its RFC 5322 date): replaced whole
+
+
+def _date() -> str:
+    """Now as an RFC 5322 date in local time, made once a second."""
+    global _date_cache
+    now = int(time.time())
+    second, text = _date_cache
+    if second != now:
+        text = email.utils.formatdate(now, localtime=True)
+        _date_cache = (now, text)
+    return text
+
+
 def _message_id(content: bytes) -> str:
-    head = content.split(b"\r\n\r\n", 1)[0]
-    m = _MESSAGE_ID.search(head)
+    end = content.find(b"\r\n\r\n")  # the header section only (no copy of the body)
+    m = _MESSAGE_ID.search(content, 0, len(content) if end < 0 else end)
     if not m:
         return ""
     return _CTRL.sub("", m.group(1).decode("utf-8", "replace"))[:256]

@@ -20,12 +20,13 @@ from relay.auth import LoginThrottle
 from relay.clock import Clock, SystemClock
 from relay.smtpd.cleanup import Cleanup
 from relay.smtpd.engine import Engine
-from relay.smtpd.policy import Client, SmtpdSettings
+from relay.smtpd.policy import Client, SmtpdSettings, client_for
 from relay.smtpd.session import Session
 from spool import Spool
 from spool.envelope import Envelope
 
 STATVFS_MAX_AGE = 0.2  # a statvfs() per MAIL costs; 0.2 s old is fresh enough
+CLIENTS_KEPT = 4096  # client records kept (see Listener.client); then made afresh
 
 
 class SmtpdObserver(Protocol):
@@ -76,6 +77,10 @@ class Listener:
         self._statvfs_at = -1.0
         self._free = -1
         self.observer: SmtpdObserver = _Unobserved()
+        # Made once per settings, not per connection: each client address's record and
+        # each EHLO reply (by what it offers).
+        self._clients: dict[str, Client] = {}
+        self.ehlo_replies: dict[tuple[bool, bool, bool], str] = {}
 
     def observe(self, observer: SmtpdObserver) -> None:
         """Tell ``observer`` (the metrics) of connections, refusals and commits."""
@@ -84,6 +89,8 @@ class Listener:
 
     def reconfigure(self, settings: SmtpdSettings) -> None:
         self.settings = settings
+        self._clients = {}
+        self.ehlo_replies = {}
         self.cleanup.settings = settings
         self.anvil.reconfigure(settings.anvil_rate_time_unit)
         self.logins.limit = settings.auth_failure_limit
@@ -94,6 +101,16 @@ class Listener:
         listener, whose server socket does the TLS handshake before the session starts."""
         return Engine(lambda conn: Session(self, conn, implicit_tls=implicit_tls),
                       self.settings.timeout)
+
+    def client(self, address: str) -> Client:
+        """The policy record for a peer address (relay.smtpd.policy.client_for), made
+        once per address while the settings last."""
+        found = self._clients.get(address)
+        if found is None:
+            if len(self._clients) >= CLIENTS_KEPT:
+                self._clients = {}
+            found = self._clients[address] = client_for(self.settings, address)
+        return found
 
     # ---- per-client accounting (Postfix's anvil) --------------------------------------
 

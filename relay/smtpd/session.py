@@ -102,7 +102,7 @@ class Session:
         self.listener = listener
         self.conn = conn
         self.implicit_tls = implicit_tls
-        self.client = policy.client_for(listener.settings, "")
+        self.client = _NO_CLIENT_YET
         self.helo = ""
         self.esmtp = False
         self.sasl_user = ""
@@ -116,12 +116,6 @@ class Session:
         self._last_code = 0
         self._counted = False
         self._session_timer: asyncio.TimerHandle | None = None
-        self._commands: dict[str, Callable[[str], Awaitable[None]]] = {
-            "EHLO": self.ehlo, "HELO": self.helo_command, "STARTTLS": self.starttls,
-            "AUTH": self.auth, "MAIL": self.mail_command, "RCPT": self.rcpt, "DATA": self.data,
-            "RSET": self.rset, "NOOP": self.noop, "VRFY": self.vrfy, "ETRN": self.etrn,
-            "QUIT": self.quit,
-        }
 
     # ---- the session ----------------------------------------------------------------
 
@@ -146,7 +140,7 @@ class Session:
                 self.close()
                 return
             self.phase = "connect"
-        self.client = policy.client_for(s, address)
+        self.client = self.listener.client(address)
         self.conn.deadline(s.timeout)
         if not self._admit():
             return
@@ -309,7 +303,7 @@ class Session:
         text = line.rstrip(b"\r\n")
         verb_bytes, _, arg_bytes = text.partition(b" ")
         verb = verb_bytes.decode("ascii", "replace").upper()
-        handler = self._commands.get(verb)
+        handler = _COMMANDS.get(verb)
         try:
             text.decode("utf-8")
         except UnicodeDecodeError:
@@ -341,9 +335,12 @@ class Session:
             elif self._starttls_required() and verb not in policy.BEFORE_STARTTLS:
                 self.send(replies.NEED_STARTTLS)
             else:
-                await handler(arg)
-        ok, total = self.counts.setdefault(name, [0, 0])
-        self.counts[name] = [ok + (0 < self._last_code < 400), total + 1]
+                await handler(self, arg)
+        counts = self.counts.get(name)
+        if counts is None:
+            counts = self.counts[name] = [0, 0]
+        counts[0] += 0 < self._last_code < 400
+        counts[1] += 1
 
     def _reject_bare_lf(self) -> None:
         log.info("reject: bare <LF> received from %s", self.namaddr())
@@ -389,19 +386,12 @@ class Session:
         self._reset()
         self.helo, self.esmtp = arg, True
         s = self.listener.settings
-        words = ["PIPELINING", "VRFY", "ETRN", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN",
-                 "SMTPUTF8"]
-        if s.message_size_limit:
-            words.append(f"SIZE {s.message_size_limit}")
-        if self._starttls_offered():
-            words.append("STARTTLS")
-        if self._auth_offered():
-            words.append("AUTH LOGIN PLAIN")
-        if s.requiretls_enable and self.tls:
-            words.append("REQUIRETLS")
-        words.sort(key=lambda w: _EHLO_ORDER.index(w.split(" ")[0]))
-        lines = [s.myhostname, *words]
-        self.send("\r\n".join(f"250-{w}" for w in lines[:-1]) + f"\r\n250 {lines[-1]}")
+        offer = (self._starttls_offered(), self._auth_offered(), s.requiretls_enable and self.tls)
+        replies_made = self.listener.ehlo_replies
+        text = replies_made.get(offer)
+        if text is None:
+            text = replies_made[offer] = ehlo_reply(s, *offer)
+        self.send(text)
 
     def _starttls_offered(self) -> bool:
         s = self.listener.settings
@@ -635,12 +625,13 @@ class Session:
             if content.feed(piece):
                 break
         self.mail = None
-        reply = self._judge(mail, content)
+        data = content.data()
+        reply = self._judge(mail, content, data)
         if reply is None:
-            reply = await self._enqueue(mail, content.data())
+            reply = await self._enqueue(mail, data)
         self.send(reply)
 
-    def _judge(self, mail: Transaction, content: Content) -> str | None:
+    def _judge(self, mail: Transaction, content: Content, data: bytes) -> str | None:
         """The reply refusing a message that arrived whole, or None to queue it."""
         s = self.listener.settings
         if content.too_big:
@@ -650,9 +641,8 @@ class Session:
             return replies.BARE_LF.format(code=s.bare_newline_reject_code)
         if content.nul:
             return self._reject_data(mail, replies.NUL_IN_CONTENT)
-        data = content.data()
         if s.hopcount_limit and \
-                len(_RECEIVED.findall(_header_section(data))) > s.hopcount_limit:
+                len(_RECEIVED.findall(data, 0, _header_end(data))) > s.hopcount_limit:
             return self._reject_data(mail, replies.TOO_MANY_HOPS)
         if self.listener.shutting_down:
             return replies.SHUTTING_DOWN
@@ -747,11 +737,40 @@ class Session:
         self.close()
 
 
-def _header_section(content: bytes) -> bytes:
-    """The message header (RFC 5322 §2.1): everything before the first empty line."""
+# The handler of each command: one table for every session.
+_COMMANDS: dict[str, Callable[[Session, str], Awaitable[None]]] = {
+    "EHLO": Session.ehlo, "HELO": Session.helo_command, "STARTTLS": Session.starttls,
+    "AUTH": Session.auth, "MAIL": Session.mail_command, "RCPT": Session.rcpt,
+    "DATA": Session.data, "RSET": Session.rset, "NOOP": Session.noop, "VRFY": Session.vrfy,
+    "ETRN": Session.etrn, "QUIT": Session.quit,
+}
+# Who the client is until its address is known (the PROXY header may name it).
+_NO_CLIENT_YET = policy.Client("", "unknown", False, False, "no")
+
+
+def ehlo_reply(s: policy.SmtpdSettings, starttls: bool, auth: bool, requiretls: bool) -> str:
+    """The EHLO reply with what is offered, in Postfix's order."""
+    words = ["PIPELINING", "VRFY", "ETRN", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN",
+             "SMTPUTF8"]
+    if s.message_size_limit:
+        words.append(f"SIZE {s.message_size_limit}")
+    if starttls:
+        words.append("STARTTLS")
+    if auth:
+        words.append("AUTH LOGIN PLAIN")
+    if requiretls:
+        words.append("REQUIRETLS")
+    words.sort(key=lambda w: _EHLO_ORDER.index(w.split(" ")[0]))
+    lines = [s.myhostname, *words]
+    return "\r\n".join(f"250-{w}" for w in lines[:-1]) + f"\r\n250 {lines[-1]}"
+
+
+def _header_end(content: bytes) -> int:
+    """Where the message header (RFC 5322 §2.1) ends: at the first empty line."""
     if content.startswith(b"\r\n"):
-        return b""
-    return content.split(b"\r\n\r\n", 1)[0]
+        return 0
+    end = content.find(b"\r\n\r\n")
+    return len(content) if end < 0 else end
 
 
 def _printable(data: bytes | str, limit: int = 100) -> str:
