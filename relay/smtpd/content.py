@@ -19,7 +19,11 @@ It owns the rules Postfix 3.7's smtpd applies to message content, line by line, 
   continuation of the Received: header put on top (Postfix does the same).
 - Content beyond message_size_limit is read and thrown away; a NUL is noted.
 
-No I/O: the engine hands over each line as read; a crash here leaves nothing behind.
+The engine hands over what it has read, whole lines at a time (``feed_block``): runs of
+plain lines (each ending in CR LF, none starting with a dot, no other CR, no NUL), which
+the rules above leave as they are, are stored as they came, in one piece; every other
+line goes through ``feed``, one line at a time.  No I/O; a crash here leaves nothing
+behind.
 """
 
 from __future__ import annotations
@@ -106,6 +110,54 @@ class Content:
             self._parts.clear()
             return
         self._parts.append(data)
+
+    def feed_block(self, block: bytes) -> int:
+        """Take whole lines (the last may be the first piece of a long line); the offset
+        just after the line that ended the data, or -1 if the data goes on.  What comes
+        after that line is the client's next input, not the message's."""
+        pos, size = 0, len(block)
+        while pos < size:
+            slow_until = pos
+            if not self._carry and not self._continued:
+                end, plain = self._run(block, pos)
+                if plain:
+                    if self._first:
+                        self._first = False
+                        if block[pos:pos + 1] in (b" ", b"\t"):
+                            self._store(b"\r\n")
+                    self._store(block[pos:end])
+                    self._prev_bare = False
+                    pos = end
+                    continue
+                slow_until = end  # a bare CR or LF, or a NUL, in there: line by line
+            while True:
+                newline = block.find(b"\n", pos)
+                end = size if newline < 0 else newline + 1
+                if self.feed(block[pos:end]):
+                    return end
+                pos = end
+                if pos >= slow_until:
+                    break
+        return -1
+
+    @staticmethod
+    def _run(block: bytes, pos: int) -> tuple[int, bool]:
+        """The whole lines from ``pos`` up to the next line that starts with a dot, and
+        whether ``feed`` would store them unchanged (each ends in CR LF, and there is no
+        other CR, no bare LF, no NUL).  (pos, False) when the line at ``pos`` starts
+        with a dot or is not whole."""
+        if block[pos:pos + 1] == b".":
+            return pos, False
+        dot = block.find(b"\n.", pos)
+        end = dot + 1 if dot >= 0 else len(block)
+        if not block.endswith(b"\n", pos, end):
+            end = block.rfind(b"\n", pos, end) + 1  # whole lines only
+            if end <= pos:
+                return pos, False
+        crlf = block.count(b"\r\n", pos, end)
+        plain = (block.count(b"\n", pos, end) == crlf and block.count(b"\r", pos, end) == crlf
+                 and block.find(b"\x00", pos, end) < 0)
+        return end, plain
 
     @property
     def rejected_bare_lf(self) -> bool:

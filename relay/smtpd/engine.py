@@ -26,7 +26,9 @@ against the installed aiosmtpd, naming the member when an upgrade changes it):
 - ``_reset_timeout`` and ``_timeout_cb``: overridden; smtpd_timeout is a per-read deadline
   that a line only moves, with one timer per connection.
 - ``_reader._buffer``: what the client has sent and nobody read yet (RFC 2920 pipelining,
-  pregreet); cleared to forget unread input when a session is ended.
+  pregreet); cleared to forget unread input when a session is ended; searched for the
+  last whole line of a run of DATA lines, and given back what was read past the end of
+  the data (``unread``).  These are asyncio's StreamReader's, which aiosmtpd's reader is.
 - ``sslproto.SSLProtocol`` wired as ``SMTP.smtp_STARTTLS`` does (its ``_app_transport``),
   since smtp_STARTTLS itself would send aiosmtpd's own 220 text.
 - ``aiosmtpd.proxy_protocol.get_proxy``: public.
@@ -203,6 +205,25 @@ class Engine(SMTP):
             return await self._reader.read(exc.consumed)
         except (ConnectionError, OSError):
             return None
+
+    async def read_lines(self) -> bytes | None:
+        """The whole lines already received, at most about READ_LIMIT bytes of them (at
+        least one line, or the first piece of an over-long one, waited for); None at
+        the end of the input.  One call for a run of DATA lines instead of one each."""
+        buffer = self._reader._buffer  # type: ignore[attr-defined]
+        end = buffer.rfind(b"\n", 0, READ_LIMIT)
+        if end < 0 or self._closing:
+            return await self.read_line()
+        if self._moving:
+            self._reset_timeout()
+        # The bytes are there: readexactly() returns them at once, and lets the
+        # transport read again if it had been paused for a full buffer.
+        return await self._reader.readexactly(end + 1)
+
+    def unread(self, data: bytes) -> None:
+        """Give back input read past the end of the data: it is read again first."""
+        if data and not self._closing:
+            self._reader._buffer[0:0] = data  # type: ignore[attr-defined]
 
     async def read_proxy(self) -> tuple[str, str]:
         try:

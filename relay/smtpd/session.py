@@ -69,6 +69,13 @@ class Connection(Protocol):
         """A line with its LF (or CR LF), or the first part of an over-long one; None at
         the end of the input."""
 
+    async def read_lines(self) -> bytes | None:
+        """The whole lines already received (at least one, or the first part of an
+        over-long one); None at the end of the input."""
+
+    def unread(self, data: bytes) -> None:
+        """Give back input read past where it belongs: it is read again first."""
+
     async def read_proxy(self) -> tuple[str, str]:
         """The client address from a PROXY header, and an error text ("" if none)."""
 
@@ -617,12 +624,14 @@ class Session:
         await self.conn.drain()
         content = Content(self.client.bare_newline, s.message_size_limit)
         while True:
-            piece = await self.conn.read_line()
-            if piece is None:
+            block = await self.conn.read_lines()
+            if block is None:
                 log.info("lost connection after DATA from %s", self.namaddr())
                 self.close()
                 return
-            if content.feed(piece):
+            end = content.feed_block(block)
+            if end >= 0:
+                self.conn.unread(block[end:])  # pipelined after the data: commands
                 break
         self.mail = None
         data = content.data()

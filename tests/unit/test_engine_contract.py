@@ -73,6 +73,26 @@ def test_connection_made_still_uses_what_the_engine_provides() -> None:
         "SMTP.connection_lost no longer cancels the session task"
 
 
+def test_the_read_buffer_is_a_bytearray_a_block_read_may_search_and_give_back() -> None:
+    """read_lines() searches the reader's _buffer for its last whole line and takes it
+    with readexactly(); unread() puts bytes back in front of it."""
+
+    async def check() -> tuple[bytes, bytes]:
+        ours = engine.Engine(lambda conn: None, 300.0)  # type: ignore[arg-type, return-value]
+        reader = ours._reader if hasattr(ours, "_reader") else ours._stream_reader
+        assert isinstance(reader._buffer, bytearray), type(reader._buffer)
+        reader.feed_data(b"one\r\ntwo\r\nthr")
+        ours._reader = reader  # as _cb_client_connected sets it at connection_made
+        ours._closing = False
+        block = await ours.read_lines()
+        ours.unread(b"two\r\n")
+        return block or b"", bytes(reader._buffer)
+
+    block, left = asyncio.run(check())
+    assert block == b"one\r\ntwo\r\n"
+    assert left == b"two\r\nthr"
+
+
 def test_proxy_parser_is_there() -> None:
     signature = inspect.signature(aiosmtpd.proxy_protocol.get_proxy)
     assert list(signature.parameters)[0] == "reader_func", signature
