@@ -48,6 +48,17 @@ class LogError(Exception):
     """The maillog cannot be opened; ``str()`` says which and why."""
 
 
+_pid = os.getpid()  # the [PID] of every line: read once (again after a fork), not per line
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 class MaillogFormatter(logging.Formatter):
     def __init__(self, hostname: str, syslog_name: str, *, with_host: bool = True) -> None:
         super().__init__()
@@ -70,7 +81,7 @@ class MaillogFormatter(logging.Formatter):
         text = _PREFIX.get(record.levelno, "") + record.getMessage()
         if record.exc_info and record.levelno >= logging.ERROR:
             text += " " + self.formatException(record.exc_info).replace("\n", " | ")
-        return f"{stamp}{self.host_field} {self.syslog_name}/{program}[{record.process}]: {text}"
+        return f"{stamp}{self.host_field} {self.syslog_name}/{program}[{_pid}]: {text}"
 
 
 class _Syslog(logging.handlers.SysLogHandler):
@@ -136,6 +147,7 @@ def setup(hostname: str, syslog_name: str, maillog_file: str = "", debug: bool =
     logging._srcfile = None
     logging.logThreads = False
     logging.logMultiprocessing = False
+    logging.logProcesses = False  # the formatter knows its process (a getpid() per line)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     root.propagate = False
 

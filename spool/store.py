@@ -69,7 +69,6 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, replace
-from queue import Queue
 from typing import TypeVar, cast
 
 from spool import envelope as envfmt
@@ -83,6 +82,7 @@ SEARCH_ORDER = ("active", "incoming", "deferred", "hold", "corrupt")
 TMP_MAX_AGE = 86400.0
 FREE_POOL_MAX = 4096  # spare inodes kept for reuse (empty files after truncation)
 KEPT_POOL_MAX = 256  # the queue manager's own spares (replaced envelopes), for rewrites
+EMPTY_BATCH_WAIT = 0.05  # seconds the emptier gathers retired content before it empties
 
 _QUEUE_ID = re.compile(r"^[A-Za-z0-9]{6,24}$")
 _RECORD_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
@@ -95,6 +95,22 @@ T = TypeVar("T")
 # durable before the next step; run_steps() (blocking) or run_steps_async() (the
 # daemon's fsync helper) drives it.  One order of steps, two ways to wait for disks.
 Steps = Generator[list[str], None, T]
+
+
+_own_pid = os.getpid()
+
+
+def _pid() -> int:
+    """This process's ID, without a system call each time (it changes only at a fork)."""
+    return _own_pid
+
+
+def _forked() -> None:
+    global _own_pid
+    _own_pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def valid_queue_id(name: str) -> bool:
@@ -246,7 +262,9 @@ class Spool:
         self._retired = 0
         # Retired content files waiting to be emptied (see _empty_retired), and the
         # thread that empties them: the queue manager's, started at the first one.
-        self._to_empty: Queue[str] = Queue()
+        self._to_empty: collections.deque[str] = collections.deque()
+        self._empty_wake = threading.Event()
+        self._emptying = False
         self._emptier: threading.Thread | None = None
         if create:
             self.create_dirs()
@@ -270,7 +288,7 @@ class Spool:
         return os.path.join(self.root, "data", queue_id)
 
     def _tmp_path(self, queue_id: str) -> str:
-        return os.path.join(self.root, "tmp", f"{queue_id}.{os.getpid()}.{threading.get_ident()}")
+        return os.path.join(self.root, "tmp", f"{queue_id}.{_pid()}.{threading.get_ident()}")
 
     def relative_path(self, queue: str, queue_id: str) -> str:
         return f"{queue}/{queue_id}"
@@ -296,7 +314,7 @@ class Spool:
                 # takeable name): keep the inode, not the mail.
                 prefix = "e" if truncate else ""
                 spare = os.path.join(self.root, "free",
-                                     f"{prefix}{os.getpid()}.{next(self._free_serial)}")
+                                     f"{prefix}{_pid()}.{next(self._free_serial)}")
                 try:
                     os.rename(path, spare)
                 except FileNotFoundError:
@@ -317,7 +335,9 @@ class Spool:
         """Have ``staged`` (a free/e... name) emptied and made a spare, in a thread: an
         emptied file frees its blocks, which may wait for the disk (a synchronous
         discard takes milliseconds), and the caller is an event loop."""
-        self._to_empty.put(staged)
+        self._to_empty.append(staged)
+        if not self._empty_wake.is_set():
+            self._empty_wake.set()
         if self._emptier is None:
             self._emptier = threading.Thread(target=self._empty_retired, daemon=True,
                                              name="spool-empty")
@@ -325,20 +345,26 @@ class Spool:
 
     def _empty_retired(self) -> None:
         while True:
-            staged = self._to_empty.get()
-            try:
-                os.truncate(staged, 0)
-                os.rename(staged, os.path.join(
-                    self.root, "free", f"{os.getpid()}.{next(self._free_serial)}"))
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.unlink(staged)  # an e-name is nobody's: never leave mail in free/
-            finally:
-                self._to_empty.task_done()
+            self._empty_wake.wait()
+            # One wake-up (and one wait for the GIL) per batch, not per message.
+            time.sleep(EMPTY_BATCH_WAIT)
+            self._emptying = True
+            self._empty_wake.clear()
+            while self._to_empty:
+                staged = self._to_empty.popleft()
+                try:
+                    os.truncate(staged, 0)
+                    os.rename(staged, os.path.join(
+                        self.root, "free", f"{_pid()}.{next(self._free_serial)}"))
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.unlink(staged)  # an e-name is nobody's: never leave mail in free/
+            self._emptying = False
 
     def settle(self) -> None:
         """Wait until every retired content file is emptied and a spare (tests)."""
-        self._to_empty.join()
+        while self._to_empty or self._emptying:
+            time.sleep(0.005)
 
     def _spares(self) -> Iterator[tuple[str, int]]:
         """(name, link count) of each file in free/."""
@@ -406,7 +432,7 @@ class Spool:
         the live envelope's inode."""
         if not self._retire_to_free or len(self._kept) >= KEPT_POOL_MAX:
             return None
-        name = f"q{os.getpid()}.{next(self._free_serial)}"
+        name = f"q{_pid()}.{next(self._free_serial)}"
         try:
             os.link(path, os.path.join(self.root, "free", name))
         except OSError:
@@ -546,8 +572,7 @@ class Spool:
         if not valid_queue_id(queue_id) or queue not in QUEUES:
             raise EntryGone(f"{queue}/{queue_id}")
         try:
-            with open(self._env_path(queue, queue_id), "rb") as f:
-                raw = f.read()
+            raw = _read_at(None, self._env_path(queue, queue_id))
         except FileNotFoundError as exc:
             raise EntryGone(f"{queue}/{queue_id}") from exc
         except OSError as exc:
@@ -560,8 +585,7 @@ class Spool:
     def read_content(self, queue_id: str, expected_size: int | None = None) -> bytes:
         """The message content; CorruptEntry if missing or not of the recorded size."""
         try:
-            with open(self._data_path(queue_id), "rb") as f:
-                data = f.read()
+            data = _read_at(None, self._data_path(queue_id), expected_size)
         except FileNotFoundError as exc:
             raise CorruptEntry(f"data/{queue_id}: message content is missing") from exc
         except OSError as exc:
@@ -1039,12 +1063,15 @@ async def run_steps_async(steps: Steps[T],
         steps.close()  # cancelled between steps: the steps clean up
 
 
-def _read_at(dir_fd: int, name: str) -> bytes:
-    """The whole file ``name`` in the directory ``dir_fd``; an envelope takes one read."""
+def _read_at(dir_fd: int | None, name: str, size: int | None = None) -> bytes:
+    """The whole file ``name`` (in the directory ``dir_fd``, or a path); an envelope
+    takes one read, and so does a file of the ``size`` expected.  No buffered file
+    object: its lseek, fstat and isatty calls cost more than the read."""
     fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        raw = os.read(fd, 8192)
-        if len(raw) < 8192:
+        first = max(8192, size + 1) if size is not None else 8192
+        raw = os.read(fd, first)
+        if len(raw) < first:
             return raw
         chunks = [raw]
         while chunk := os.read(fd, 1 << 20):
