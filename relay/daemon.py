@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from relay import clock as clock_mod
@@ -51,8 +50,10 @@ from relay.settings import (
     sasl_credentials,
     smtpd_settings,
 )
+from relay.smtpd import process, tickets
 from relay.smtpd.listener import Listener
-from spool import Envelope, Spool, SpoolError
+from relay.workers import Workers, WorkerStartError
+from spool import Spool, SpoolError
 from spool.fsync import Syncer
 from spool.store import fault_hook_from
 
@@ -63,6 +64,7 @@ log = logging.getLogger("relay.master")
 
 SHUTDOWN_GRACE = 5.0
 SPOOL_THREADS = 16
+AUTO_PROCESSES_MAX = 4  # relay_smtpd_processes = 0: one per CPU, at most this many
 
 
 class StartupError(Exception):
@@ -78,47 +80,6 @@ def fatal_line(text: str) -> None:
     print(f"relay: fatal: {text}", file=sys.stderr, flush=True)
 
 
-class QmgrLink:
-    """The listener's end of the trigger socket to the queue manager process."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.lost = False  # a trigger did not fit: send "scan" when there is room
-        self.retrying = False
-
-    def queued(self, env: Envelope) -> None:
-        self.send(env.queue_id.encode("ascii"))
-
-    def flush_site(self, site: str) -> bool:
-        """ETRN: the queue manager retries the deferred mail for ``site`` now (Postfix's
-        flush service); a trigger that does not fit is lost, as a flush may be."""
-        try:
-            self.sock.send(b"etrn=" + site.encode("ascii", "replace"))
-        except OSError:
-            return False
-        return True
-
-    def send(self, data: bytes) -> None:
-        try:
-            if self.lost:
-                self.sock.send(b"scan")
-                self.lost = False
-            if data:
-                self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            self.lost = True
-            if not self.retrying:  # one timer, however many triggers did not fit
-                self.retrying = True
-                asyncio.get_running_loop().call_later(0.1, self.retry)
-        except OSError:
-            pass  # the qmgr is gone; the daemon is stopping
-
-    def retry(self) -> None:
-        self.retrying = False
-        if self.lost:
-            self.send(b"")
-
-
 @dataclass
 class Daemon:
     config_dir: str | None
@@ -130,6 +91,8 @@ class Daemon:
     overrides: tuple[str, ...] = ()  # -o name=value, kept across reloads
     http: HttpServer | None = None
     draining: bool = False
+    workers: Workers | None = None  # the other processes accepting mail
+    _reloads: set[asyncio.Task[None]] = field(default_factory=set)
 
     def drain(self) -> None:
         """relay drain (through the queue manager): stop listening, so that a load
@@ -139,6 +102,8 @@ class Daemon:
         self.draining = True
         for server in self.servers:
             server.close()
+        if self.workers is not None:
+            self.workers.drain()
         if self.http is not None:
             self.http.ctx.accepting = False
         log.info("draining: no longer accepting mail on %s", _listening(self.cfg))
@@ -159,18 +124,43 @@ class Daemon:
                 return
 
     def reload(self) -> None:
-        """SIGHUP: main.cf again, the maillog reopened (logrotate), the queue manager
-        told; systemd hears RELOADING=1 and then READY=1."""
+        """SIGHUP: main.cf again, the maillog reopened (logrotate), the listener workers
+        and the queue manager told; systemd hears RELOADING=1 and then READY=1.  The
+        "reload" line is logged once every process that accepts mail runs on the new
+        settings."""
         sdnotify.reloading()
         maillog.reopen()  # first, so that the lines about this reload are in the new file
+        old = self.cfg
         try:
-            maillog.reconfigure(self.cfg, self._reload())
+            reloaded = self._reload()
+        except BaseException:
+            self._reloaded(old, False)
+            raise
+        if reloaded and self.workers is not None and self.workers.workers:
+            task = asyncio.get_running_loop().create_task(self._reload_workers(old))
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
+        else:
+            self._reloaded(old, reloaded)
+
+    async def _reload_workers(self, old: Config) -> None:
+        assert self.workers is not None
+        try:
+            await self.workers.reload()
+        finally:
+            self._reloaded(old, True)
+
+    def _reloaded(self, old: Config, reloaded: bool) -> None:
+        try:
+            if reloaded:
+                log.info("reload -- configuration %s", self.cfg.path or "(built-in defaults)")
+                maillog.reconfigure(self.cfg, old)
         finally:
             if self.qmgr is not None and self.qmgr.returncode is None:
                 self.qmgr.send_signal(signal.SIGHUP)
             sdnotify.ready(f"accepting mail on {_listening(self.cfg)}")
 
-    def _reload(self) -> Config:
+    def _reload(self) -> bool:
         try:
             cfg = config_mod.load(self.config_dir, strict=True, overrides=self.overrides)
             router_for(cfg)
@@ -180,13 +170,14 @@ class Daemon:
             smtpd = smtpd_settings(cfg)
         except (ConfigError, ValueError) as exc:
             log.warning("reload failed, keeping the old configuration: %s", exc)
-            return self.cfg
-        old, self.cfg = self.cfg, cfg
+            return False
+        self.cfg = cfg
+        if self.workers is not None:
+            tickets.share(smtpd.tls_context, self.workers.keys)
         self.listener.reconfigure(smtpd)
         if self.http is not None:
             self.http.ctx.config = cfg
-        log.info("reload -- configuration %s", cfg.path or "(built-in defaults)")
-        return old
+        return True
 
 
 async def _start_qmgr(config_dir: str | None, overrides: tuple[str, ...],
@@ -229,8 +220,9 @@ def _open_spool(cfg: Config) -> Spool:
     if errors:
         raise StartupError(errors[0].text)
     try:
+        # Each process accepting mail takes its own share of the spare inodes.
         spool = Spool(root, long_ids=cfg.bool("enable_long_queue_ids"),
-                      fault=fault, reuse_free=True)
+                      fault=fault, reuse_free=True, reuse_share=(0, smtpd_processes(cfg)))
     except OSError as exc:
         raise StartupError(f"queue_directory {os.path.abspath(root)}: cannot create "
                            f"{exc.filename or root}: {exc.strerror or exc}") from None
@@ -304,33 +296,45 @@ async def run(config_dir: str | None, cfg: Config, overrides: tuple[str, ...] = 
             sock.close()
         os.close(lock_fd)
         return 1
-    link = QmgrLink(mine)
+    link = process.QmgrLink(mine)
 
     clock = clock_mod.from_environ()
-    listener = Listener(spool, smtpd_settings(cfg), on_queued=link.queued, clock=clock,
+    count = smtpd_processes(cfg)
+    keys = tickets.new_keys()
+    settings = smtpd_settings(cfg)
+    if count > 1:  # a client resumes its TLS session in whichever process it meets
+        tickets.share(settings.tls_context, keys)
+    listener = Listener(spool, settings, on_queued=link.queued, clock=clock,
                         flush_site=link.flush_site)
     syncer = listener.cleanup.syncer = Syncer()
     syncer.start()
+    workers = Workers(count, config_dir, overrides, listener, keys)
     if http_socks:  # GET /metrics is served: count from the first connection on
         from relay import metrics
 
         listener_metrics = metrics.ListenerMetrics(
             spool, lambda: daemon.cfg.int("relay_metrics_domain_limit"))
+        listener_metrics.workers = workers.metrics
         listener.observe(listener_metrics)
         metrics.install(listener_metrics)
-    servers: list[asyncio.AbstractServer] = []
-    for addr, sock in socks:
-        sock.listen(512)
-        if addr.tls:  # implicit TLS (port 465 style): the handshake comes first
-            server = await loop.create_server(
-                functools.partial(listener.factory, implicit_tls=True), sock=sock,
-                ssl=listener.settings.tls_context,
-                ssl_handshake_timeout=listener.settings.timeout)
-        else:
-            server = await loop.create_server(listener.factory, sock=sock)
-        servers.append(server)
+    for _, sock in socks:
+        sock.listen(process.LISTEN_BACKLOG)
+    servers = await process.serve(listener, socks)
+    for _, sock in socks:
         log.info("listening on %s", _sockname(sock))
-    daemon = Daemon(config_dir, cfg, spool, listener, servers, qmgr, overrides)
+    try:
+        await workers.start(socks, mine)
+    except WorkerStartError as exc:
+        fatal_line(str(exc))
+        workers.terminate()
+        await process.shutdown(listener, servers)
+        await workers.wait()
+        await _stop_qmgr(qmgr)
+        syncer.close()
+        os.close(lock_fd)
+        return 1
+    daemon = Daemon(config_dir, cfg, spool, listener, servers, qmgr, overrides,
+                    workers=workers)
     if http_socks:
         from relay.http.server import HttpContext, HttpServer
 
@@ -358,26 +362,55 @@ async def run(config_dir: str | None, cfg: Config, overrides: tuple[str, ...] = 
     sdnotify.ready(f"accepting mail on {_listening(cfg)}")
     qmgr_task = loop.create_task(qmgr.wait())
     stop_task = loop.create_task(stop.wait())
-    done, _ = await asyncio.wait({qmgr_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    worker_task = loop.create_task(workers.exited())
+    done, _ = await asyncio.wait({qmgr_task, stop_task, worker_task},
+                                 return_when=asyncio.FIRST_COMPLETED)
     sdnotify.stopping()
     loop.remove_reader(mine.fileno())
     status = 0
     if qmgr_task in done:
         # The queue manager died: stop taking mail that nobody would deliver.  A
         # supervisor restarts the daemon; what was in active/ is scheduled again.
-        # Killed by a signal (a negative returncode): exit as a shell reports it.
-        code = qmgr.returncode if qmgr.returncode is not None else 1
-        status = code if code > 0 else (128 - code if code < 0 else 1)
+        status = _exit_status(qmgr.returncode)
         log.critical("the queue manager exited with status %s", qmgr.returncode)
+    elif worker_task in done and worker_task.result()[1] != 0:
+        # A listener worker died: the daemon stops as a whole, as Postfix's master
+        # would not, but as relay does when its queue manager dies: a supervisor
+        # restarts it (nothing a client was told 250 about is lost).
+        index, code = worker_task.result()
+        status = _exit_status(code)
+        log.critical("listener worker %d exited with status %s", index, code)
     else:
+        # SIGTERM, or a worker that stopped for one (a supervisor signals the whole
+        # process group: each process stops gracefully).
         log.info("terminating on signal")
+    worker_task.cancel()
     if daemon.http is not None:
         await daemon.http.stop()
-    await _shutdown(listener, servers, qmgr)
+    workers.terminate()
+    await process.shutdown(listener, servers)
+    await workers.wait()
+    await _stop_qmgr(qmgr)
     syncer.close()
     stop_task.cancel()
     os.close(lock_fd)
     return status
+
+
+def _exit_status(code: int | None) -> int:
+    """A child's status as the daemon's: killed by a signal (a negative returncode), as
+    a shell reports it."""
+    code = code if code is not None else 1
+    return code if code > 0 else (128 - code if code < 0 else 1)
+
+
+def smtpd_processes(cfg: Config) -> int:
+    """relay_smtpd_processes: processes accepting mail, the master's own included; 0 is
+    one per CPU, at most AUTO_PROCESSES_MAX."""
+    count = cfg.int("relay_smtpd_processes")
+    if count <= 0:
+        count = min(os.cpu_count() or 1, AUTO_PROCESSES_MAX)
+    return count
 
 
 def _why(exc: BaseException) -> str:
@@ -405,17 +438,8 @@ def _log_target(cfg: Config) -> str:
     return os.path.abspath(path) if path else "(standard error)"
 
 
-async def _shutdown(listener: Listener, servers: Sequence[asyncio.AbstractServer],
-                    qmgr: asyncio.subprocess.Process) -> None:
-    """Stop listening, let commits in progress finish, 421 the rest, stop the qmgr."""
-    listener.shutting_down = True
-    for server in servers:
-        server.close()
-    loop = asyncio.get_running_loop()
-    end = loop.time() + 3.0
-    while listener.committing and loop.time() < end:
-        await asyncio.sleep(0.02)
-    listener.shutdown_sessions()
+async def _stop_qmgr(qmgr: asyncio.subprocess.Process) -> None:
+    """Stop the queue manager (once every process accepting mail has stopped)."""
     if qmgr.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             qmgr.send_signal(signal.SIGTERM)

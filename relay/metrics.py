@@ -5,7 +5,8 @@ What each process counts (prometheus_client, one plain registry per process):
 - the listener (``relay serve``: master, smtpd, cleanup) -- ``relay_smtpd_connections_total``,
   ``relay_smtpd_rejects_total{reason}``, ``relay_messages_accepted_total``,
   ``relay_spool_commit_seconds`` (from the end of DATA to the durable commit, the wait
-  before 250), the spool's ``relay_queue_messages{queue}``,
+  before 250), counted by relay.smtpd.counts in the master and in each listener worker
+  (asked for its counts at each scrape, relay.workers, and summed), the spool's ``relay_queue_messages{queue}``,
   ``relay_queue_oldest_age_seconds{queue}`` and ``relay_spool_free_bytes`` (read at scrape
   time, at most every few seconds), ``relay_queue_deferred_domain_messages{domain}`` (read
   at most once a minute), and the standard ``process_*`` of its own process;
@@ -43,24 +44,28 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
-    Counter,
     Histogram,
     ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.outcome import Report, Status
+from relay.smtpd.counts import COMMIT_BUCKETS, REJECT_REASONS, SmtpdCounts
 from spool.store import QUEUES
 
 if TYPE_CHECKING:
@@ -70,45 +75,12 @@ if TYPE_CHECKING:
 # The _created series double the series count and say what process_start_time_seconds says.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 DELAY_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400,
                  2 * 86400, 5 * 86400)
 HALF_LIFE = 3600.0  # seconds: how fast "busiest" forgets
 SPOOL_MAX_AGE = 5.0  # seconds a spool reading is reused for
 DOMAINS_MAX_AGE = 60.0  # seconds the deferred-by-domain reading (every envelope) is reused
 OTHER = "other"
-
-# Which rejection a reply is, by its code and enhanced code, then its words: the listener's
-# replies (relay.smtpd.replies) as an operator groups them.  First match wins.
-_REASONS: tuple[tuple[str, str], ...] = (
-    (r"Relay access denied|Recipient address rejected", "relay_denied"),
-    (r"too many (connections|messages|recipients) from", "rate_limit"),
-    (r"[Aa]uthenticat|AUTH|failed logins", "auth"),
-    (r"Must issue a STARTTLS", "tls_required"),
-    (r"protocol synchronization", "pipelining"),
-    (r"bare <LF>", "bare_newline"),
-    (r"Message size exceeds|Bad message size", "size"),
-    (r"too many recipients$", "recipient_limit"),
-    (r"Insufficient system storage|queue file write error", "storage"),
-    (r"too many errors", "error_limit"),
-    (r"timeout exceeded", "timeout"),
-    (r"Service shutting down", "shutdown"),
-    (r"NUL character in message|Too many hops", "content"),
-    (r"service unavailable|Unable to queue messages", "etrn"),
-    (r"^503 |^554 5\.5\.1 ", "sequence"),  # RFC 3463 X.5.1 after a good command
-    (r"^50[012] |^555 ", "syntax"),
-)
-_REASON_RES = tuple((re.compile(pattern), reason) for pattern, reason in _REASONS)
-REJECT_REASONS = (*dict.fromkeys(reason for _, reason in _REASONS), "other")
-
-
-def reject_reason(reply: str) -> str:
-    """The ``reason`` label of a refusal (a 4xx or 5xx reply the listener sent)."""
-    for pattern, reason in _REASON_RES:
-        if pattern.search(reply):
-            return reason
-    return "other"
-
 
 # ---- the listener process -----------------------------------------------------------------
 
@@ -193,43 +165,68 @@ class QmgrCollector:
         yield from self.families
 
 
+class SmtpdCollector:
+    """The listener's counts: this process's and, for the scrape at hand, its workers'."""
+
+    def __init__(self, own: SmtpdCounts) -> None:
+        self.own = own
+        self.workers: list[SmtpdCounts] = []
+
+    def collect(self) -> Iterator[Metric]:
+        total = SmtpdCounts()
+        for counts in (self.own, *self.workers):
+            total.add(counts)
+        yield CounterMetricFamily("relay_smtpd_connections", "SMTP connections accepted.",
+                                  value=total.connections)
+        rejects = CounterMetricFamily("relay_smtpd_rejects", "Refusals (4xx and 5xx replies) "
+                                      "sent by the SMTP server, by reason.", labels=["reason"])
+        for reason in REJECT_REASONS:  # every series from the start: rate() needs a zero
+            rejects.add_metric([reason], total.rejects.get(reason, 0))
+        yield rejects
+        yield CounterMetricFamily("relay_messages_accepted", "Messages queued (250 after DATA).",
+                                  value=total.accepted)
+        cumulative, buckets = 0, []
+        for bound, n in zip((*COMMIT_BUCKETS, math.inf), total.commit_buckets, strict=True):
+            cumulative += n
+            buckets.append(("+Inf" if bound == math.inf else repr(float(bound)), cumulative))
+        yield HistogramMetricFamily(
+            "relay_spool_commit_seconds", "Time from the end of DATA to the durable commit "
+            "of the message (the wait before 250).", buckets=buckets,
+            sum_value=total.commit_sum)
+
+
 class ListenerMetrics:
     """The listener's counters (relay.smtpd.listener's SmtpdObserver) and the scrape."""
 
     def __init__(self, spool: Spool, domain_limit: Callable[[], int] = lambda: 50) -> None:
         self.registry = CollectorRegistry()
-        self.connections = Counter("relay_smtpd_connections", "SMTP connections accepted.",
-                                   registry=self.registry)
-        self.rejects = Counter("relay_smtpd_rejects", "Refusals (4xx and 5xx replies) sent "
-                               "by the SMTP server, by reason.", ["reason"],
-                               registry=self.registry)
-        for reason in REJECT_REASONS:  # every series from the start: rate() needs a zero
-            self.rejects.labels(reason)
-        self.accepted = Counter("relay_messages_accepted", "Messages queued (250 after DATA).",
-                                registry=self.registry)
-        self.commit = Histogram("relay_spool_commit_seconds", "Time from the end of DATA to "
-                                "the durable commit of the message (the wait before 250).",
-                                buckets=COMMIT_BUCKETS, registry=self.registry)
+        self.counts = SmtpdCounts()
+        self.smtpd = SmtpdCollector(self.counts)
+        self.registry.register(self.smtpd)
         ProcessCollector(registry=self.registry)
         self.registry.register(SpoolCollector(spool, domain_limit))
         self.qmgr = QmgrCollector()
         self.registry.register(self.qmgr)
         self._scrape = threading.Lock()  # one scrape at a time sets the qmgr's part
+        # The listener workers' counts, asked for at each scrape (relay.workers); None
+        # without workers.
+        self.workers: Callable[[], Awaitable[list[SmtpdCounts]]] | None = None
 
     # SmtpdObserver
     def connected(self) -> None:
-        self.connections.inc()
+        self.counts.connected()
 
     def refused(self, reply: str) -> None:
-        self.rejects.labels(reject_reason(reply)).inc()
+        self.counts.refused(reply)
 
     def queued(self, commit_seconds: float) -> None:
-        self.accepted.inc()
-        self.commit.observe(commit_seconds)
+        self.counts.queued(commit_seconds)
 
-    def exposition(self, qmgr_text: str | None) -> bytes:
-        """One exposition: this process's metrics and the queue manager's (its text, or
-        None when it did not answer).  Blocking (a spool listing): call in a thread."""
+    def exposition(self, qmgr_text: str | None,
+                   workers: Sequence[SmtpdCounts] = ()) -> bytes:
+        """One exposition: this process's metrics, its workers' counts and the queue
+        manager's (its text, or None when it did not answer).  Blocking (a spool
+        listing): call in a thread."""
         families: list[Metric] = []
         if qmgr_text is not None:
             try:
@@ -238,6 +235,7 @@ class ListenerMetrics:
                 qmgr_text = None
         with self._scrape:
             self.qmgr.families, self.qmgr.up = families, qmgr_text is not None
+            self.smtpd.workers = list(workers)
             return generate_latest(self.registry)
 
 

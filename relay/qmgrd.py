@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import fcntl
 import logging
 import os
@@ -35,7 +34,7 @@ from relay import config as config_mod
 from relay import log as maillog
 from relay.config import Config, ConfigError
 from relay.delivery import SMTPDelivery
-from relay.loop import run_loop
+from relay.loop import die_with_parent, run_loop
 from relay.routing import router_for
 from relay.scheduler import Scheduler
 from relay.settings import qmgr_settings, report_settings, resolver_for, tls_planner
@@ -51,7 +50,6 @@ log = logging.getLogger("relay.qmgr")
 
 SHUTDOWN_GRACE = 5.0
 THREADS = 8
-PR_SET_PDEATHSIG = 1
 
 
 class Qmgr:
@@ -204,16 +202,6 @@ class Qmgr:
                     self.scheduler.wakeup_id(word)
 
 
-def _die_with_parent(parent: int) -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 async def run(config_dir: str | None, cfg: Config, trigger_fd: int,
               overrides: tuple[str, ...] = ()) -> int:
     loop = asyncio.get_running_loop()
@@ -309,7 +297,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--trigger-fd", type=int, required=True)
     parser.add_argument("--parent", type=int, required=True)
     ns = parser.parse_args(argv)
-    _die_with_parent(ns.parent)
+    die_with_parent(ns.parent)
     try:
         cfg = config_mod.load(ns.config_dir, strict=True, overrides=ns.overrides)
     except ConfigError as exc:

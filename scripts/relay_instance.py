@@ -14,6 +14,8 @@ is the first entry of sys.path.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -44,6 +46,7 @@ class RelayUnderTest:
         self.prog = prog
         self.port = free_port()
         self.config = base / "etc"
+        self.ready_file = base / "ready.json"
         self.config.mkdir(parents=True)
         self.main = {
             "queue_directory": str(base / "spool"),
@@ -61,8 +64,11 @@ class RelayUnderTest:
         (self.config / "main.cf").write_text(
             "".join(f"{k} = {v}\n" for k, v in self.main.items()))
         with open(self.base / "stderr", "ab") as stderr:
+            with contextlib.suppress(FileNotFoundError):
+                self.ready_file.unlink()
             self.proc = subprocess.Popen(
-                [relay_python(), "-m", "relay.cli.main", "serve", "-c", str(self.config)],
+                [relay_python(), "-m", "relay.cli.main", "serve", "-c", str(self.config),
+                 "--ready-file", str(self.ready_file)],
                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr,
                 env={k: v for k, v in os.environ.items()
                      if k not in ("MAIL_CONFIG", "RELAY_CLOCK_OFFSET_FILE", "RELAY_FAULT")})
@@ -74,9 +80,17 @@ class RelayUnderTest:
         self.start()
 
     async def ready(self) -> None:
+        """Until every process of the daemon accepts mail: it writes its ready file then."""
         proc = self.proc
-        await wait_listening(self.port, alive=lambda: proc is not None and proc.poll() is None,
-                             prog=self.prog)
+
+        def alive() -> bool:
+            return proc is not None and proc.poll() is None
+
+        await wait_listening(self.port, alive=alive, prog=self.prog)
+        for _ in range(600):
+            if self.ready_file.exists() or not alive():
+                return
+            await asyncio.sleep(0.05)
 
     def root_pid(self) -> int:
         """``relay serve``'s pid: every process of the daemon is below it."""

@@ -34,12 +34,13 @@ since), and what must be durable.  A crash between two renames leaves the envelo
 its old queue with its new content, never two envelopes.
 
 The daemon recycles inodes: its qmgr renames the files of a finished message into
-free/ instead of unlinking them (``retire_to_free``), and its listener links them
-back as a new message's data/ID or tmp file (``reuse_free``; link(2) keeps O_EXCL's
-"fails if it exists").  File creation is the costliest step of the accept path on
+free/ instead of unlinking them (``retire_to_free``), and its listener processes link
+them back as a new message's data/ID or tmp file (``reuse_free``; link(2) keeps
+O_EXCL's "fails if it exists"), each process its own share of the names
+(``reuse_share``).  File creation is the costliest step of the accept path on
 ext4, whose allocator skips every inode freed in the last minutes; a reused inode
 skips the allocator.  Each free/ name is used once.  A crash between link and
-unlink leaves a free/ name sharing an inode with a live file: the listener's start
+unlink leaves a free/ name sharing an inode with a live file: the daemon's start
 drops such names (``forget_linked_spares``), and it never takes a name with two links.
 The queue manager also keeps the inode of each envelope it replaces (a deferral's
 rewrite) under a name of its own, ``free/q...``, linked just before the rename, and
@@ -246,6 +247,7 @@ class Spool:
         create: bool = True,
         retire_to_free: bool = False,
         reuse_free: bool = False,
+        reuse_share: tuple[int, int] = (0, 1),
     ) -> None:
         self.root = os.path.abspath(root)
         self.long_ids = long_ids
@@ -253,6 +255,9 @@ class Spool:
         self._dirsync: dict[str, _DirSync] = {}
         self._retire_to_free = retire_to_free
         self._reuse_free = reuse_free
+        # With several processes accepting mail, each takes its own share of free/
+        # (index, count): a name whose serial modulo count is its index.
+        self._reuse_share = reuse_share
         self._free: collections.deque[str] = collections.deque()
         self._kept: collections.deque[str] = collections.deque()  # our own q-spares
         self._free_serial = itertools.count()
@@ -387,15 +392,18 @@ class Spool:
         if now - self._free_listed < 0.2:
             return
         self._free_listed = now
+        index, count = self._reuse_share
         self._free.extend(name for name, links in self._spares()
-                          if links == 1 and name[:1].isdigit())
+                          if links == 1 and name[:1].isdigit()
+                          and (count == 1 or _serial(name) % count == index))
 
     def _reuse(self, path: str) -> bool:
         """Give ``path`` a spare inode; False if none (or ``path`` exists).
 
-        Only one process reuses spares (the listener's), one thread at a time
-        (link then unlink under a lock); a free/ name is never made twice, so a
-        stale one fails to link instead of sharing an inode.
+        Only the processes that accept mail reuse spares, each its own share of
+        them (``reuse_share``: no two take the same name), one thread at a time (link
+        then unlink under a lock); a free/ name is never made twice, so a stale one
+        fails to link instead of sharing an inode.
         """
         if self._kept:
             return self._link_spare(self._kept, path)
@@ -1009,6 +1017,12 @@ class Entry:
     def remove_steps(self, durable: bool = True) -> Steps[None]:
         """remove() as steps, for run_steps_async()."""
         return self._spool._remove_steps(self.queue_id, self.queue, durable)
+
+
+def _serial(spare: str) -> int:
+    """The serial of a spare's name (``PID.SERIAL``); 0 for any other name."""
+    tail = spare.rpartition(".")[2]
+    return int(tail) if tail.isdigit() else 0
 
 
 def _write_all(fd: int, data: bytes) -> None:

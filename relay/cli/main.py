@@ -49,6 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from relay import qmgrd
 
         return qmgrd.main(args[1:])
+    if args and args[0] == "smtpd-worker":  # internal: a listener worker of relay serve
+        from relay import workers
+
+        return workers.worker_main(args[1:])
     if args and args[0] in service.COMMANDS:
         return service.main(args[0], args[1:])
     if args and args[0] == "check":  # the daemon's own start-up checks, run now

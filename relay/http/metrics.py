@@ -2,7 +2,8 @@
 how they meet and why).
 
 The handler asks the queue manager for its part over the control socket (two seconds at
-most), then has the listener's registry render both in a thread (the spool listing behind
+most) and each listener worker for its counts (relay.workers), then has the listener's
+registry render them all in a thread (the spool listing behind
 the queue gauges must not hold up the event loop).  It changes nothing, and 404s when this
 process keeps no metrics.
 """
@@ -27,7 +28,8 @@ async def scrape(request: web.Request) -> web.Response:
         raise web.HTTPNotFound(text="no metrics in this process\n")
     root = request.app[CONTEXT].spool.root
     qmgr = await control.fetch(root, "metrics", timeout=2.0)
-    body = await asyncio.to_thread(listener.exposition, qmgr)
+    workers = await listener.workers() if listener.workers is not None else []
+    body = await asyncio.to_thread(listener.exposition, qmgr, workers)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 

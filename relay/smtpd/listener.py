@@ -29,6 +29,25 @@ STATVFS_MAX_AGE = 0.2  # a statvfs() per MAIL costs; 0.2 s old is fresh enough
 CLIENTS_KEPT = 4096  # client records kept (see Listener.client); then made afresh
 
 
+class SharedCounts(Protocol):
+    """Where a listener worker counts its clients that limits apply to: the master
+    process's Listener, asked over the worker's control socket (relay.smtpd.worker), so
+    that a client's connections, rates and failed logins add up over every process that
+    accepts mail, as Postfix's smtpd processes all ask one anvil."""
+
+    async def connected(self, address: str) -> tuple[int, int]:
+        """Count a connection: the client's connections now, and its connection rate if
+        over the limit (else 0)."""
+
+    def disconnected(self, address: str) -> None: ...
+
+    async def over_rate(self, event: Event, address: str) -> int: ...
+
+    async def login_blocked(self, address: str) -> bool: ...
+
+    def login_failed(self, address: str) -> None: ...
+
+
 class SmtpdObserver(Protocol):
     """What the listener tells its metrics (relay.metrics): never blocks, never raises."""
 
@@ -67,6 +86,8 @@ class Listener:
         self.flush_site = flush_site
         self.sessions: set[Session] = set()
         self.per_client: dict[str, int] = {}
+        # A worker's clients that limits apply to are counted by the master (None: here).
+        self.shared: SharedCounts | None = None
         self.shutting_down = False
         self.anvil = Anvil(settings.anvil_rate_time_unit)
         self.logins = LoginThrottle(self.anvil, settings.auth_failure_limit,
@@ -113,6 +134,46 @@ class Listener:
         return found
 
     # ---- per-client accounting (Postfix's anvil) --------------------------------------
+    #
+    # A session asks through the async methods; a worker's non-exempt clients are
+    # counted by the master (``shared``), whose listener answers with the plain ones.
+
+    async def admit(self, client: Client) -> tuple[int, int]:
+        """Count a connection: the client's connections now, and its connection rate if
+        over smtpd_client_connection_rate_limit (else 0)."""
+        if self.shared is not None and not client.exempt:
+            return await self.shared.connected(client.address)
+        return self.connected(client.address), self.connection_rate(client)
+
+    def left(self, client: Client) -> None:
+        if self.shared is not None and not client.exempt:
+            self.shared.disconnected(client.address)
+        else:
+            self.disconnected(client.address)
+
+    async def rate_over(self, client: Client, event: Event, limit: int) -> int:
+        """Count an event for the client; the rate if it is now over ``limit``, else 0."""
+        if not limit or client.exempt:
+            return 0
+        if self.shared is not None:
+            return await self.shared.over_rate(event, client.address)
+        return self.over_rate(client, event, limit)
+
+    async def login_blocked(self, client: Client) -> bool:
+        if client.exempt:
+            return False
+        if self.shared is not None:
+            return await self.shared.login_blocked(client.address)
+        return self.logins.blocked(client.address)
+
+    async def login_failed(self, client: Client) -> None:
+        """Count a failed login and wait out smtpd's delay for it."""
+        if self.shared is not None and not client.exempt:
+            self.shared.login_failed(client.address)
+            if self.logins.delay > 0:
+                await asyncio.sleep(self.logins.delay)
+            return
+        await self.logins.failed(client.address)
 
     def connected(self, client: str) -> int:
         """Count a connection; the client's connections now."""
@@ -127,12 +188,21 @@ class Listener:
         else:
             self.per_client[client] = n
 
+    def connection_rate(self, client: Client) -> int:
+        return self.over_rate(client, Event.CONNECT, self.settings.connection_rate_limit)
+
     def over_rate(self, client: Client, event: Event, limit: int) -> int:
         """Count an event for the client; the rate if it is now over ``limit``, else 0."""
         if not limit or client.exempt:
             return 0
         rate = self.anvil.record(event, client.address)
         return rate if rate > limit else 0
+
+    def event_limit(self, event: Event) -> int:
+        """The main.cf limit on ``event`` per client and time unit (0: none)."""
+        s = self.settings
+        return {Event.CONNECT: s.connection_rate_limit, Event.MESSAGE: s.message_rate_limit,
+                Event.RECIPIENT: s.recipient_rate_limit}.get(event, 0)
 
     # ---- the spool's free space --------------------------------------------------------
 

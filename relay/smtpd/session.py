@@ -149,7 +149,7 @@ class Session:
             self.phase = "connect"
         self.client = self.listener.client(address)
         self.conn.deadline(s.timeout)
-        if not self._admit():
+        if not await self._admit():
             return
         if s.session_time_limit > 0:
             self._session_timer = asyncio.get_running_loop().call_later(
@@ -199,16 +199,15 @@ class Session:
             log.info("Anonymous TLS connection established from %s: %s with cipher %s "
                      "(%d/%d bits)", self.namaddr(), protocol, name, bits, bits)
 
-    def _admit(self) -> bool:
+    async def _admit(self) -> bool:
         """Count the connection; refuse it with 421 over the count or rate limit."""
         lst = self.listener
         s = lst.settings
         client = self.client
         log.info("connect from %s", client.namaddr)
         lst.observer.connected()
-        n = lst.connected(client.address)
         self._counted = True
-        rate = lst.over_rate(client, Event.CONNECT, s.connection_rate_limit)
+        n, rate = await lst.admit(client)
         if s.connection_count_limit and n > s.connection_count_limit and not client.exempt:
             log.warning("Connection concurrency limit exceeded: %d from %s for service smtp",
                         n, client.namaddr)
@@ -292,7 +291,7 @@ class Session:
         if not self._counted:
             return
         self._counted = False
-        self.listener.disconnected(self.client.address)
+        self.listener.left(self.client)
         stats = " ".join(f"{k}={ok}" if ok == total else f"{k}={ok}/{total}"
                          for k, (ok, total) in self.counts.items())
         total_cmds = sum(t for _, t in self.counts.values())
@@ -455,7 +454,7 @@ class Session:
         if mechanism not in ("PLAIN", "LOGIN"):
             self.send(replies.AUTH_MECHANISM.format(mechanism=_printable(words[0])))
             return
-        if not client.exempt and self.listener.logins.blocked(client.address):
+        if await self.listener.login_blocked(client):
             log.warning("too many failed logins from %s for service smtp", client.namaddr)
             self.send(replies.TOO_MANY_LOGINS.format(myhostname=s.myhostname,
                                                      client=client.address))
@@ -495,7 +494,7 @@ class Session:
             return
         log.warning("%s: SASL %s authentication failed: authentication failure, "
                     "sasl_username=%s", client.namaddr, mechanism, _printable(login))
-        await self.listener.logins.failed(client.address)
+        await self.listener.login_failed(client)
         self.send(replies.AUTH_FAILED)
 
     async def _sasl_response(self, initial: str | None, prompt: bytes) -> bytes | None:
@@ -547,7 +546,7 @@ class Session:
         if isinstance(params, str):
             self.send(params)
             return
-        rate = self.listener.over_rate(self.client, Event.MESSAGE, s.message_rate_limit)
+        rate = await self.listener.rate_over(self.client, Event.MESSAGE, s.message_rate_limit)
         if rate:
             log.warning("Message delivery request rate limit exceeded: %d from %s for "
                         "service smtp", rate, self.namaddr())
@@ -591,7 +590,8 @@ class Session:
         if isinstance(params, str):
             self.send(params)
             return
-        rate = self.listener.over_rate(self.client, Event.RECIPIENT, s.recipient_rate_limit)
+        rate = await self.listener.rate_over(self.client, Event.RECIPIENT,
+                                             s.recipient_rate_limit)
         if rate:
             log.warning("Recipient address rate limit exceeded: %d from %s for service smtp",
                         rate, self.namaddr())

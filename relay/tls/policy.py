@@ -30,9 +30,12 @@ import re
 import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from relay.config import split_list
-from relay.routing import Table
+
+if TYPE_CHECKING:  # a type only: the listener's processes need no DNS (relay.routing)
+    from relay.routing import Table
 
 __all__ = [
     "Defaults",

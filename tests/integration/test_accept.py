@@ -205,6 +205,10 @@ def split_received(stored: bytes) -> tuple[bytes, bytes]:
     return b"".join(lines[:n]), b"".join(lines[n:])
 
 
+def listener_pids(d: RelayDaemon) -> list[int]:
+    return d.listener_pids()
+
+
 def wait_idle(d: RelayDaemon, address: str = "127.0.0.1", timeout: float = 5.0) -> None:
     """Wait until the daemon has logged a disconnect for every connect from ``address``."""
     conn = re.compile(rf"(?<!dis)connect from \S+\[{re.escape(address)}\]")
@@ -344,16 +348,18 @@ def test_long_queue_ids_and_log_to_stderr_with_syslog_name(
     assert find_envelope(d, queue_id).queue_id == queue_id
     assert content_of(d, queue_id).endswith(b"\r\n\r\nx\r\n")
     assert not d.maillog.exists()
-    pid = d.proc.pid if d.proc else 0
     end = time.monotonic() + 5
     # The queue manager is a process of its own (as Postfix's qmgr): another PID.
     while not re.search(rf"postfix/qmgr\[\d+\]: {queue_id}: from=<a@example.org>", d.stderr()):
         assert time.monotonic() < end, d.stderr()
         time.sleep(0.05)
     err = d.stderr()
+    found = re.search(rf"^{STAMP} postfix/smtpd\[(\d+)\]: {queue_id}: client=localhost", err,
+                      re.MULTILINE)
+    assert found and int(found.group(1)) in listener_pids(d), err
+    pid = found.group(1)
     assert re.search(rf"^{STAMP} postfix/smtpd\[{pid}\]: connect from localhost\[127\.0\.0\.1\]$",
                      err, re.MULTILINE), err
-    assert re.search(rf"^{STAMP} postfix/smtpd\[{pid}\]: {queue_id}: client=localhost", err, re.MULTILINE)
     assert "relay/" not in err
 
 
@@ -369,10 +375,14 @@ def test_maillog_lines(relay_for: Callable[..., RelayDaemon]) -> None:
         queue_id = queue_id_of(c.mail("alice@example.org", ["bob@example.net"], CONTENT))
         assert c.cmd("QUIT").startswith("221")
     env = find_envelope(d, queue_id)
-    pid = d.proc.pid if d.proc else 0
     d.wait_log(f"{queue_id}: from=<alice@example.org>")
     wait_idle(d)
     lines = d.log()[offset:].splitlines()
+    # The session's lines carry the PID of the process that accepted it (the daemon's
+    # own or a listener worker's, as Postfix's smtpd processes are not its master).
+    pid = next(m.group(1) for ln in lines
+               if (m := re.search(rf"relay/smtpd\[(\d+)\]: {queue_id}: client=", ln)))
+    assert int(pid) in listener_pids(d)
     expected = [
         rf"{STAMP} relay/smtpd\[{pid}\]: connect from localhost\[127\.0\.0\.1\]",
         rf"{STAMP} relay/smtpd\[{pid}\]: {queue_id}: client=localhost\[127\.0\.0\.1\]",

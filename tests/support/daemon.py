@@ -26,6 +26,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (Linux /proc)."""
+    found = []
+    for path in Path("/proc").glob(f"{pid}/task/*/children"):
+        try:
+            found += [int(c) for c in path.read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 class RelayDaemon:
     def __init__(self, base: Path, params: dict[str, str] | None = None,
                  env: dict[str, str] | None = None) -> None:
@@ -69,6 +87,11 @@ class RelayDaemon:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"relay exited with {self.proc.returncode}: {self.stderr()}")
+            # Listening, and every process that accepts mail serves (the daemon says it
+            # has started then, on standard error whatever maillog_file is).
+            if "daemon started" not in self.stderr():
+                time.sleep(0.05)
+                continue
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.5) as s:
                     s.recv(100)
@@ -117,6 +140,13 @@ class RelayDaemon:
     def hup(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGHUP)
+
+    def listener_pids(self) -> list[int]:
+        """The processes that accept mail: the daemon itself and its listener workers
+        (relay_smtpd_processes), whose sessions log with their own PIDs."""
+        assert self.proc is not None
+        return [self.proc.pid, *(pid for pid in children(self.proc.pid)
+                                 if b"smtpd-worker" in _cmdline(pid))]
 
     def queue_files(self, queue: str) -> list[str]:
         path = self.queue_directory / queue

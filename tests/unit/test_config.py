@@ -116,6 +116,7 @@ EXPECTED_DEFAULTS = {
     "http_listen": "",
     "http_admin": "no",
     "relay_metrics_domain_limit": "50",
+    "relay_smtpd_processes": "0",
     "accounting_log": "",
     "smtpd_tls_loglevel": "0",
     "smtpd_tls_ciphers": "high",

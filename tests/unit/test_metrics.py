@@ -11,9 +11,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay import metrics
-from relay.metrics import DeliveryCounts, ListenerMetrics, reject_reason
+from relay.metrics import DeliveryCounts, ListenerMetrics
 from relay.outcome import Report, Status
 from relay.smtpd import replies
+from relay.smtpd.counts import reject_reason
 from spool import Spool
 
 # Every refusal template in relay.smtpd.replies, and the reason an operator would file it

@@ -134,3 +134,21 @@ def test_a_new_queue_manager_drops_the_old_ones_spares(root: Path) -> None:
     assert [n[0] for n in free_names(root)] == ["q"]
     Spool(str(root), retire_to_free=True).forget_kept_spares()
     assert free_names(root) == []
+
+
+def test_listener_processes_take_disjoint_shares(root: Path) -> None:
+    """Two processes accepting mail never take the same spare: a name linked twice
+    would make two messages' files one inode."""
+    first = Spool(str(root), reuse_free=True, reuse_share=(0, 2))
+    second = Spool(str(root), reuse_free=True, reuse_share=(1, 2))
+    for serial in range(6):
+        (root / "free" / f"77.{serial}").write_bytes(b"")
+    spares = {ino(root / "free" / f"77.{serial}"): serial for serial in range(6)}
+    taken = {}
+    for spool in (first, second, first, second, first, second):
+        env = spool.enqueue(make_env(), b"x\r\n")
+        taken.setdefault(spool is second, []).append(
+            spares.get(ino(root / "data" / env.queue_id)))
+    assert {s for s in taken[False] if s is not None} <= {0, 2, 4}
+    assert {s for s in taken[True] if s is not None} <= {1, 3, 5}
+    assert free_names(root) == []
