@@ -74,6 +74,13 @@ from spool.transitions import Transition
 CONTENT_CACHE_MAX = 16 * 1024
 # Messages moved to active/ in one thread hop.
 ACTIVATE_BATCH = 64
+# What the scans of active/ (at start), incoming/ and deferred/ find waits in a backlog and
+# is brought in a few at a time, each few between two turns of the event loop, while at
+# most BACKLOG_IN_MEMORY messages are in memory: mail the listener triggers (and a flush
+# of one message) comes in first, up to qmgr_message_active_limit, so new mail never
+# waits behind a flushed queue, and memory stays bounded however deep the queue.
+BACKLOG_BATCH = 16
+BACKLOG_IN_MEMORY = 1000
 
 log = logging.getLogger("relay.qmgr")
 smtp_log = logging.getLogger("relay.smtp")
@@ -265,6 +272,8 @@ class Scheduler:
         self.messages: dict[str, Message] = {}
         self.destinations: dict[str, Destination] = {}
         self._incoming: deque[str] = deque()
+        # (queue, queue_id, flushed) found by the scans, brought in as room allows.
+        self._backlog: deque[tuple[str, str, bool]] = deque()
         self._wake = asyncio.Event()
         self._scan_incoming = True  # at start, and whenever the active queue was full
         self._scan_deferred = True
@@ -285,6 +294,7 @@ class Scheduler:
         # and stays queued until the peer says 250 (its refusals defer, never bounce).
         self.handoff: NextHop | None = None
         self._filling = False
+        self._recovering = False
         # Each recipient outcome the maillog logs goes to these too (accounting_log,
         # metrics); they may be called from a thread and must not raise.
         self.observers: list[Callable[[Report], None]] = []
@@ -343,8 +353,9 @@ class Scheduler:
     def idle(self) -> bool:
         """Nothing in memory, nothing waiting to come in, no scan pending (relay drain
         waits for this after a flush)."""
-        return not (self.messages or self._incoming or self._scan_incoming
-                    or self._scan_deferred or self._lock_waits or self._filling)
+        return not (self.messages or self._incoming or self._backlog or self._scan_incoming
+                    or self._scan_deferred or self._lock_waits or self._filling
+                    or self._recovering)
 
     def hand_off(self, hop: NextHop) -> None:
         """relay drain --to: from now on every message goes to ``hop``; try all now."""
@@ -382,12 +393,13 @@ class Scheduler:
     # ---- main loop ----------------------------------------------------------------
 
     async def run(self) -> None:
-        await self._recover()
+        # What a crash left in active/ joins the backlog while new mail already flows.
+        self._recovering = True
+        self._spawn(self._recover())
         while not self._stopping:
             await self._fill()
             timeout = max(0.0, self._next_scan_mono - time.monotonic())
-            full = len(self.messages) >= self.settings.active_limit
-            if full or not (self._incoming or self._scan_incoming or self._scan_deferred):
+            if not self._work_in_hand():
                 self._wake.clear()
                 try:
                     # Sleep at most a second so an injected clock's jumps are noticed.
@@ -414,24 +426,42 @@ class Scheduler:
                 await asyncio.wait(pending, timeout=1.0)
         await self.delivery.close()
 
+    def _work_in_hand(self) -> bool:
+        """Whether _fill has something to bring in now (else the loop waits for a wake)."""
+        in_memory = len(self.messages)
+        if in_memory >= self.settings.active_limit:
+            return False
+        if self._incoming:
+            return True
+        if self._backlog:
+            return in_memory < self._backlog_limit()
+        return self._scan_incoming or self._scan_deferred
+
+    def _backlog_limit(self) -> int:
+        return min(self.settings.active_limit, BACKLOG_IN_MEMORY)
+
     async def drain(self, timeout: float = 30.0) -> None:
         """Wait until no message is in memory (tests and benchmarks)."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
-        while self.messages or self._incoming:
+        while self.messages or self._incoming or self._backlog:
             if loop.time() > end:
                 raise TimeoutError("scheduler did not drain")
             await asyncio.sleep(0.01)
 
     async def _recover(self) -> None:
-        """Messages left in active/ by a crash or kill are scheduled again."""
-        await asyncio.to_thread(self._quarantine_strays)
-        names = await asyncio.to_thread(lambda: [e.queue_id for e in self.spool.scan("active")])
-        for i in range(0, len(names), ACTIVATE_BATCH):
-            await self._activate(names[i:i + ACTIVATE_BATCH], "active")
-        removed = await asyncio.to_thread(self.spool.cleanup, self.clock.time())
-        for path in removed:
-            log.info("removed stale file %s", path)
+        """Messages left in active/ by a crash or kill are scheduled again (through the
+        backlog); strays are quarantined and stale files removed."""
+        try:
+            names = await asyncio.to_thread(lambda: list(self.spool.queue_ids("active")))
+            self._backlog.extendleft(("active", n, False) for n in reversed(names))
+            self._wake.set()
+            await asyncio.to_thread(self._quarantine_strays)
+            removed = await asyncio.to_thread(self.spool.cleanup, self.clock.time())
+            for path in removed:
+                log.info("removed stale file %s", path)
+        finally:
+            self._recovering = False
 
     def _quarantine_strays(self) -> None:
         from spool.store import valid_queue_id
@@ -458,40 +488,58 @@ class Scheduler:
             self._filling = False
 
     async def _fill_now(self) -> None:
-        room = self.settings.active_limit - len(self.messages)
-        while self._incoming and room > 0 and not self._stopping:
-            batch: list[str] = []
-            while self._incoming and len(batch) < min(room, ACTIVATE_BATCH):
-                queue_id = self._incoming.popleft()
-                if queue_id not in self.messages and queue_id not in batch:
-                    batch.append(queue_id)
-            room -= await self._activate(batch, None)
-        if room <= 0 or self._stopping:
-            return
+        """Triggered mail first (the listener's, notices, flushes of one message), then
+        the backlog a few at a time while it has its room; the scans refill the backlog
+        once it is empty (Postfix's qmgr takes one from incoming and one from deferred
+        at a time, so new mail never waits behind a flush either)."""
+        limit = self.settings.active_limit
+        while not self._stopping:
+            room = limit - len(self.messages)
+            if room <= 0:
+                return
+            if self._incoming:
+                batch: list[str] = []
+                while self._incoming and len(batch) < min(room, ACTIVATE_BATCH):
+                    queue_id = self._incoming.popleft()
+                    if queue_id not in self.messages and queue_id not in batch:
+                        batch.append(queue_id)
+                await self._activate(batch, None)
+                continue
+            if not self._backlog:
+                if not await self._scan():
+                    return
+                continue
+            if len(self.messages) >= self._backlog_limit():
+                return  # finished messages wake the loop for more
+            queue, first, flushed = self._backlog.popleft()
+            names = [first]
+            while (self._backlog and len(names) < min(room, BACKLOG_BATCH)
+                   and self._backlog[0][0] == queue and self._backlog[0][2] == flushed):
+                names.append(self._backlog.popleft()[1])
+            if flushed:  # a flush's scan: defer_transports lifted for these (Postfix: DFXP)
+                self._flushed.update(names)
+            await self._activate(names, queue)
+
+    async def _scan(self) -> bool:
+        """List incoming/ or deferred/ into the backlog, if a scan is due; False if none."""
         if self._scan_incoming:
             self._scan_incoming = False
-            names = await asyncio.to_thread(self._list_queue, "incoming", room, False)
-            for i in range(0, len(names), ACTIVATE_BATCH):
-                room -= await self._activate(names[i:i + ACTIVATE_BATCH], "incoming")
-            if room <= 0:
-                self._scan_incoming = True
-                return
+            names = await asyncio.to_thread(self._list_queue, "incoming", False)
+            self._backlog.extend(("incoming", n, False) for n in names)
+            return True
         if self._scan_deferred:
             ignore = self._ignore_times
             self._scan_deferred = self._ignore_times = False
             self._next_deferred_scan = self.clock.time() + self.settings.queue_run_delay
             self._next_scan_mono = time.monotonic() + self.settings.queue_run_delay
-            names = await asyncio.to_thread(self._list_queue, "deferred", room, ignore)
-            if ignore:  # a flush's scan: defer_transports lifted for these (Postfix: DFXP)
-                self._flushed.update(names)
-            for i in range(0, len(names), ACTIVATE_BATCH):
-                room -= await self._activate(names[i:i + ACTIVATE_BATCH], "deferred")
-            if room <= 0:
-                self._scan_deferred = True
-                self._ignore_times = ignore
+            names = await asyncio.to_thread(self._list_queue, "deferred", ignore)
+            self._backlog.extend(("deferred", n, ignore) for n in names)
+            return True
+        return False
 
-    def _list_queue(self, queue: str, limit: int, ignore_times: bool) -> list[str]:
-        """Up to ``limit`` names from a queue; for deferred/ only those due (mtime)."""
+    def _list_queue(self, queue: str, ignore_times: bool) -> list[str]:
+        """The names in a queue (in one pass, as Postfix's scan); for deferred/ only those
+        due (mtime) unless ``ignore_times`` (a flush)."""
         now = self.clock.time()
         redate = queue == "deferred" and self._redate_deferred and not ignore_times
         out: list[str] = []
@@ -505,12 +553,9 @@ class Scheduler:
                 if due > now + 1:
                     continue
             out.append(entry.queue_id)
-            if len(out) >= limit:
-                break
-        else:
-            if redate:
-                self._redate_deferred = False
-                log.info("new backoff times applied to %d deferred messages", redated)
+        if redate:
+            self._redate_deferred = False
+            log.info("new backoff times applied to %d deferred messages", redated)
         return out
 
     def _redate(self, queue_id: str, mtime: float) -> float:
