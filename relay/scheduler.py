@@ -540,6 +540,11 @@ class Scheduler:
     def _list_queue(self, queue: str, ignore_times: bool) -> list[str]:
         """The names in a queue (in one pass, as Postfix's scan); for deferred/ only those
         due (mtime) unless ``ignore_times`` (a flush)."""
+        if queue != "deferred" or ignore_times:
+            # No stat needed: a directory listing, little Python work a name (this runs
+            # in a thread, and holds the GIL the event loop needs while it works).
+            active = self.messages
+            return [n for n in self.spool.queue_ids(queue) if n not in active]
         now = self.clock.time()
         redate = queue == "deferred" and self._redate_deferred and not ignore_times
         out: list[str] = []
