@@ -29,6 +29,8 @@ against the installed aiosmtpd, naming the member when an upgrade changes it):
   pregreet); cleared to forget unread input when a session is ended; searched for the
   last whole line of a run of DATA lines, and given back what was read past the end of
   the data (``unread``).  These are asyncio's StreamReader's, which aiosmtpd's reader is.
+- ``_paused``: asyncio's FlowControlMixin (a base of aiosmtpd's SMTP) sets it while the
+  transport's write buffer is full; a reply waits for the client only then.
 - ``sslproto.SSLProtocol`` wired as ``SMTP.smtp_STARTTLS`` does (its ``_app_transport``),
   since smtp_STARTTLS itself would send aiosmtpd's own 220 text.
 - ``aiosmtpd.proxy_protocol.get_proxy``: public.
@@ -179,7 +181,9 @@ class Engine(SMTP):
     async def drain(self) -> None:
         """Send what is held back, and wait while the client is slow to read it."""
         self._flush()
-        if not self._closing:
+        # Only while the transport has paused our writing (asyncio's flow control, whose
+        # state this protocol object keeps itself) is there anything to wait for.
+        if not self._closing and self._paused:  # type: ignore[attr-defined]
             try:
                 await self._writer.drain()
             except ConnectionError:

@@ -25,6 +25,7 @@ Errors::
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import re
 import ssl
@@ -285,6 +286,7 @@ _PROTOCOLS = (
 _OBSOLETE = ("SSLv2", "SSLv3")
 
 
+@functools.lru_cache(maxsize=64)  # asked again for every delivery; a pure function of text
 def protocol_range(text: str) -> tuple[ssl.TLSVersion, ssl.TLSVersion]:
     """Postfix's protocol list (``!SSLv2, !SSLv3``, ``>=TLSv1.2``, ``TLSv1.2 TLSv1.3``) as
     the lowest and highest version allowed.  SSLv2, SSLv3, TLSv1 and TLSv1.1 are never

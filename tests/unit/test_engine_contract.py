@@ -93,6 +93,22 @@ def test_the_read_buffer_is_a_bytearray_a_block_read_may_search_and_give_back() 
     assert left == b"two\r\nthr"
 
 
+def test_flow_control_state_is_where_drain_reads_it() -> None:
+    """drain() waits for the client only while asyncio's flow control has paused writing:
+    FlowControlMixin keeps that in _paused, which pause_writing()/resume_writing() set."""
+
+    async def check() -> list[bool]:
+        ours = engine.Engine(lambda conn: None, 300.0)  # type: ignore[arg-type, return-value]
+        seen = [ours._paused]
+        ours.pause_writing()
+        seen.append(ours._paused)
+        ours.resume_writing()
+        seen.append(ours._paused)
+        return seen
+
+    assert asyncio.run(check()) == [False, True, False]
+
+
 def test_proxy_parser_is_there() -> None:
     signature = inspect.signature(aiosmtpd.proxy_protocol.get_proxy)
     assert list(signature.parameters)[0] == "reader_func", signature
