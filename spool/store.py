@@ -715,14 +715,34 @@ class Spool:
                         name = entry.name
                         if not valid_queue_id(name):
                             continue
-                        try:
-                            data = envfmt.loads_fields(_read_at(dir_fd, name))
-                        except (OSError, CorruptEntry):
-                            continue  # gone (a lost race) or unreadable, as read() says
-                        if data["queue_id"] == name:
+                        data = _fields_at(dir_fd, name)
+                        if data is not None:
                             yield queue, data
             finally:
                 os.close(dir_fd)
+
+    def envelope_fields_of(self, names: Iterable[tuple[str, str]]
+                           ) -> Iterator[tuple[str, envfmt.Fields]]:
+        """envelope_fields() for (queue, queue ID) pairs listed before (queue_ids()), in
+        their order: a listing made by several processes, each a part of the names."""
+        dir_fds: dict[str, int] = {}
+        try:
+            for queue, name in names:
+                dir_fd = dir_fds.get(queue)
+                if dir_fd is None:
+                    if queue not in QUEUES:
+                        continue
+                    try:
+                        dir_fd = dir_fds[queue] = os.open(os.path.join(self.root, queue),
+                                                          os.O_RDONLY | os.O_DIRECTORY)
+                    except FileNotFoundError:
+                        continue
+                data = _fields_at(dir_fd, name)
+                if data is not None:
+                    yield queue, data
+        finally:
+            for fd in dir_fds.values():
+                os.close(fd)
 
     def sync_queues(self, queues: Iterable[str]) -> None:
         """fsync these queue directories, once each: the end of a mass operation
@@ -1075,6 +1095,16 @@ async def run_steps_async(steps: Steps[T],
         return cast(T, stop.value)
     finally:
         steps.close()  # cancelled between steps: the steps clean up
+
+
+def _fields_at(dir_fd: int, name: str) -> envfmt.Fields | None:
+    """The envelope ``name`` in the queue directory ``dir_fd`` as plain fields; None if
+    it is gone (a lost race), unreadable, or names another queue ID (as read() says)."""
+    try:
+        data = envfmt.loads_fields(_read_at(dir_fd, name))
+    except (OSError, CorruptEntry):
+        return None
+    return data if data["queue_id"] == name else None
 
 
 def _read_at(dir_fd: int | None, name: str, size: int | None = None) -> bytes:

@@ -118,11 +118,10 @@ def _list(cfg: config.Config, json_format: bool, out: TextIO, err: TextIO, statu
                 err.write("postqueue: warning: Mail system is down -- accessing queue"
                           f" directly ({why})\n")
                 err.flush()
-        items = showq.records(spool)
         if json_format:
-            showq.write(showq.json_records(items), out)
+            showq.write(showq.json_records(showq.records(spool)), out)
         else:
-            showq.write(showq.sendmail_records(items, long_ids=spool.long_ids), out)
+            showq.write_sendmail_listing(spool, out)
     except showq.NoQueueDirectory as exc:
         raise Fatal(str(exc), status) from None
     except OSError as exc:

@@ -394,6 +394,26 @@ def test_mailq_all_deferred_matches_reference(tmp_path: Path, utc: None) -> None
     assert out == expected_listing(MAILQ_ACTIVE_TXT, ids, site)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork") or len(os.sched_getaffinity(0)) < 2,
+                    reason="a listing in two processes needs fork() and two CPUs")
+@pytest.mark.parametrize("held", [(), ("4A9591602C1",)])
+def test_mailq_made_by_two_processes_is_the_same_listing(
+        tmp_path: Path, utc: None, monkeypatch: pytest.MonkeyPatch,
+        held: tuple[str, ...]) -> None:
+    """A deep queue is listed by two processes (showq.write_sendmail_listing): the text is
+    byte for byte the one-process listing, whichever half each message falls in."""
+    site = Site(tmp_path)
+    ids = build_reference_spool(site, {q: "hold" if q in held else "deferred"
+                                       for q in REF_MESSAGES})
+    monkeypatch.setattr(showq, "PARALLEL_MIN", 1)
+    two = run_text(postqueue.mailq_main, ["-c", str(site.config_dir)])
+    monkeypatch.setattr(showq, "PARALLEL_MIN", 10**9)
+    one = run_text(postqueue.mailq_main, ["-c", str(site.config_dir)])
+    assert two == one and two[0] == 0
+    if not held:
+        assert two[1] == expected_listing(MAILQ_ACTIVE_TXT, ids, site)
+
+
 def test_mail_config_environment_names_the_configuration(
         tmp_path: Path, utc: None, monkeypatch: pytest.MonkeyPatch) -> None:
     site = Site(tmp_path)
