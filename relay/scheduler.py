@@ -74,11 +74,12 @@ from spool.transitions import Transition
 CONTENT_CACHE_MAX = 16 * 1024
 # Messages moved to active/ in one thread hop.
 ACTIVATE_BATCH = 64
-# What the scans of active/ (at start), incoming/ and deferred/ find waits in a backlog and
-# is brought in a few at a time, each few between two turns of the event loop, while at
-# most BACKLOG_IN_MEMORY messages are in memory: mail the listener triggers (and a flush
-# of one message) comes in first, up to qmgr_message_active_limit, so new mail never
-# waits behind a flushed queue, and memory stays bounded however deep the queue.
+# What the scans of active/ (at start), incoming/ and deferred/ find waits in a backlog (one
+# for incoming/, one for deferred/, taken in turn) and is brought in a few at a time, each
+# few between two turns of the event loop, while at most BACKLOG_IN_MEMORY messages are in
+# memory: mail the listener triggers (and a flush of one message) comes in first, up to
+# qmgr_message_active_limit, so new mail never waits behind a flushed queue, and memory
+# stays bounded however deep the queue.
 BACKLOG_BATCH = 16
 BACKLOG_IN_MEMORY = 1000
 
@@ -272,8 +273,11 @@ class Scheduler:
         self.messages: dict[str, Message] = {}
         self.destinations: dict[str, Destination] = {}
         self._incoming: deque[str] = deque()
-        # (queue, queue_id, flushed) found by the scans, brought in as room allows.
-        self._backlog: deque[tuple[str, str, bool]] = deque()
+        # (queue, queue_id, flushed) found by the scans, brought in as room allows: one
+        # backlog for incoming/ (and active/ at start), one for deferred/, taken in turn.
+        self._backlogs: dict[str, deque[tuple[str, str, bool]]] = {
+            "incoming": deque(), "deferred": deque()}
+        self._turn = 0
         self._wake = asyncio.Event()
         self._scan_incoming = True  # at start, and whenever the active queue was full
         self._scan_deferred = True
@@ -353,7 +357,7 @@ class Scheduler:
     def idle(self) -> bool:
         """Nothing in memory, nothing waiting to come in, no scan pending (relay drain
         waits for this after a flush)."""
-        return not (self.messages or self._incoming or self._backlog or self._scan_incoming
+        return not (self.messages or self._incoming or self._backlogged or self._scan_incoming
                     or self._scan_deferred or self._lock_waits or self._filling
                     or self._recovering)
 
@@ -433,9 +437,14 @@ class Scheduler:
             return False
         if self._incoming:
             return True
-        if self._backlog:
-            return in_memory < self._backlog_limit()
-        return self._scan_incoming or self._scan_deferred
+        if self._backlogged and in_memory < self._backlog_limit():
+            return True
+        return ((self._scan_incoming and not self._backlogs["incoming"])
+                or (self._scan_deferred and not self._backlogs["deferred"]))
+
+    @property
+    def _backlogged(self) -> bool:
+        return any(self._backlogs.values())
 
     def _backlog_limit(self) -> int:
         return min(self.settings.active_limit, BACKLOG_IN_MEMORY)
@@ -444,7 +453,7 @@ class Scheduler:
         """Wait until no message is in memory (tests and benchmarks)."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
-        while self.messages or self._incoming or self._backlog:
+        while self.messages or self._incoming or self._backlogged:
             if loop.time() > end:
                 raise TimeoutError("scheduler did not drain")
             await asyncio.sleep(0.01)
@@ -454,7 +463,7 @@ class Scheduler:
         backlog); strays are quarantined and stale files removed."""
         try:
             names = await asyncio.to_thread(lambda: list(self.spool.queue_ids("active")))
-            self._backlog.extendleft(("active", n, False) for n in reversed(names))
+            self._backlogs["incoming"].extendleft(("active", n, False) for n in reversed(names))
             self._wake.set()
             await asyncio.to_thread(self._quarantine_strays)
             removed = await asyncio.to_thread(self.spool.cleanup, self.clock.time())
@@ -505,35 +514,38 @@ class Scheduler:
                         batch.append(queue_id)
                 await self._activate(batch, None)
                 continue
-            if not self._backlog:
-                if not await self._scan():
-                    return
+            if await self._scan():
                 continue
-            if len(self.messages) >= self._backlog_limit():
+            if not self._backlogged or len(self.messages) >= self._backlog_limit():
                 return  # finished messages wake the loop for more
-            queue, first, flushed = self._backlog.popleft()
+            # incoming/ and deferred/ in turn, as Postfix's qmgr takes one from each.
+            order = ("incoming", "deferred") if self._turn == 0 else ("deferred", "incoming")
+            self._turn ^= 1
+            backlog = next(self._backlogs[name] for name in order if self._backlogs[name])
+            queue, first, flushed = backlog.popleft()
             names = [first]
-            while (self._backlog and len(names) < min(room, BACKLOG_BATCH)
-                   and self._backlog[0][0] == queue and self._backlog[0][2] == flushed):
-                names.append(self._backlog.popleft()[1])
+            while (backlog and len(names) < min(room, BACKLOG_BATCH)
+                   and backlog[0][0] == queue and backlog[0][2] == flushed):
+                names.append(backlog.popleft()[1])
             if flushed:  # a flush's scan: defer_transports lifted for these (Postfix: DFXP)
                 self._flushed.update(names)
             await self._activate(names, queue)
 
     async def _scan(self) -> bool:
-        """List incoming/ or deferred/ into the backlog, if a scan is due; False if none."""
-        if self._scan_incoming:
+        """List incoming/ or deferred/ into its backlog, if a scan of it is due and its
+        backlog is empty (a scan is one pass); False if none was."""
+        if self._scan_incoming and not self._backlogs["incoming"]:
             self._scan_incoming = False
             names = await asyncio.to_thread(self._list_queue, "incoming", False)
-            self._backlog.extend(("incoming", n, False) for n in names)
+            self._backlogs["incoming"].extend(("incoming", n, False) for n in names)
             return True
-        if self._scan_deferred:
+        if self._scan_deferred and not self._backlogs["deferred"]:
             ignore = self._ignore_times
             self._scan_deferred = self._ignore_times = False
             self._next_deferred_scan = self.clock.time() + self.settings.queue_run_delay
             self._next_scan_mono = time.monotonic() + self.settings.queue_run_delay
             names = await asyncio.to_thread(self._list_queue, "deferred", ignore)
-            self._backlog.extend(("deferred", n, ignore) for n in names)
+            self._backlogs["deferred"].extend(("deferred", n, ignore) for n in names)
             return True
         return False
 
