@@ -23,7 +23,7 @@ from relay.smtpd.listener import Listener
 from spool import Envelope
 
 COMMIT_GRACE = 3.0  # seconds a stopping process waits for commits in progress
-LISTEN_BACKLOG = 512  # connections the kernel queues for the processes to accept
+LISTEN_BACKLOG = 4096  # connections the kernel queues for the processes to accept (at most somaxconn)
 
 
 class QmgrLink:
