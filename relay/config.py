@@ -413,7 +413,7 @@ _TABLE = (
     Parameter("http_listen", "", _H, hostport=HTTP_LISTENER),  # extension
     Parameter("http_admin", "no", _B),  # extension: queue changes over HTTP
     Parameter("relay_metrics_domain_limit", "50", _I),  # extension: /metrics domain labels
-    # extension: processes accepting mail (0: one per CPU, at most 4); read at start
+    # extension: processes accepting mail (0: one per CPU less one, 1 to 4); read at start
     Parameter("relay_smtpd_processes", "0", _I),
     Parameter("accounting_log", "", _S),  # extension: CSV row per recipient outcome
 )
