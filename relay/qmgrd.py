@@ -308,7 +308,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("-o", dest="overrides", action="append", default=[])
     parser.add_argument("--trigger-fd", type=int, required=True)
     parser.add_argument("--parent", type=int, required=True)
-    parser.add_argument("-o", dest="overrides", action="append", default=[])
     ns = parser.parse_args(argv)
     _die_with_parent(ns.parent)
     try:
