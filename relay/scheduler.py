@@ -2,7 +2,9 @@
 
 It owns the in-memory view of the active queue: which messages are being worked on,
 per-destination concurrency and dead destinations, and the deferred-queue scan.
-It never talks SMTP itself (relay.delivery does, and returns values) and never
+It never talks SMTP and never routes by itself: it asks a ``DeliveryAgent`` (the SMTP
+client, relay.delivery), a ``NextHopLookup`` and a ``HostLookup`` (relay.routing's Router
+and Resolver), the narrow interfaces defined below, and gets values back.  It never
 builds a spool path (spool.store does).  Every state change goes through the
 spool under the message's lock, so an admin command that moved or removed a
 message meanwhile wins: we then only record which recipients were delivered.
@@ -35,9 +37,9 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from relay import bounce, maildir, outcome
 from relay import dsn as dsn_mod
@@ -49,10 +51,11 @@ from relay.delivery import (
     RcptOptions,
     RcptResult,
     RcptStatus,
-    SMTPDelivery,
+    TargetLike,
+    TlsPlan,
 )
 from relay.outcome import Fate, Policy, Report, Status
-from relay.routing import NextHop, Resolver, RouteError, Router
+from relay.routing import NextHop, Resolution, RouteError
 from relay.tls.destination import Planner
 from relay.tls.policy import TlsEvent, tls_not_required
 from spool import (
@@ -83,6 +86,44 @@ agent_log = {name: logging.getLogger(f"relay.{name}")
 # Delivery agents that deliver finally, not to another MTA: a success notice for their
 # recipients says "delivered" (Postfix's discard and local), not "relayed".
 FINAL_DELIVERY_AGENTS = frozenset({"discard", "local"})
+
+
+class DeliveryAgent(Protocol):
+    """What the queue manager asks of a delivery agent (Postfix's qmgr of smtp(8)): one
+    transaction with the servers of one next hop, its outcome returned as a value, never
+    raised.  relay.delivery.SMTPDelivery is the one the daemon runs."""
+
+    async def deliver(
+        self,
+        targets: Sequence[TargetLike],
+        nexthop_label: str,
+        sender: str,
+        recipients: Sequence[str],
+        message: bytes,
+        settings: DeliverySettings,
+        *,
+        options: MailOptions = ...,
+        rcpt_options: Sequence[RcptOptions] = ...,
+        tls: TlsPlan | None = ...,
+    ) -> Attempt: ...
+
+    async def close(self) -> None:
+        """The queue manager stops: let go of every connection kept for reuse."""
+
+
+class NextHopLookup(Protocol):
+    """What the queue manager asks of the address resolver (Postfix's trivial-rewrite
+    ``resolve``): the transport and next hop of a recipient.  relay.routing.Router."""
+
+    def next_hop(self, recipient: str) -> NextHop: ...
+
+
+class HostLookup(Protocol):
+    """What the queue manager asks before an SMTP delivery (Postfix's smtp_addr.c): the
+    servers of a next hop, in the order to try them, or why there are none.
+    relay.routing.Resolver."""
+
+    async def resolve(self, hop: NextHop, domain: str) -> Resolution: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,9 +286,9 @@ class Scheduler:
         self,
         spool: Spool,
         settings: QmgrSettings,
-        router: Router,
-        resolver: Resolver,
-        delivery: SMTPDelivery | None = None,
+        router: NextHopLookup,
+        resolver: HostLookup,
+        delivery: DeliveryAgent,
         clock: Clock | None = None,
         tls: Planner | None = None,
     ) -> None:
@@ -259,7 +300,7 @@ class Scheduler:
         self.settings = settings
         self.router = router
         self.resolver = resolver
-        self.delivery = delivery or SMTPDelivery()
+        self.delivery = delivery
         self.clock: Clock = clock or SystemClock()
         self.paused = spool.pauses()
         self.messages: dict[str, Message] = {}
@@ -357,7 +398,7 @@ class Scheduler:
             return False
         return domain in self.paused or f"nexthop:{hop.host.lower()}" in self.paused
 
-    def reconfigure(self, settings: QmgrSettings, router: Router, resolver: Resolver,
+    def reconfigure(self, settings: QmgrSettings, router: NextHopLookup, resolver: HostLookup,
                     tls: Planner | None = None) -> None:
         """A reload: new settings from now on; the queue-run timer re-armed as if the
         last scan had set it with the new queue_run_delay; new backoff times applied to
