@@ -72,11 +72,6 @@ _HOSTPORT_RE = re.compile(
 )
 
 
-# The line number of a setting given as ``-o name=value`` rather than read from main.cf;
-# sorted after every line of the file.
-OVERRIDE_LINE = 1 << 30
-
-
 class ConfigError(Exception):
     """A main.cf problem; ``str(error)`` is the whole message, naming file, line, parameter."""
 
