@@ -188,7 +188,7 @@ class Message:
             if rcpt is None:
                 options.append(RcptOptions())
                 continue
-            orcpt = dsn_mod.original_recipient(rcpt.dsn_orcpt, rcpt.orig_address or address)
+            orcpt = dsn_mod.original_recipient(rcpt.dsn_orcpt, address)
             options.append(RcptOptions(rcpt.dsn_notify, orcpt))
         return options
 
@@ -798,14 +798,12 @@ class Scheduler:
         if content is None:
             content = await asyncio.to_thread(self.spool.read_content, message.queue_id,
                                               env.size)
-        originals = {r.address: r.orig_address for r in env.recipients}
         results: list[Result] = []
         for address in job.recipients:
             start = self.clock.time()
             try:
                 await asyncio.to_thread(maildir.deliver, hop.text, content, sender=env.sender,
-                                        recipient=address,
-                                        original_recipient=originals.get(address, ""))
+                                        recipient=address)
                 rcpt = RcptResult(address, RcptStatus.SENT, "2.0.0", "delivered to maildir")
             except maildir.MaildirError as exc:
                 dsn = maildir_dsn(exc.errno)
@@ -1057,7 +1055,7 @@ class Scheduler:
                 action = r.dsn_action
             else:
                 action = "delayed" if kind is bounce.NoticeKind.DELAY else "failed"
-            orcpt = dsn_mod.original_recipient(r.dsn_orcpt, r.orig_address or r.address)
+            orcpt = dsn_mod.original_recipient(r.dsn_orcpt, r.address)
             reported.append(bounce.FailedRecipient(
                 r.address, r.dsn or fallback, _diagnostic(r.reason), r.remote_mta,
                 # The human-readable line is the reason as logged, as Postfix's is:

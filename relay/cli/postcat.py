@@ -111,6 +111,8 @@ def envelope_records(env: Envelope) -> Iterator[str]:
         yield f"named_attribute: envelope_id={env.dsn_envid}"
     if dsn.ret_flags(env.dsn_ret):
         yield f"named_attribute: ret_flags={dsn.ret_flags(env.dsn_ret)}"
+    if env.sender_fullname:
+        yield f"sender_fullname: {env.sender_fullname}"
     yield f"sender: {env.sender}"
     attributes = [
         ("client_name", env.client_name),
@@ -118,7 +120,6 @@ def envelope_records(env: Envelope) -> Iterator[str]:
         ("helo_name", env.helo_name),
         ("protocol_name", env.protocol),
         ("sasl_username", env.auth_user),
-        *sorted(env.extra.items()),
     ]
     for name, value in attributes:
         if value:
@@ -128,10 +129,9 @@ def envelope_records(env: Envelope) -> Iterator[str]:
             yield f"named_attribute: notify_flags={dsn.notify_flags(rcpt.dsn_notify)}"
         # Postfix has both for every recipient: the client's ORCPT or the one its smtpd
         # makes up, which is also what relay passes on and reports.
-        original = rcpt.orig_address or rcpt.address
-        orcpt = dsn.original_recipient(rcpt.dsn_orcpt, original)
+        orcpt = dsn.original_recipient(rcpt.dsn_orcpt, rcpt.address)
         yield f"named_attribute: dsn_orig_rcpt={orcpt}"
-        yield f"original_recipient: {original}"
+        yield f"original_recipient: {rcpt.address}"
         kind = "recipient" if rcpt.state is RcptState.PENDING else "done_recipient"
         yield f"{kind}: {rcpt.address}"
 

@@ -466,7 +466,7 @@ def enqueue(opts: Options, cfg: config_mod.Config, stdin: BinaryIO,
             dsn_envid=opts.dsn_envid, dsn_ret=opts.dsn_ret,
             arrival_time=now, size=len(content), client_name="localhost",
             client_address="127.0.0.1", protocol="local", message_id=msgid[:256],
-            extra={"sender_fullname": full_name} if full_name else {},
+            sender_fullname=full_name,
         )
         env = spool.commit(res, env, [content])
     except (OSError, SpoolError) as exc:

@@ -88,6 +88,7 @@ def test_lf_input_is_stored_with_crlf_and_local_headers(stopped: RelayDaemon) ->
     assert h[5:] == [f"From: Test User <{LOGIN}@relay.test>"]
     assert body(content) == b"line one\r\nline two\r\n"
     assert env.sender == f"{LOGIN}@relay.test"
+    assert env.sender_fullname == "Test User"
     assert [r.address for r in env.recipients] == ["bob@example.net"]
     assert env.protocol == "local" and env.client_name == "localhost"
     assert env.size == len(content)
