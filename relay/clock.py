@@ -32,9 +32,6 @@ class ManualClock:
     def time(self) -> float:
         return self.now
 
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
 
 class OffsetClock:
     """System time plus an offset read from a file (re-read when the file changes)."""

@@ -323,7 +323,6 @@ class _Session:
     auth_methods: list[str] = field(default_factory=list)
     tls: bool = False
     policy_key: tuple[object, ...] = ()  # the HostPolicy it was made under
-    authenticated: bool = False
     quit_timeout: float = 300.0
     idle_timer: asyncio.TimerHandle | None = None
 
@@ -891,7 +890,6 @@ class SMTPDelivery:
                 relay=session.relay,
                 connection=False,
             )
-        session.authenticated = True
 
     # -- the mail transaction --
 

@@ -312,8 +312,6 @@ class Scheduler:
         self._ignore_times = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._global = asyncio.Semaphore(settings.process_limit)
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._stopping = False
         self.syncer: Syncer | None = None  # the qmgr's fsync helper, when it has one
         self._lock_waits: set[str] = set()  # being activated in a thread: locked elsewhere
@@ -484,7 +482,7 @@ class Scheduler:
 
     def _quarantine(self, queue: str, name: str, why: str) -> None:
         try:
-            saved = transitions.quarantine(self.spool, queue, name, why)
+            saved = transitions.quarantine(self.spool, queue, name)
         except (EntryGone, OSError):
             return
         log.warning('saving corrupt file "%s" from queue "%s" to queue "corrupt" (%s)',
@@ -610,7 +608,6 @@ class Scheduler:
             message = Message(queue_id, env, active_since=now, content=content,
                               flushed=queue_id in self._flushed)
             self.messages[queue_id] = message
-            self._idle.clear()
             log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)",
                      queue_id, env.sender, env.size, len(env.recipients))
             self._plan(message)
@@ -856,8 +853,6 @@ class Scheduler:
         self.messages.pop(message.queue_id, None)
         if message.again:
             self._incoming.append(message.queue_id)
-        if not self.messages:
-            self._idle.set()
         for env in notices:
             self.wakeup(env)
         self._wake.set()

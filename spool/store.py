@@ -694,7 +694,7 @@ class Spool:
         finally:
             os.close(fd)  # releases the flock
 
-    def quarantine(self, queue: str, name: str, why: str = "") -> str:
+    def quarantine(self, queue: str, name: str) -> str:
         """Move an unreadable envelope (or a stray file) to corrupt/; never delete it."""
         src = self._env_path(queue, name)
         target = self._env_path("corrupt", name)

@@ -150,8 +150,9 @@ def _reason_line(reason: str) -> str:
 
 
 def record_formatter(layout: Layout = SHORT) -> Callable[[str, Fields], str]:
-    """format_record() for one layout, with the layout's strings computed once: the
-    function a listing calls for each of its (maybe 100,000) messages."""
+    """The function that formats one message's block of the sendmail-style listing
+    (without the separating blank line) in this layout, with the layout's strings computed
+    once: a listing calls it for each of its (maybe 100,000) messages."""
     first_line = layout.first_line.format
     indent = layout.indent
     markers = _MARKERS
@@ -180,16 +181,6 @@ def record_formatter(layout: Layout = SHORT) -> Callable[[str, Fields], str]:
         return text
 
     return format_one
-
-
-def format_record(queue: str, rec: Fields, layout: Layout = SHORT) -> str:
-    """One message's block of the sendmail-style listing, without the separating blank line."""
-    return record_formatter(layout)(queue, rec)
-
-
-def format_message(queue: str, env: Envelope, layout: Layout = SHORT) -> str:
-    """format_record() of an Envelope."""
-    return format_record(queue, envfmt.as_fields(env), layout)
 
 
 def sendmail_records(items: Iterable[tuple[str, Fields]], *, long_ids: bool = False
@@ -244,11 +235,6 @@ def format_json_record(queue: str, rec: Fields) -> str:
         f'"sender": {json_string(rec["sender"] or EMPTY_SENDER)}, '
         f'"recipients": [{", ".join(rcpts)}]}}\n'
     )
-
-
-def format_json(queue: str, env: Envelope) -> str:
-    """format_json_record() of an Envelope."""
-    return format_json_record(queue, envfmt.as_fields(env))
 
 
 def json_records(items: Iterable[tuple[str, Fields]]) -> Iterator[str]:

@@ -111,7 +111,6 @@ class Verdict:
 
     trust: str  # Verified, Trusted, Untrusted, Anonymous
     satisfied: bool  # the level's demands are met (always True below must-match levels)
-    verified: bool  # trusted and a reference name (or a DANE record) matched
     failure: str = ""  # e.g. "num=62:hostname mismatch", without "... failed for HOST: "
     purpose: str = ""  # "server", "CA" or "" as Postfix prefixes the failure line
     result_type: str = ""  # RFC 8460 4.3
@@ -171,7 +170,7 @@ def evaluate(obj: ssl.SSLObject, policy: HostPolicy, store: crypto.X509Store,
     """Check what the server presented against ``policy``, as Postfix's verify_x509()
     and the DANE code do; nothing is logged here."""
     cipher = obj.cipher() or ("", "", 0)
-    base = Verdict("Untrusted", False, False, protocol=obj.version() or "",
+    base = Verdict("Untrusted", False, protocol=obj.version() or "",
                    cipher=cipher[0], bits=int(cipher[2] or 0))
     must_match = policy.level.must_match or policy.sts_testing
     try:
@@ -192,7 +191,7 @@ def evaluate(obj: ssl.SSLObject, policy: HostPolicy, store: crypto.X509Store,
     if policy.level in (Level.DANE, Level.DANE_ONLY) and policy.tlsa:
         found = dane.match_chain(policy.tlsa, [c.der for c in chain], policy.references, now)
         if found.ok:
-            return replace(base, trust="Verified", satisfied=True, verified=True)
+            return replace(base, trust="Verified", satisfied=True)
         return replace(base, failure=found.reason, result_type=found.result_type,
                        purpose=found.purpose)
     failure, purpose, result_type = _chain_failure(store, chain)
@@ -204,7 +203,7 @@ def evaluate(obj: ssl.SSLObject, policy: HostPolicy, store: crypto.X509Store,
     if matched is None:
         return replace(base, failure=f"num={_HOSTNAME_MISMATCH}:hostname mismatch",
                        purpose="server", result_type="certificate-host-mismatch")
-    return replace(base, trust="Verified", satisfied=True, verified=True, matched=matched)
+    return replace(base, trust="Verified", satisfied=True, matched=matched)
 
 
 def summary(verdict: Verdict, namaddr: str) -> str:

@@ -27,7 +27,7 @@ EXPECTED = {
     "NUL_IN_COMMAND": "syntax", "BARE_LF": "bare_newline", "NEED_HELO": "sequence",
     "NEED_STARTTLS": "tls_required", "CONFIG_ERROR": "other", "INTERNAL_ERROR": "other",
     "HELO_SYNTAX": "syntax", "EHLO_SYNTAX": "syntax", "RSET_SYNTAX": "syntax",
-    "NOOP_SYNTAX": "syntax", "VRFY_SYNTAX": "syntax", "QUIT_SYNTAX": "syntax",
+    "VRFY_SYNTAX": "syntax",
     "STARTTLS_SYNTAX": "syntax", "TLS_ACTIVE": "sequence", "NOT_IMPLEMENTED": "syntax",
     "AUTH_FAILED": "auth", "AUTH_NOT_ENABLED": "auth", "AUTH_ALREADY": "auth",
     "AUTH_IN_TRANSACTION": "sequence", "AUTH_SYNTAX": "auth", "AUTH_MECHANISM": "auth",
