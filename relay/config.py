@@ -304,7 +304,6 @@ _TABLE = (
     Parameter("syslog_facility", "mail", _E, choices=_FACILITIES),
     Parameter("enable_long_queue_ids", "no", _B),
     Parameter("capture_maildir", "", _S),  # extension: relay serve --capture DIR
-    Parameter("fault_injection", "", _L),  # extension, for tests
     # smtpd: the listener
     Parameter("smtpd_listen", "127.0.0.1:2525, [::1]:2525", _H, hostport=LISTENER),  # extension
     Parameter("smtpd_banner", "$myhostname ESMTP $mail_name", _S),

@@ -219,7 +219,7 @@ async def run(config_dir: str | None, cfg: Config, trigger_fd: int,
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(max_workers=THREADS,
                                                  thread_name_prefix="qmgr"))
-    fault = fault_hook_from(os.environ.get("RELAY_FAULT", "") or cfg.str("fault_injection"))
+    fault = fault_hook_from(os.environ.get("RELAY_FAULT", ""))
     try:
         spool = Spool(cfg.str("queue_directory"), long_ids=cfg.bool("enable_long_queue_ids"),
                       fault=fault, retire_to_free=True)

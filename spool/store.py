@@ -181,7 +181,9 @@ def fault_hook_from(spec: str) -> FaultHook | None:
     Actions: ``exit`` (os._exit(99), which leaves files as a SIGKILL would),
     ``enospc`` and ``eio`` (raise that OSError).  With a count the fault fires
     that many times and then never again ("space is back").  Used by crash and
-    disk-full tests only; production runs have no hook.
+    disk-full tests only, which set the RELAY_FAULT environment variable that ``relay
+    serve``, its queue manager and ``sendmail`` read (a test hook, so not a main.cf
+    parameter); production runs have no hook.
     """
     plan: dict[str, list[str | int]] = {}
     for item in filter(None, (p.strip() for p in spec.split(","))):

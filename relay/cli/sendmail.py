@@ -445,10 +445,9 @@ def enqueue(opts: Options, cfg: config_mod.Config, stdin: BinaryIO,
                      tuple(tuple(h) for h in parsed.headers), tuple(parsed.body),
                      strip_bcc=opts.extract)
     long_ids = cfg.bool("enable_long_queue_ids")
-    fault = environ.get("RELAY_FAULT", "") or ",".join(cfg.list("fault_injection"))
     try:
         spool = Spool(cfg.str("queue_directory"), long_ids=long_ids,
-                      fault=fault_hook_from(fault) if fault else None)
+                      fault=fault_hook_from(environ.get("RELAY_FAULT", "")))
         res = spool.reserve()
     except (OSError, SpoolError) as exc:
         raise Fatal(f"{who}: error writing queue file: {_why(exc)} -- message not queued",

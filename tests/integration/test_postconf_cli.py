@@ -180,13 +180,13 @@ def test_usage_error(tmp_path: Path) -> None:
 
 def test_output_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
     # More output than a pipe buffer holds, so postconf is still writing when head exits;
-    # the parameters are referenced from fault_injection so none is "unused".
+    # the parameters are referenced from relay_domains so none is "unused".
     d = tmp_path / "big"
     d.mkdir()
     names = [f"p_{i:05d}" for i in range(4000)]
     (d / "main.cf").write_text(
         "".join(f"{n} = {'x' * 40}\n" for n in names)
-        + "fault_injection = "
+        + "relay_domains = "
         + " ".join("$" + n for n in names)
         + "\n"
     )

@@ -112,7 +112,6 @@ EXPECTED_DEFAULTS = {
     "default_transport": "smtp",
     "soft_bounce": "no",
     "defer_transports": "",
-    "fault_injection": "",
     "http_listen": "",
     "http_admin": "no",
     "relay_metrics_domain_limit": "50",
