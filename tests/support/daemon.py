@@ -8,11 +8,14 @@ sockets.  Stopping sends SIGTERM; ``kill()`` sends SIGKILL for crash tests.
 from __future__ import annotations
 
 import os
+import re
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,34 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+BODY = b"Subject: test\r\nMessage-ID: <test@client.test>\r\n\r\nbody\r\n"
+
+
+def smtp_send(host: str, port: int, recipients: Sequence[str],
+              sender: str = "alice@example.org", body: bytes = BODY) -> str:
+    """One SMTP transaction through the daemon; the queue ID its 250 names."""
+    with smtplib.SMTP(host, port, timeout=10) as smtp:
+        smtp.ehlo("client.test")
+        assert smtp.mail(sender)[0] == 250
+        for rcpt in recipients:
+            code, reply = smtp.rcpt(rcpt)
+            assert code == 250, reply
+        code, reply = smtp.data(body)
+    assert code == 250, reply
+    match = re.search(rb"queued as (\S+)", reply)
+    assert match, reply
+    return match.group(1).decode()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` (every 50 ms) until it holds; AssertionError after ``timeout``."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
 
 
 class RelayDaemon:
