@@ -1,4 +1,6 @@
-"""The queue manager (Postfix's qmgr): what is delivered when, and what follows.
+"""The queue manager's scheduler (Postfix's qmgr at work): what is delivered when, and
+what follows.  The process it runs in, with its control socket and triggers, is
+relay.qmgrd's.
 
 It owns the in-memory view of the active queue: which messages are being worked on,
 per-destination concurrency and dead destinations, and the deferred-queue scan.
@@ -282,6 +284,9 @@ def _domain(address: str) -> str:
 
 
 class Scheduler:
+    """The scheduling of one queue manager process: activation, jobs per next hop,
+    concurrency windows, dead destinations, outcomes written through the spool, notices."""
+
     def __init__(
         self,
         spool: Spool,
@@ -587,20 +592,21 @@ class Scheduler:
             self._lock_waits.update(busy)
             self._spawn(self._activate_when_unlocked(busy, from_queue))
         await asyncio.sleep(0)  # a long scan lets other work run between batches
-        admitted = self._admit(moved)
+        fed = self._feed(moved)
         self._flushed.difference_update(n for n in names if n not in busy)
-        return admitted
+        return fed
 
     async def _activate_when_unlocked(self, names: list[str], from_queue: str | None) -> None:
         try:
             moved = await asyncio.to_thread(self._move_batch, names, from_queue)
         finally:
             self._lock_waits.difference_update(names)
-        self._admit(moved)
+        self._feed(moved)
         self._flushed.difference_update(names)
 
-    def _admit(self, moved: list[tuple[str, Envelope, bytes | None]]) -> int:
-        """Messages now in active/ come into memory and get their jobs."""
+    def _feed(self, moved: list[tuple[str, Envelope, bytes | None]]) -> int:
+        """Messages now in active/ come into memory and get their jobs (Postfix's
+        qmgr_active_feed() and qmgr_message_alloc())."""
         now = self.clock.time()
         for queue_id, env, content in moved:
             if queue_id in self.messages:
