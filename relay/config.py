@@ -61,7 +61,6 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _TIME_RE = re.compile(r"([0-9]+)([smhdw]?)\Z")
 _DIGITS_RE = re.compile(r"[0-9]+\Z")
 _NAME_RE = re.compile(r"[A-Za-z0-9_]+")
-_LIST_SPLIT_RE = re.compile(r"[,\s]+")
 _HOSTNAME_RE = re.compile(
     r"(?=.*[A-Za-z])[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.?\Z"
@@ -814,15 +813,6 @@ class Config:
         return value
 
     host_ports = listen_addresses  # the same, for dns_nameservers
-
-    def domain_matches(self, name: str, domain: str) -> bool:
-        """Whether ``domain`` is in a domain list like relay_domains.
-
-        ``example.com`` matches itself and its subdomains (Postfix's
-        parent_domain_matches_subdomains); ``.example.com`` only its subdomains; a ``!``
-        entry excludes; the first match wins; case does not matter.
-        """
-        return domain_in_list(domain, self.list(name))
 
     # Typed accessors for mypy.  They come last: inside the class body their names hide
     # the builtins, hence builtins.* in the signatures.

@@ -215,7 +215,14 @@ def fault_hook_from(spec: str) -> FaultHook | None:
 
 
 class Spool:
-    """A queue directory.  Methods are blocking; the daemon calls them in threads."""
+    """A queue directory.
+
+    Every method may block on the disk.  Each change also exists as steps
+    (``commit_steps``, ``Entry.*_steps``): file work that does not wait, with the fsyncs
+    it needs named between the steps, so that an event loop can run the steps itself and
+    leave the waiting to the fsync helper (spool.fsync, ``run_steps_async``).  The
+    daemon's processes do that on their busy paths and call the blocking methods from
+    threads elsewhere; the commands call them directly."""
 
     def __init__(
         self,

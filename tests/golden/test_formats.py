@@ -28,6 +28,7 @@ import pytest
 
 from relay.cli import postcat, postqueue, qshape, showq
 from spool import Envelope, RcptState, Recipient, Spool
+from spool import envelope as envfmt
 
 REFERENCE_DIR = Path(os.environ.get("RELAY_POSTFIX_REFERENCE",
                                     "/work/shared/postfix-reference"))
@@ -493,14 +494,15 @@ def test_long_queue_id_layout(tmp_path: Path, utc: None) -> None:
 
 
 def test_listing_streams_one_message_at_a_time() -> None:
-    def items() -> Iterator[tuple[str, Envelope]]:
-        yield "deferred", Envelope("ABCDEF12345", "a@b", (Recipient("c@d"),), REF_TIME, size=9)
+    def items() -> Iterator[tuple[str, envfmt.Fields]]:
+        env = Envelope("ABCDEF12345", "a@b", (Recipient("c@d"),), REF_TIME, size=9)
+        yield "deferred", envfmt.as_fields(env)
         raise AssertionError("read ahead of the output")
 
-    listing = showq.sendmail_listing(items())
+    listing = showq.sendmail_records(items())
     assert next(listing).startswith("-Queue ID-")
     assert next(listing).startswith("ABCDEF12345")
-    assert next(showq.json_listing(items())).startswith('{"queue_name": "deferred"')
+    assert next(showq.json_records(items())).startswith('{"queue_name": "deferred"')
 
 
 def test_corrupt_queue_is_not_listed(tmp_path: Path, utc: None) -> None:

@@ -672,18 +672,22 @@ def test_network_matching_first_match_wins(tmp_path: Path) -> None:
 def test_domain_matching(tmp_path: Path) -> None:
     cfg = load(tmp_path, "relay_domains = Example.COM, .sub.example.net !bad.example.org\n"
                "  example.org\n")  # fmt: skip
-    assert cfg.domain_matches("relay_domains", "example.com")
-    assert cfg.domain_matches("relay_domains", "EXAMPLE.com.")
-    assert cfg.domain_matches("relay_domains", "a.b.example.com")
-    assert not cfg.domain_matches("relay_domains", "notexample.com")
-    assert not cfg.domain_matches("relay_domains", "example.com.evil")
-    assert not cfg.domain_matches("relay_domains", "sub.example.net")
-    assert cfg.domain_matches("relay_domains", "x.sub.example.net")
-    assert not cfg.domain_matches("relay_domains", "bad.example.org")
-    assert not cfg.domain_matches("relay_domains", "x.bad.example.org")
-    assert cfg.domain_matches("relay_domains", "good.example.org")
-    assert not cfg.domain_matches("relay_domains", "")
-    assert not config.defaults(environ={}).domain_matches("relay_domains", "example.com")
+
+    def matches(domain: str) -> bool:
+        return config.domain_in_list(domain, cfg.list("relay_domains"))
+
+    assert matches("example.com")
+    assert matches("EXAMPLE.com.")
+    assert matches("a.b.example.com")
+    assert not matches("notexample.com")
+    assert not matches("example.com.evil")
+    assert not matches("sub.example.net")
+    assert matches("x.sub.example.net")
+    assert not matches("bad.example.org")
+    assert not matches("x.bad.example.org")
+    assert matches("good.example.org")
+    assert not matches("")
+    assert not config.domain_in_list("example.com", config.defaults(environ={}).list("relay_domains"))
 
 
 def test_typed_accessors_check_the_kind(tmp_path: Path) -> None:
