@@ -357,9 +357,10 @@ def test_one_process_group_and_sigterm_to_the_group(relay_daemon: MakeDaemon) ->
     d = relay_daemon(HOLD_DELIVERY, start=False)
     d.stderr_path = d.base / "stderr.group"
     # As a supervisor starts it: the daemon leads a process group of its own.
-    d.proc = subprocess.Popen([*RELAY, "-c", str(d.config_dir)], env=d.env,
-                              stdout=subprocess.DEVNULL, stderr=open(d.stderr_path, "wb"),
-                              start_new_session=True)
+    with open(d.stderr_path, "wb") as stderr:  # the daemon keeps its own copy
+        d.proc = subprocess.Popen([*RELAY, "-c", str(d.config_dir)], env=d.env,
+                                  stdout=subprocess.DEVNULL, stderr=stderr,
+                                  start_new_session=True)
     d.wait_listening()
     qid = smtp_send(d.host, d.port, ["bob@example.net"])
     d.wait_log(f"{qid}: to=<bob@example.net>")  # the queue manager is up and working

@@ -86,10 +86,11 @@ class RelayDaemon:
 
     def start(self, wait: bool = True) -> RelayDaemon:
         self.stderr_path = self.base / f"stderr.{time.monotonic_ns()}"
-        self.proc = subprocess.Popen(
-            [*RELAY, "-c", str(self.config_dir)], env=self.env,
-            stdout=subprocess.DEVNULL, stderr=open(self.stderr_path, "wb"),
-        )
+        with open(self.stderr_path, "wb") as stderr:  # the daemon keeps its own copy
+            self.proc = subprocess.Popen(
+                [*RELAY, "-c", str(self.config_dir)], env=self.env,
+                stdout=subprocess.DEVNULL, stderr=stderr,
+            )
         if wait:
             self.wait_listening()
         return self

@@ -390,8 +390,8 @@ def test_tls_levels(tmp_path: Path) -> None:
         ),
         (
             "mynetworks = 10.1.2.3/8",
-            "bad network address or CIDR for parameter mynetworks: 10.1.2.3/8 "
-            "(non-null host address bits, perhaps you should use 10.0.0.0/8 instead)",
+            ("bad network address or CIDR for parameter mynetworks: 10.1.2.3/8 "
+            "(non-null host address bits, perhaps you should use 10.0.0.0/8 instead)"),
         ),
         (
             "mynetworks = hash:/etc/postfix/network_table",

@@ -75,7 +75,7 @@ def test_connection_made_still_uses_what_the_engine_provides() -> None:
 
 def test_proxy_parser_is_there() -> None:
     signature = inspect.signature(aiosmtpd.proxy_protocol.get_proxy)
-    assert list(signature.parameters)[0] == "reader_func", signature
+    assert next(iter(signature.parameters)) == "reader_func", signature
 
 
 def test_only_the_engine_imports_aiosmtpd() -> None:

@@ -41,8 +41,8 @@ def test_lenient_load_warns_with_the_closest_name(tmp_path: Path) -> None:
     warnings: list[str] = []
     d = write(tmp_path, "relay_host = x\n")
     config.load(d, environ={}, warn=warnings.append)
-    assert warnings == [f"{tmp_path}/main.cf, line 1: unused parameter: relay_host=x "
-                        "(did you mean relayhost?)"]
+    assert warnings == [(f"{tmp_path}/main.cf, line 1: unused parameter: relay_host=x "
+                        "(did you mean relayhost?)")]
 
 
 def test_overrides_win_and_are_checked(tmp_path: Path) -> None:
