@@ -1,6 +1,7 @@
 """Running a daemon process's main coroutine: on uvloop where it is installed.
 
-Both daemon processes (relay.daemon and relay.qmgrd) start here.  Nothing else.
+Both daemon processes (relay.daemon and relay.qmgrd) start here.  Nothing else: no
+state, no I/O of its own, so a crash leaves nothing behind.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ Text format, version 1 (chosen so that parsing cannot go wrong):
     end
 
 A file that lacks the first or the last line is incomplete and therefore corrupt.
-This module does no I/O.
+Envelopes written by earlier versions still load (see ``loads``).  This module never does
+I/O, so a crash here leaves nothing behind; the files are spool.store's.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ objects with ``public_bytes(ENCODING_DER)``).  tests/unit/test_tls_session_contr
 checks it on the running Python.
 
 Never: decides whether mail goes (relay.delivery does, from the Verdict), keeps state
-beyond the cached contexts and trust stores.
+beyond the cached contexts and trust stores, writes anything: a crash ends the session it
+was checking and leaves nothing on disk.
 """
 
 from __future__ import annotations
