@@ -120,7 +120,6 @@ class Verdict:
     protocol: str = ""
     cipher: str = ""
     bits: int = 0
-    matched: str = ""  # the reference name the certificate matched
 
 
 def peer_chain(obj: ssl.SSLObject) -> list[bytes]:
@@ -200,11 +199,10 @@ def evaluate(obj: ssl.SSLObject, policy: HostPolicy, store: crypto.X509Store,
         return replace(base, trust="Untrusted" if failure else "Trusted", satisfied=True)
     if failure:
         return replace(base, failure=failure, purpose=purpose, result_type=result_type)
-    matched = match_certificate(leaf.names, policy.references)
-    if matched is None:
+    if match_certificate(leaf.names, policy.references) is None:
         return replace(base, failure=f"num={_HOSTNAME_MISMATCH}:hostname mismatch",
                        purpose="server", result_type="certificate-host-mismatch")
-    return replace(base, trust="Verified", satisfied=True, matched=matched)
+    return replace(base, trust="Verified", satisfied=True)
 
 
 def summary(verdict: Verdict, namaddr: str) -> str:
