@@ -190,7 +190,7 @@ class _Postcat:
     def _line(self, text: str) -> None:
         self.out.write(text.encode("utf-8", "surrogateescape") + b"\n")
 
-    def show(self, spool: Spool, queue: str, env: Envelope, label: str) -> None:
+    def show(self, spool: Spool, env: Envelope, label: str) -> None:
         if self.envelope:
             self._line(f"*** ENVELOPE RECORDS {label} ***")
             for record in envelope_records(env):
@@ -246,7 +246,7 @@ def _by_queue_id(ns: _Options, shower: _Postcat) -> None:
         if not valid_queue_id(queue_id):
             raise Fatal(f"bad mail queue ID: {queue_id}")
         queue, env = _find(spool, queue_id)
-        shower.show(spool, queue, env, spool.relative_path(queue, queue_id))
+        shower.show(spool, env, spool.relative_path(queue, queue_id))
 
 
 def _from_stdin(ns: _Options, shower: _Postcat, stdin: BinaryIO) -> None:
@@ -261,7 +261,7 @@ def _from_stdin(ns: _Options, shower: _Postcat, stdin: BinaryIO) -> None:
         shower.out.flush()
         print("postcat: warning: stdin: input is not a valid queue file", file=shower.err)
         return
-    shower.show(spool, "", env, "stdin")
+    shower.show(spool, env, "stdin")
 
 
 def _by_path(ns: _Options, shower: _Postcat) -> None:
@@ -277,7 +277,7 @@ def _by_path(ns: _Options, shower: _Postcat) -> None:
             env = spool.read(queue, queue_id)
         except (EntryGone, CorruptEntry) as exc:
             raise Fatal(f"{path}: input is not a valid queue file: {exc}") from None
-        shower.show(spool, queue, env, path)
+        shower.show(spool, env, path)
 
 
 def main(argv: Sequence[str] | None = None, *, stdin: BinaryIO | None = None,
