@@ -70,9 +70,6 @@ class Anvil:
             return 0
         return window.count
 
-    def forget(self, event: Event, client: str) -> None:
-        self._windows.pop((event, client), None)
-
     def __len__(self) -> int:
         return len(self._windows)
 

@@ -116,15 +116,6 @@ class ScryptHash:
             _scrypt(password, self.salt, self.n, self.r, self.p, len(self.digest)), self.digest)
 
 
-def verify_password(password: bytes, encoded: str) -> bool:
-    """True if ``password`` matches ``encoded``; False for a wrong one or a damaged value."""
-    try:
-        parsed = ScryptHash.parse(encoded)
-    except ValueError:
-        return False
-    return parsed.matches(password)
-
-
 # Spent on a login for an unknown user so that it takes as long as one for a known user.
 _DUMMY = ScryptHash(SCRYPT_N, SCRYPT_R, SCRYPT_P, b"\x00" * SALT_BYTES, b"\x00" * HASH_BYTES)
 

@@ -8,7 +8,7 @@ notice is a multipart/report (RFC 6522) with three parts: Postfix's human-readab
 message/delivery-status part (RFC 3464) with one field group per recipient, and the
 returned message (message/rfc822) or only its headers (text/rfc822-headers: for delay
 warnings and success notices, when the sender asked RET=HDRS, and for messages larger than
-``max_returned_bytes``, Postfix's bounce_size_limit).  The sender's ENVID is reported as
+``MAX_RETURNED_BYTES``, Postfix's bounce_size_limit default).  The sender's ENVID is reported as
 Original-Envelope-Id and each recipient's ORCPT as Original-Recipient.  A notice about an
 internationalized message uses RFC 6533's message/global-delivery-status and
 message/global (or message/global-headers) instead.
@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
-    "DEFAULT_MAX_RETURNED_BYTES",
+    "MAX_RETURNED_BYTES",
     "FailedRecipient",
     "NoticeKind",
     "is_null_sender",
@@ -44,8 +44,8 @@ __all__ = [
     "needs_global",
 ]
 
-# Postfix's bounce_size_limit default.
-DEFAULT_MAX_RETURNED_BYTES = 50000
+# Postfix's bounce_size_limit default: a bigger message goes back as its headers only.
+MAX_RETURNED_BYTES = 50000
 # Postfix's maximal_queue_lifetime default, used when a delay warning is asked for without it.
 _DEFAULT_LIFETIME_DAYS = 5.0
 
@@ -145,11 +145,8 @@ def make_notice(
     now: float,
     myhostname: str,
     mail_name: str = "relay",
-    postmaster: str = "postmaster",
     delay_warning_hours: float | None = None,
     max_lifetime_days: float | None = None,
-    new_queue_id_hint: str | None = None,
-    max_returned_bytes: int = DEFAULT_MAX_RETURNED_BYTES,
     envid: str = "",
     headers_only: bool = False,
     smtputf8: bool = False,
@@ -157,13 +154,11 @@ def make_notice(
     """Build a complete RFC 5322 notice to ``sender`` about ``recipients`` of ``queue_id``.
 
     ``original`` is the queued message (headers and body).  A FAILURE notice returns it as
-    message/rfc822 when it is at most ``max_returned_bytes`` long (0 means no limit, as
-    Postfix's bounce_size_limit), and only its headers as text/rfc822-headers otherwise; a
-    DELAY notice always returns only the headers.  ``delay_warning_hours`` and
-    ``max_lifetime_days`` fill the delay text and Will-Retry-Until; when not given they
-    default to the time the message has waited and to Postfix's 5 days.
-    ``new_queue_id_hint`` (the notice's own queue ID, when the caller knows it) goes into
-    the Message-Id.  In a DELAY notice every recipient's Action is ``delayed``; in a
+    message/rfc822 when it is at most ``MAX_RETURNED_BYTES`` long, and only its headers as
+    text/rfc822-headers otherwise; a DELAY notice always returns only the headers.
+    ``delay_warning_hours`` and ``max_lifetime_days`` fill the delay text and
+    Will-Retry-Until; when not given they default to the time the message has waited and
+    to Postfix's 5 days.  In a DELAY notice every recipient's Action is ``delayed``; in a
     SUCCESS notice it is each recipient's own (``delivered`` or ``relayed``), and only the
     headers are returned, as Postfix does.  ``headers_only`` (the sender asked RET=HDRS)
     returns only the headers of a FAILURE notice too.  ``envid`` is the sender's ENVID
@@ -171,15 +166,13 @@ def make_notice(
     notice: message/global-delivery-status, message/global or message/global-headers, and
     ``utf-8`` address types for non-ASCII addresses.
 
-    Raises ValueError for the null sender, for an empty recipient list, for an Action that
-    RFC 3464 does not define, and for a negative ``max_returned_bytes``.
+    Raises ValueError for the null sender, for an empty recipient list, and for an Action
+    that RFC 3464 does not define.
     """
     if is_null_sender(sender):
         raise ValueError("a message from the null sender never gets a delivery status notice")
     if not recipients:
         raise ValueError("a delivery status notice needs at least one recipient")
-    if max_returned_bytes < 0:
-        raise ValueError(f"max_returned_bytes must not be negative: {max_returned_bytes}")
     for rcpt in recipients:
         if kind is not NoticeKind.DELAY and rcpt.action not in _ACTIONS:
             raise ValueError(f"not an RFC 3464 action: {rcpt.action!r}")
@@ -187,7 +180,6 @@ def make_notice(
     queue_id = _clean(queue_id)
     sender = _clean(sender)
     myhostname = _clean(myhostname) or "localhost"
-    postmaster = _clean(postmaster) or "postmaster"
     x_name = _x_name(mail_name)
 
     if max_lifetime_days is None:
@@ -197,20 +189,19 @@ def make_notice(
     retry_until = arrival_time + max_lifetime_days * 86400
 
     full = kind is NoticeKind.FAILURE and not headers_only and (
-        max_returned_bytes == 0 or len(original) <= max_returned_bytes
+        len(original) <= MAX_RETURNED_BYTES
     )
     if full:
         returned = _crlf(original)
     else:
-        returned = _header_block(_crlf(_head_region(original)), max_returned_bytes)
+        returned = _header_block(_crlf(_head_region(original)))
 
     boundary = _boundary(queue_id, now, myhostname, returned)
-    notice_id = _MSGID_UNSAFE_RE.sub("", new_queue_id_hint or "").strip(".")
-    notice_id = notice_id or _MSGID_UNSAFE_RE.sub("", f"{queue_id}.{kind.value}").strip(".")
+    notice_id = _MSGID_UNSAFE_RE.sub("", f"{queue_id}.{kind.value}").strip(".")
     stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
 
     text_lines = _notification_text(
-        kind, recipients, myhostname, postmaster, delay_warning_hours, max_lifetime_days
+        kind, recipients, myhostname, delay_warning_hours, max_lifetime_days
     )
     dsn_lines = _delivery_status(
         kind, recipients, queue_id, sender, arrival_time, retry_until, myhostname, x_name,
@@ -277,7 +268,6 @@ def _notification_text(
     kind: NoticeKind,
     recipients: Sequence[FailedRecipient],
     myhostname: str,
-    postmaster: str,
     delay_warning_hours: float,
     max_lifetime_days: float,
 ) -> list[str]:
@@ -309,7 +299,7 @@ def _notification_text(
     if kind is not NoticeKind.SUCCESS:
         lines += [
             "",
-            f"For further assistance, please send mail to {postmaster}.",
+            "For further assistance, please send mail to postmaster.",
             "",
             "If you do so, please include this problem report. You can",
             "delete your own text from the attached returned message.",
@@ -429,8 +419,8 @@ def _head_region(message: bytes) -> bytes:
     return message if end is None else message[: end.start()]
 
 
-def _header_block(message: bytes, limit: int) -> bytes:
-    """The message's header section: whole header fields, at most ``limit`` bytes (0: all).
+def _header_block(message: bytes) -> bytes:
+    """The message's header section: whole header fields, at most MAX_RETURNED_BYTES.
 
     Like Postfix's bounce_original(), it stops at the first line that is neither a header
     field nor a continuation, so a message without a blank line after its headers still
@@ -448,7 +438,7 @@ def _header_block(message: bytes, limit: int) -> bytes:
     size = 0
     for field in fields:
         size += len(field) + 2
-        if limit and size > limit:
+        if size > MAX_RETURNED_BYTES:
             break
         kept.append(field + b"\r\n")
     return b"".join(kept)

@@ -1,10 +1,11 @@
 """The time source of the listener and the queue manager.
 
 Production uses the system clock.  Tests of backoff, expiry and clock jumps inject
-another one: in-process a ``ManualClock`` they advance by hand, and for a daemon
+another one: in-process a ``ManualClock`` whose time they set by hand, and for a daemon
 running as a subprocess an ``OffsetClock`` that adds the number of seconds written
 in the file named by the RELAY_CLOCK_OFFSET_FILE environment variable (so a test
-can jump the daemon's clock forwards or backwards without sleeping).
+can jump the daemon's clock forwards or backwards without sleeping).  Nothing here
+writes or keeps anything beyond the offset last read: a crash leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -31,9 +32,6 @@ class ManualClock:
 
     def time(self) -> float:
         return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class OffsetClock:

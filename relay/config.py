@@ -61,7 +61,6 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _TIME_RE = re.compile(r"([0-9]+)([smhdw]?)\Z")
 _DIGITS_RE = re.compile(r"[0-9]+\Z")
 _NAME_RE = re.compile(r"[A-Za-z0-9_]+")
-_LIST_SPLIT_RE = re.compile(r"[,\s]+")
 _HOSTNAME_RE = re.compile(
     r"(?=.*[A-Za-z])[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.?\Z"
@@ -70,11 +69,6 @@ _HOSTPORT_RE = re.compile(
     r"(?:\[(?P<bracketed>[^\[\]]+)\]|(?P<host>[^\[\]:/]+))"
     r"(?::(?P<port>[0-9]{1,5}))?(?P<tls>/tls)?\Z"
 )
-
-
-# The line number of a setting given as ``-o name=value`` rather than read from main.cf;
-# sorted after every line of the file.
-OVERRIDE_LINE = 1 << 30
 
 
 class ConfigError(Exception):
@@ -113,30 +107,30 @@ HTTP_LISTENER = HostPortRule(default_port=None, hostnames=True, tls_suffix=False
 class DefaultContext:
     """What a computed default may look at: the environment and other parameters."""
 
-    __slots__ = ("_resolver",)
+    __slots__ = ("_expander",)
 
-    def __init__(self, resolver: _Resolver) -> None:
-        self._resolver = resolver
+    def __init__(self, expander: _Expander) -> None:
+        self._expander = expander
 
     @property
     def environ(self) -> Mapping[str, str]:
-        return self._resolver.environ
+        return self._expander.environ
 
     def value(self, name: str) -> str:
         """The expanded value of another parameter."""
-        return self._resolver.expanded(name, referrer=None)
+        return self._expander.expanded(name, referrer=None)
 
     @property
     def config_directory(self) -> str:
         """The directory main.cf is read from; "" for the built-in defaults."""
-        path = self._resolver.path
+        path = self._expander.path
         return os.path.dirname(os.path.abspath(path)) if path else ""
 
     def explicit(self, name: str) -> str | None:
         """The expanded value of a parameter if main.cf sets it, else None."""
-        if name not in self._resolver.settings:
+        if name not in self._expander.settings:
             return None
-        return self._resolver.expanded(name, referrer=None)
+        return self._expander.expanded(name, referrer=None)
 
 
 ComputedDefault = Callable[[DefaultContext], str]
@@ -309,7 +303,6 @@ _TABLE = (
     Parameter("syslog_facility", "mail", _E, choices=_FACILITIES),
     Parameter("enable_long_queue_ids", "no", _B),
     Parameter("capture_maildir", "", _S),  # extension: relay serve --capture DIR
-    Parameter("fault_injection", "", _L),  # extension, for tests
     # smtpd: the listener
     Parameter("smtpd_listen", "127.0.0.1:2525, [::1]:2525", _H, hostport=LISTENER),  # extension
     Parameter("smtpd_banner", "$myhostname ESMTP $mail_name", _S),
@@ -545,7 +538,7 @@ def _expand_braced(inner: str, lookup: Callable[[str], str]) -> str:
     raise _BadMacro(f'bad parameter name in "${{{inner}}}"')
 
 
-class _Resolver:
+class _Expander:
     """Expands parameters on demand, once each, and notices loops and references."""
 
     def __init__(
@@ -791,7 +784,7 @@ class Config:
         param = PARAMETERS[name]
         if isinstance(param.default, str):
             return param.default
-        return _Resolver(None, {}, self.environ).text(name) or ""
+        return _Expander(None, {}, self.environ).text(name) or ""
 
     def kind(self, name: str) -> Kind:
         """The kind of a parameter; STR for a name only main.cf knows."""
@@ -822,15 +815,6 @@ class Config:
         return value
 
     host_ports = listen_addresses  # the same, for dns_nameservers
-
-    def domain_matches(self, name: str, domain: str) -> bool:
-        """Whether ``domain`` is in a domain list like relay_domains.
-
-        ``example.com`` matches itself and its subdomains (Postfix's
-        parent_domain_matches_subdomains); ``.example.com`` only its subdomains; a ``!``
-        entry excludes; the first match wins; case does not matter.
-        """
-        return domain_in_list(domain, self.list(name))
 
     # Typed accessors for mypy.  They come last: inside the class body their names hide
     # the builtins, hence builtins.* in the signatures.
@@ -894,13 +878,13 @@ def _build(
     warn: Callable[[str], None] | None,
     strict: bool = False,
 ) -> Config:
-    resolver = _Resolver(path, settings, environ)
+    expander = _Expander(path, settings, environ)
     # main.cf first, in file order, so an error names the first bad line; then defaults.
     order = [s.name for s in sorted(settings.values(), key=lambda s: s.line)]
     order += [name for name in PARAMETERS if name not in settings]
     values: dict[str, object] = {}
     for name in order:
-        text = resolver.expanded(name, referrer=None)
+        text = expander.expanded(name, referrer=None)
         param = PARAMETERS.get(name)
         if param is None:
             values[name] = text
@@ -911,32 +895,32 @@ def _build(
             shown = e.shown
             if shown is None:
                 shown = text
-                written = resolver.text(name)
+                written = expander.text(name)
                 if written != text:
                     shown += f' (expanded from "{written}")'
             raise ConfigError(
-                f"{resolver.where(name)}: {e.phrase} for parameter {name}: {shown}"
+                f"{expander.where(name)}: {e.phrase} for parameter {name}: {shown}"
             ) from None
     # Postfix's postconf does not call a name unused when another value refers to it.
     unknown = [s for s in sorted(settings.values(), key=lambda s: s.line)
-               if s.name not in PARAMETERS and s.name not in resolver.referenced]
+               if s.name not in PARAMETERS and s.name not in expander.referenced]
     if strict and unknown:
         first = unknown[0]
-        raise ConfigError(f"{resolver.where(first.name)}: unknown parameter {first.name}"
+        raise ConfigError(f"{expander.where(first.name)}: unknown parameter {first.name}"
                           f"{_hint(first.name)}")
     warnings = tuple(
-        f"{resolver.where(s.name)}: unused parameter: {s.name}={s.value}{_hint(s.name)}"
+        f"{expander.where(s.name)}: unused parameter: {s.name}={s.value}{_hint(s.name)}"
         for s in unknown
     )
     for message in warnings:
         (warn or _warn_stderr)(message)
-    texts = {name: resolver.text(name) or "" for name in values}
+    texts = {name: expander.text(name) or "" for name in values}
     kept_environ = {k: environ[k] for k in ("HOME", "XDG_STATE_HOME") if k in environ}
     return Config(
         path=path,
         settings=MappingProxyType(dict(settings)),
         texts=MappingProxyType(texts),
-        expanded=MappingProxyType(dict(resolver.cache)),
+        expanded=MappingProxyType(dict(expander.cache)),
         values=MappingProxyType(values),
         warnings=warnings,
         environ=MappingProxyType(kept_environ),

@@ -213,7 +213,7 @@ async def _wait_ready(sock: socket.socket, proc: asyncio.subprocess.Process,
 
 def _open_spool(cfg: Config) -> Spool:
     """The spool, created where missing; StartupError for one this process cannot use."""
-    fault = fault_hook_from(os.environ.get("RELAY_FAULT", "") or cfg.str("fault_injection"))
+    fault = fault_hook_from(os.environ.get("RELAY_FAULT", ""))
     root = cfg.str("queue_directory")
     # Looked at before creating anything, for a sentence better than makedirs' own ...
     errors = [p for p in spool_problems(root) if p.severity is Severity.ERROR]

@@ -71,7 +71,6 @@ __all__ = (
     "RcptResult",
     "RcptStatus",
     "SMTPDelivery",
-    "Target",
     "TargetLike",
 )
 
@@ -106,7 +105,7 @@ _COMMAND_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class TargetLike(Protocol):
-    """One server of a next hop, as routing describes it."""
+    """One server of a next hop, as routing describes it (relay.routing.Target)."""
 
     @property
     def hostname(self) -> str: ...
@@ -116,16 +115,6 @@ class TargetLike(Protocol):
 
     @property
     def port(self) -> int: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """A concrete TargetLike (routing has its own with the same fields)."""
-
-    hostname: str
-    address: str
-    port: int
-    preference: int = 0
 
 
 class RcptStatus(enum.Enum):
@@ -334,7 +323,6 @@ class _Session:
     auth_methods: list[str] = field(default_factory=list)
     tls: bool = False
     policy_key: tuple[object, ...] = ()  # the HostPolicy it was made under
-    authenticated: bool = False
     quit_timeout: float = 300.0
     idle_timer: asyncio.TimerHandle | None = None
 
@@ -902,7 +890,6 @@ class SMTPDelivery:
                 relay=session.relay,
                 connection=False,
             )
-        session.authenticated = True
 
     # -- the mail transaction --
 

@@ -71,15 +71,14 @@ def unique_name(now: float | None = None) -> str:
     return f"{seconds}.M{usec:06d}P{os.getpid()}Q{n}R{secrets.token_hex(4)}.{host}"
 
 
-def local_headers(sender: str, recipient: str, original_recipient: str = "") -> bytes:
-    """What Postfix's local(8) prepends to a message it delivers to a mailbox."""
-    original = original_recipient or recipient
-    return (f"Return-Path: <{sender}>\nX-Original-To: {original}\n"
+def local_headers(sender: str, recipient: str) -> bytes:
+    """What Postfix's local(8) prepends to a message it delivers to a mailbox (relay
+    rewrites no address, so the original recipient is the recipient)."""
+    return (f"Return-Path: <{sender}>\nX-Original-To: {recipient}\n"
             f"Delivered-To: {recipient}\n").encode("utf-8", "surrogateescape")
 
 
-def deliver(maildir: str, content: bytes, *, sender: str, recipient: str,
-            original_recipient: str = "") -> str:
+def deliver(maildir: str, content: bytes, *, sender: str, recipient: str) -> str:
     """Write one message for one recipient into ``maildir``; its ID once it is durable.
 
     ``content`` is the message as the spool keeps it (CR LF); MaildirError (an OSError,
@@ -93,7 +92,7 @@ def deliver(maildir: str, content: bytes, *, sender: str, recipient: str,
         raise MaildirError(exc.errno, f"create maildir {maildir}: {exc.strerror}") from None
     name = unique_name()
     tmp = os.path.join(paths["tmp"], name)
-    data = local_headers(sender, recipient, original_recipient) + content.replace(b"\r\n", b"\n")
+    data = local_headers(sender, recipient) + content.replace(b"\r\n", b"\n")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:

@@ -2,7 +2,8 @@
 the ``Report`` of each recipient outcome that the queue manager logs, which the
 accounting log and the metrics take from the same place.
 
-No I/O and no clock of its own: every function takes ``now``.  The rules are
+No I/O, no state and no clock of its own (every function takes ``now``), so it never
+changes the spool and a crash leaves nothing behind.  The rules are
 Postfix's qmgr (qmgr_active.c): after a failed attempt the next one is due after
 the message's time in the queue so far, clamped between minimal_backoff_time and
 maximal_backoff_time; expiry is checked after every recipient has been tried.

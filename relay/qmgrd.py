@@ -52,7 +52,12 @@ SHUTDOWN_GRACE = 5.0
 THREADS = 8
 
 
-class Qmgr:
+class QmgrProcess:
+    """What the queue manager process does around its Scheduler: it answers the control
+    socket's requests and the listener's triggers by calling the scheduler, and reloads
+    main.cf at SIGHUP (the scheduler's settings, routes and TLS, the maillog, the
+    accounting log, the metrics).  The scheduling itself is relay.scheduler's."""
+
     def __init__(self, config_dir: str | None, cfg: Config, spool: Spool,
                  scheduler: Scheduler, overrides: tuple[str, ...] = (),
                  reports: TlsReports | None = None) -> None:
@@ -207,7 +212,7 @@ async def run(config_dir: str | None, cfg: Config, trigger_fd: int,
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(max_workers=THREADS,
                                                  thread_name_prefix="qmgr"))
-    fault = fault_hook_from(os.environ.get("RELAY_FAULT", "") or cfg.str("fault_injection"))
+    fault = fault_hook_from(os.environ.get("RELAY_FAULT", ""))
     try:
         spool = Spool(cfg.str("queue_directory"), long_ids=cfg.bool("enable_long_queue_ids"),
                       fault=fault, retire_to_free=True)
@@ -229,7 +234,7 @@ async def run(config_dir: str | None, cfg: Config, trigger_fd: int,
     scheduler.syncer.start()
     reports = TlsReports(spool, report_settings(cfg), resolver, clock=clock.time)
     scheduler.tls_events = reports.record
-    qmgr = Qmgr(config_dir, cfg, spool, scheduler, overrides, reports)
+    qmgr = QmgrProcess(config_dir, cfg, spool, scheduler, overrides, reports)
     try:
         qmgr.accounting = accounting.open_log(cfg.str("accounting_log"))
     except accounting.AccountingError as exc:

@@ -629,14 +629,12 @@ class Failure:
 class Resolution:
     """The addresses to try in order, or why there are none.
 
-    ``backup_mx`` says this relay is a backup MX for the destination and the targets are only
-    the better-preference MX hosts: when none of them answers the caller must defer, never
-    bounce (and never hand the mail to a fallback relay).
+    Where this relay is a backup MX for the destination, the targets are only the
+    better-preference MX hosts, and no target at all is a temporary failure (4.4.4).
     """
 
     targets: tuple[Target, ...]
     failure: Failure | None
-    backup_mx: bool = False
     mx_secure: bool = False  # the MX RRset was DNSSEC-validated (RFC 7672 2.2.1)
 
 
@@ -830,8 +828,7 @@ class Resolver:
         )
         resolution = self._select(name, list(hosts), hop.port, implicit)
         if answer.secure and not implicit:
-            resolution = Resolution(resolution.targets, resolution.failure,
-                                    resolution.backup_mx, mx_secure=True)
+            resolution = Resolution(resolution.targets, resolution.failure, mx_secure=True)
         return resolution
 
     def _order(self, records: Iterable[tuple[int, str]]) -> list[tuple[int, str]]:
@@ -878,10 +875,10 @@ class Resolver:
                     targets.append(Target(host.name, address, port, host.preference,
                                           host.secure))
         if targets:
-            return Resolution(self._limit(targets), None, backup_mx)
+            return Resolution(self._limit(targets), None)
         if backup_mx:
             return Resolution(
-                (), Failure("4.4.4", f"unable to find primary relay for {name}", False), True
+                (), Failure("4.4.4", f"unable to find primary relay for {name}", False)
             )
         failures = [host.failure for host in hosts if host.failure is not None]
         if not implicit:

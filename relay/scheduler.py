@@ -1,8 +1,12 @@
-"""The queue manager (Postfix's qmgr): what is delivered when, and what follows.
+"""The queue manager's scheduler (Postfix's qmgr at work): what is delivered when, and
+what follows.  The process it runs in, with its control socket and triggers, is
+relay.qmgrd's.
 
 It owns the in-memory view of the active queue: which messages are being worked on,
 per-destination concurrency and dead destinations, and the deferred-queue scan.
-It never talks SMTP itself (relay.delivery does, and returns values) and never
+It never talks SMTP and never routes by itself: it asks a ``DeliveryAgent`` (the SMTP
+client, relay.delivery), a ``NextHopLookup`` and a ``HostLookup`` (relay.routing's Router
+and Resolver), the narrow interfaces defined below, and gets values back.  It never
 builds a spool path (spool.store does).  Every state change goes through the
 spool under the message's lock, so an admin command that moved or removed a
 message meanwhile wins: we then only record which recipients were delivered.
@@ -35,9 +39,9 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from relay import bounce, maildir, outcome
 from relay import dsn as dsn_mod
@@ -49,10 +53,11 @@ from relay.delivery import (
     RcptOptions,
     RcptResult,
     RcptStatus,
-    SMTPDelivery,
+    TargetLike,
+    TlsPlan,
 )
 from relay.outcome import Fate, Policy, Report, Status
-from relay.routing import NextHop, Resolver, RouteError, Router
+from relay.routing import NextHop, Resolution, RouteError
 from relay.tls.destination import Planner
 from relay.tls.policy import TlsEvent, tls_not_required
 from spool import (
@@ -91,6 +96,44 @@ agent_log = {name: logging.getLogger(f"relay.{name}")
 # Delivery agents that deliver finally, not to another MTA: a success notice for their
 # recipients says "delivered" (Postfix's discard and local), not "relayed".
 FINAL_DELIVERY_AGENTS = frozenset({"discard", "local"})
+
+
+class DeliveryAgent(Protocol):
+    """What the queue manager asks of a delivery agent (Postfix's qmgr of smtp(8)): one
+    transaction with the servers of one next hop, its outcome returned as a value, never
+    raised.  relay.delivery.SMTPDelivery is the one the daemon runs."""
+
+    async def deliver(
+        self,
+        targets: Sequence[TargetLike],
+        nexthop_label: str,
+        sender: str,
+        recipients: Sequence[str],
+        message: bytes,
+        settings: DeliverySettings,
+        *,
+        options: MailOptions = ...,
+        rcpt_options: Sequence[RcptOptions] = ...,
+        tls: TlsPlan | None = ...,
+    ) -> Attempt: ...
+
+    async def close(self) -> None:
+        """The queue manager stops: let go of every connection kept for reuse."""
+
+
+class NextHopLookup(Protocol):
+    """What the queue manager asks of the address resolver (Postfix's trivial-rewrite
+    ``resolve``): the transport and next hop of a recipient.  relay.routing.Router."""
+
+    def next_hop(self, recipient: str) -> NextHop: ...
+
+
+class HostLookup(Protocol):
+    """What the queue manager asks before an SMTP delivery (Postfix's smtp_addr.c): the
+    servers of a next hop, in the order to try them, or why there are none.
+    relay.routing.Resolver."""
+
+    async def resolve(self, hop: NextHop, domain: str) -> Resolution: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +198,7 @@ class Message:
             if rcpt is None:
                 options.append(RcptOptions())
                 continue
-            orcpt = dsn_mod.original_recipient(rcpt.dsn_orcpt, rcpt.orig_address or address)
+            orcpt = dsn_mod.original_recipient(rcpt.dsn_orcpt, address)
             options.append(RcptOptions(rcpt.dsn_notify, orcpt))
         return options
 
@@ -249,13 +292,16 @@ def _domain(address: str) -> str:
 
 
 class Scheduler:
+    """The scheduling of one queue manager process: activation, jobs per next hop,
+    concurrency windows, dead destinations, outcomes written through the spool, notices."""
+
     def __init__(
         self,
         spool: Spool,
         settings: QmgrSettings,
-        router: Router,
-        resolver: Resolver,
-        delivery: SMTPDelivery | None = None,
+        router: NextHopLookup,
+        resolver: HostLookup,
+        delivery: DeliveryAgent,
         clock: Clock | None = None,
         tls: Planner | None = None,
     ) -> None:
@@ -267,7 +313,7 @@ class Scheduler:
         self.settings = settings
         self.router = router
         self.resolver = resolver
-        self.delivery = delivery or SMTPDelivery()
+        self.delivery = delivery
         self.clock: Clock = clock or SystemClock()
         self.paused = spool.pauses()
         self.messages: dict[str, Message] = {}
@@ -284,8 +330,6 @@ class Scheduler:
         self._ignore_times = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._global = asyncio.Semaphore(settings.process_limit)
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._stopping = False
         self.syncer: Syncer | None = None  # the qmgr's fsync helper, when it has one
         self._lock_waits: set[str] = set()  # being activated in a thread: locked elsewhere
@@ -372,7 +416,7 @@ class Scheduler:
             return False
         return domain in self.paused or f"nexthop:{hop.host.lower()}" in self.paused
 
-    def reconfigure(self, settings: QmgrSettings, router: Router, resolver: Resolver,
+    def reconfigure(self, settings: QmgrSettings, router: NextHopLookup, resolver: HostLookup,
                     tls: Planner | None = None) -> None:
         """A reload: new settings from now on; the queue-run timer re-armed as if the
         last scan had set it with the new queue_run_delay; new backoff times applied to
@@ -482,7 +526,7 @@ class Scheduler:
 
     def _quarantine(self, queue: str, name: str, why: str) -> None:
         try:
-            saved = transitions.quarantine(self.spool, queue, name, why)
+            saved = transitions.quarantine(self.spool, queue, name)
         except (EntryGone, OSError):
             return
         log.warning('saving corrupt file "%s" from queue "%s" to queue "corrupt" (%s)',
@@ -610,20 +654,21 @@ class Scheduler:
             self._lock_waits.update(busy)
             self._spawn(self._activate_when_unlocked(busy, from_queue))
         await asyncio.sleep(0)  # a long scan lets other work run between batches
-        admitted = self._admit(moved)
+        fed = self._feed(moved)
         self._flushed.difference_update(n for n in names if n not in busy)
-        return admitted
+        return fed
 
     async def _activate_when_unlocked(self, names: list[str], from_queue: str | None) -> None:
         try:
             moved = await asyncio.to_thread(self._move_batch, names, from_queue)
         finally:
             self._lock_waits.difference_update(names)
-        self._admit(moved)
+        self._feed(moved)
         self._flushed.difference_update(names)
 
-    def _admit(self, moved: list[tuple[str, Envelope, bytes | None]]) -> int:
-        """Messages now in active/ come into memory and get their jobs."""
+    def _feed(self, moved: list[tuple[str, Envelope, bytes | None]]) -> int:
+        """Messages now in active/ come into memory and get their jobs (Postfix's
+        qmgr_active_feed() and qmgr_message_alloc())."""
         now = self.clock.time()
         for queue_id, env, content in moved:
             if queue_id in self.messages:
@@ -631,7 +676,6 @@ class Scheduler:
             message = Message(queue_id, env, active_since=now, content=content,
                               flushed=queue_id in self._flushed)
             self.messages[queue_id] = message
-            self._idle.clear()
             log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)",
                      queue_id, env.sender, env.size, len(env.recipients))
             self._plan(message)
@@ -819,14 +863,12 @@ class Scheduler:
         if content is None:
             content = await asyncio.to_thread(self.spool.read_content, message.queue_id,
                                               env.size)
-        originals = {r.address: r.orig_address for r in env.recipients}
         results: list[Result] = []
         for address in job.recipients:
             start = self.clock.time()
             try:
                 await asyncio.to_thread(maildir.deliver, hop.text, content, sender=env.sender,
-                                        recipient=address,
-                                        original_recipient=originals.get(address, ""))
+                                        recipient=address)
                 rcpt = RcptResult(address, RcptStatus.SENT, "2.0.0", "delivered to maildir")
             except maildir.MaildirError as exc:
                 dsn = maildir_dsn(exc.errno)
@@ -879,8 +921,6 @@ class Scheduler:
         self.messages.pop(message.queue_id, None)
         if message.again:
             self._incoming.append(message.queue_id)
-        if not self.messages:
-            self._idle.set()
         for env in notices:
             self.wakeup(env)
         self._wake.set()
@@ -1078,7 +1118,7 @@ class Scheduler:
                 action = r.dsn_action
             else:
                 action = "delayed" if kind is bounce.NoticeKind.DELAY else "failed"
-            orcpt = dsn_mod.original_recipient(r.dsn_orcpt, r.orig_address or r.address)
+            orcpt = dsn_mod.original_recipient(r.dsn_orcpt, r.address)
             reported.append(bounce.FailedRecipient(
                 r.address, r.dsn or fallback, _diagnostic(r.reason), r.remote_mta,
                 # The human-readable line is the reason as logged, as Postfix's is:

@@ -13,14 +13,15 @@ Text format, version 1 (chosen so that parsing cannot go wrong):
     end
 
 A file that lacks the first or the last line is incomplete and therefore corrupt.
-This module does no I/O.
+Envelopes written by earlier versions still load (see ``loads``).  This module never does
+I/O, so a crash here leaves nothing behind; the files are spool.store's.
 """
 
 from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from spool.errors import CorruptEntry
@@ -44,7 +45,6 @@ class Recipient:
     reason: str = ""  # the last delay or bounce reason, as Postfix logs it
     dsn: str = ""  # the last enhanced status code, e.g. 4.4.1
     remote_mta: str = ""  # host name of the last server that answered for it
-    orig_address: str = ""
     notified: bool = False  # BOUNCED, or SENT with dsn_action: the sender's notice is queued
     # RFC 3461, as the client gave them (xtext decoded): NOTIFY as an upper-case comma
     # list ("" = not given: FAILURE,DELAY), ORCPT as "addr-type;address".
@@ -79,7 +79,7 @@ class Envelope:
     held_seconds: float = 0.0  # time spent on hold; does not count towards expiry
     warned: bool = False  # delay warning already sent
     forced_expire: bool = False
-    extra: dict[str, str] = field(default_factory=dict)
+    sender_fullname: str = ""  # sendmail -F (Postfix's sender_fullname record)
     # RFC 3461 ENVID (xtext decoded) and RET (FULL, HDRS or "" = not given); RFC 6531:
     # the client asked for SMTPUTF8.
     dsn_envid: str = ""
@@ -120,9 +120,18 @@ def dumps(env: Envelope) -> bytes:
     its deep copies: this runs on every accept and every state change)."""
     data: dict[str, Any] = {name: getattr(env, name) for name in _ENVELOPE_FIELDS}
     data["recipients"] = [_recipient_dict(r) for r in env.recipients]
-    data["extra"] = dict(env.extra)
     body = json.dumps(data, separators=(",", ":"), ensure_ascii=True)
     return f"{MAGIC}\n{body}\n{END}\n".encode("ascii")
+
+
+# Keys that envelopes written by earlier versions may have, read as follows: ``extra``
+# (a dict) held sendmail -F's ``sender_fullname``, now a field of its own, and nothing
+# else anyone read; a recipient's ``orig_address`` was never set to anything but "".
+_OLD_RECIPIENT_KEYS = frozenset({"orig_address"})
+
+
+def _current(data: dict[str, Any], old: frozenset[str]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k not in old} if old & data.keys() else data
 
 
 def loads(raw: bytes) -> Envelope:
@@ -137,8 +146,12 @@ def loads(raw: bytes) -> Envelope:
     try:
         data = json.loads(lines[1])
         rcpts = tuple(
-            Recipient(**{**r, "state": RcptState(r["state"])}) for r in data.pop("recipients")
+            Recipient(**{**_current(r, _OLD_RECIPIENT_KEYS), "state": RcptState(r["state"])})
+            for r in data.pop("recipients")
         )
+        extra = data.pop("extra", None)
+        if extra and "sender_fullname" not in data:
+            data["sender_fullname"] = extra.get("sender_fullname", "")
         env = Envelope(recipients=rcpts, **data)
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
         raise CorruptEntry(f"envelope does not parse: {exc}") from exc
@@ -164,7 +177,6 @@ def as_fields(env: Envelope) -> Fields:
     ``state`` is the RcptState value string."""
     data: Fields = {name: getattr(env, name) for name in _ENVELOPE_FIELDS}
     data["recipients"] = [_recipient_dict(r) for r in env.recipients]
-    data["extra"] = dict(env.extra)
     return data
 
 

@@ -204,7 +204,9 @@ def fault_hook_from(spec: str) -> FaultHook | None:
     Actions: ``exit`` (os._exit(99), which leaves files as a SIGKILL would),
     ``enospc`` and ``eio`` (raise that OSError).  With a count the fault fires
     that many times and then never again ("space is back").  Used by crash and
-    disk-full tests only; production runs have no hook.
+    disk-full tests only, which set the RELAY_FAULT environment variable that ``relay
+    serve``, its queue manager and ``sendmail`` read (a test hook, so not a main.cf
+    parameter); production runs have no hook.
     """
     plan: dict[str, list[str | int]] = {}
     for item in filter(None, (p.strip() for p in spec.split(","))):
@@ -236,7 +238,14 @@ def fault_hook_from(spec: str) -> FaultHook | None:
 
 
 class Spool:
-    """A queue directory.  Methods are blocking; the daemon calls them in threads."""
+    """A queue directory.
+
+    Every method may block on the disk.  Each change also exists as steps
+    (``commit_steps``, ``Entry.*_steps``): file work that does not wait, with the fsyncs
+    it needs named between the steps, so that an event loop can run the steps itself and
+    leave the waiting to the fsync helper (spool.fsync, ``run_steps_async``).  The
+    daemon's processes do that on their busy paths and call the blocking methods from
+    threads elsewhere; the commands call them directly."""
 
     def __init__(
         self,
@@ -789,7 +798,7 @@ class Spool:
         finally:
             os.close(fd)  # releases the flock
 
-    def quarantine(self, queue: str, name: str, why: str = "") -> str:
+    def quarantine(self, queue: str, name: str) -> str:
         """Move an unreadable envelope (or a stray file) to corrupt/; never delete it."""
         src = self._env_path(queue, name)
         target = self._env_path("corrupt", name)

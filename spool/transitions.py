@@ -300,12 +300,12 @@ def change(spool: Spool, queue_id: str, transitions: Transition | Sequence[Trans
     return tuple(done)
 
 
-def quarantine(spool: Spool, queue: str, name: str, why: str = "") -> str:
+def quarantine(spool: Spool, queue: str, name: str) -> str:
     """Move an unreadable envelope (or a stray name) of ``queue`` to corrupt/, under a
     name of its own there; the name it got.  Never deletes.  EntryGone if it is gone."""
     if (Transition.QUARANTINE, queue) not in ROWS:
         raise ValueError(f"nothing is quarantined from {queue}/")
-    return spool.quarantine(queue, name, why)
+    return spool.quarantine(queue, name)
 
 
 def deferred_syncs(transitions: Transition | Sequence[Transition],

@@ -16,7 +16,8 @@ Each of ``postqueue``, ``mailq``, ``postsuper``, ``postcat``, ``qshape``, ``post
   where SIGPIPE would end a Postfix command (:func:`run`, :func:`silence_stdout`).
 
 What each command answers, and with which status, stays in its own module; this one
-owns only the mechanics.  It never reads the spool or talks to the daemon.
+owns only the mechanics.  It never reads the spool or talks to the daemon, and writes
+nothing but to standard output and error: a crash leaves nothing behind.
 """
 
 from __future__ import annotations

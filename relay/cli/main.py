@@ -2,6 +2,10 @@
 
 Every subcommand takes ``-c CONFIG_DIR`` and honours MAIL_CONFIG, as Postfix's
 commands do.  Exit codes are sysexits: 0, 64 usage, 69 unavailable, 75 temporary.
+
+It only dispatches: each subcommand's module is imported when it is asked for (so that,
+say, ``relay status`` never loads the daemon), and nothing here reads or writes a file,
+so a crash leaves nothing behind.
 """
 
 from __future__ import annotations

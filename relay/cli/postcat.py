@@ -111,6 +111,8 @@ def envelope_records(env: Envelope) -> Iterator[str]:
         yield f"named_attribute: envelope_id={env.dsn_envid}"
     if dsn.ret_flags(env.dsn_ret):
         yield f"named_attribute: ret_flags={dsn.ret_flags(env.dsn_ret)}"
+    if env.sender_fullname:
+        yield f"sender_fullname: {env.sender_fullname}"
     yield f"sender: {env.sender}"
     attributes = [
         ("client_name", env.client_name),
@@ -118,7 +120,6 @@ def envelope_records(env: Envelope) -> Iterator[str]:
         ("helo_name", env.helo_name),
         ("protocol_name", env.protocol),
         ("sasl_username", env.auth_user),
-        *sorted(env.extra.items()),
     ]
     for name, value in attributes:
         if value:
@@ -128,10 +129,9 @@ def envelope_records(env: Envelope) -> Iterator[str]:
             yield f"named_attribute: notify_flags={dsn.notify_flags(rcpt.dsn_notify)}"
         # Postfix has both for every recipient: the client's ORCPT or the one its smtpd
         # makes up, which is also what relay passes on and reports.
-        original = rcpt.orig_address or rcpt.address
-        orcpt = dsn.original_recipient(rcpt.dsn_orcpt, original)
+        orcpt = dsn.original_recipient(rcpt.dsn_orcpt, rcpt.address)
         yield f"named_attribute: dsn_orig_rcpt={orcpt}"
-        yield f"original_recipient: {original}"
+        yield f"original_recipient: {rcpt.address}"
         kind = "recipient" if rcpt.state is RcptState.PENDING else "done_recipient"
         yield f"{kind}: {rcpt.address}"
 
@@ -190,7 +190,7 @@ class _Postcat:
     def _line(self, text: str) -> None:
         self.out.write(text.encode("utf-8", "surrogateescape") + b"\n")
 
-    def show(self, spool: Spool, queue: str, env: Envelope, label: str) -> None:
+    def show(self, spool: Spool, env: Envelope, label: str) -> None:
         if self.envelope:
             self._line(f"*** ENVELOPE RECORDS {label} ***")
             for record in envelope_records(env):
@@ -246,7 +246,7 @@ def _by_queue_id(ns: _Options, shower: _Postcat) -> None:
         if not valid_queue_id(queue_id):
             raise Fatal(f"bad mail queue ID: {queue_id}")
         queue, env = _find(spool, queue_id)
-        shower.show(spool, queue, env, spool.relative_path(queue, queue_id))
+        shower.show(spool, env, spool.relative_path(queue, queue_id))
 
 
 def _from_stdin(ns: _Options, shower: _Postcat, stdin: BinaryIO) -> None:
@@ -261,7 +261,7 @@ def _from_stdin(ns: _Options, shower: _Postcat, stdin: BinaryIO) -> None:
         shower.out.flush()
         print("postcat: warning: stdin: input is not a valid queue file", file=shower.err)
         return
-    shower.show(spool, "", env, "stdin")
+    shower.show(spool, env, "stdin")
 
 
 def _by_path(ns: _Options, shower: _Postcat) -> None:
@@ -277,7 +277,7 @@ def _by_path(ns: _Options, shower: _Postcat) -> None:
             env = spool.read(queue, queue_id)
         except (EntryGone, CorruptEntry) as exc:
             raise Fatal(f"{path}: input is not a valid queue file: {exc}") from None
-        shower.show(spool, queue, env, path)
+        shower.show(spool, env, path)
 
 
 def main(argv: Sequence[str] | None = None, *, stdin: BinaryIO | None = None,

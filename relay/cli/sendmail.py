@@ -445,10 +445,9 @@ def enqueue(opts: Options, cfg: config_mod.Config, stdin: BinaryIO,
                      tuple(tuple(h) for h in parsed.headers), tuple(parsed.body),
                      strip_bcc=opts.extract)
     long_ids = cfg.bool("enable_long_queue_ids")
-    fault = environ.get("RELAY_FAULT", "") or ",".join(cfg.list("fault_injection"))
     try:
         spool = Spool(cfg.str("queue_directory"), long_ids=long_ids,
-                      fault=fault_hook_from(fault) if fault else None)
+                      fault=fault_hook_from(environ.get("RELAY_FAULT", "")))
         res = spool.reserve()
     except (OSError, SpoolError) as exc:
         raise Fatal(f"{who}: error writing queue file: {_why(exc)} -- message not queued",
@@ -466,7 +465,7 @@ def enqueue(opts: Options, cfg: config_mod.Config, stdin: BinaryIO,
             dsn_envid=opts.dsn_envid, dsn_ret=opts.dsn_ret,
             arrival_time=now, size=len(content), client_name="localhost",
             client_address="127.0.0.1", protocol="local", message_id=msgid[:256],
-            extra={"sender_fullname": full_name} if full_name else {},
+            sender_fullname=full_name,
         )
         env = spool.commit(res, env, [content])
     except (OSError, SpoolError) as exc:

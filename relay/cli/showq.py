@@ -16,9 +16,8 @@ showq order: active, incoming, deferred, hold) and each message's text is yielde
 soon as it is formatted, so 100,000 queued messages cost the memory of one.  Only
 recipients in the pending state are listed, each address once per message.
 
-The commands format from the plain field dicts of ``Spool.envelope_fields()`` (no stat,
-no records: a third of the cost of building an Envelope per message); Envelopes are
-formatted through the same code, turned into fields first.
+The commands format from the plain field dicts of ``Spool.envelope_fields()``: no stat
+and no records, which a listing of a deep queue would pay for once per message.
 
 It never writes the spool, never takes a lock and never talks to the daemon: a listing
 is a snapshot that may show a message twice or miss one that moves while we read
@@ -39,8 +38,7 @@ from typing import TextIO
 
 from relay.cli.command import silence_stdout
 from relay.config import Config
-from spool import Envelope, Spool
-from spool import envelope as envfmt
+from spool import Spool
 from spool.envelope import Fields
 
 # showq.c scans maildrop, active, incoming, deferred, hold; we have no maildrop, and
@@ -109,19 +107,10 @@ def open_spool(cfg: Config) -> Spool:
     return spool
 
 
-def entries(spool: Spool, queues: Iterable[str] = LISTED_QUEUES) -> Iterator[tuple[str, Envelope]]:
-    """Stream (queue, envelope) in showq order; lost races and corrupt files are skipped."""
-    return spool.envelopes(queues)
-
-
 def records(spool: Spool, queues: Iterable[str] = LISTED_QUEUES) -> Iterator[tuple[str, Fields]]:
-    """entries() as plain field dicts (spool.envelope.loads_fields): what the listings use."""
+    """Stream (queue, envelope fields) in showq order, as plain dicts
+    (spool.envelope.loads_fields); lost races and corrupt files are skipped."""
     return spool.envelope_fields(queues)
-
-
-def as_records(items: Iterable[tuple[str, Envelope]]) -> Iterator[tuple[str, Fields]]:
-    for queue, env in items:
-        yield queue, envfmt.as_fields(env)
 
 
 def pending(rec: Fields) -> list[tuple[str, str]]:
@@ -152,8 +141,9 @@ def _reason_line(reason: str) -> str:
 
 
 def record_formatter(layout: Layout = SHORT) -> Callable[[str, Fields], str]:
-    """format_record() for one layout, with the layout's strings computed once: the
-    function a listing calls for each of its (maybe 100,000) messages."""
+    """The function that formats one message's block of the sendmail-style listing
+    (without the separating blank line) in this layout, with the layout's strings computed
+    once: a listing calls it for each of its (maybe 100,000) messages."""
     first_line = layout.first_line.format
     indent = layout.indent
     markers = _MARKERS
@@ -182,16 +172,6 @@ def record_formatter(layout: Layout = SHORT) -> Callable[[str, Fields], str]:
         return text
 
     return format_one
-
-
-def format_record(queue: str, rec: Fields, layout: Layout = SHORT) -> str:
-    """One message's block of the sendmail-style listing, without the separating blank line."""
-    return record_formatter(layout)(queue, rec)
-
-
-def format_message(queue: str, env: Envelope, layout: Layout = SHORT) -> str:
-    """format_record() of an Envelope."""
-    return format_record(queue, envfmt.as_fields(env), layout)
 
 
 def sendmail_records(items: Iterable[tuple[str, Fields]], *, long_ids: bool = False
@@ -318,12 +298,6 @@ def _write_bytes(data: bytes, out: TextIO) -> None:
         out.write(data.decode("utf-8", "replace"))
 
 
-def sendmail_listing(items: Iterable[tuple[str, Envelope]], *, long_ids: bool = False
-                     ) -> Iterator[str]:
-    """sendmail_records() of Envelopes."""
-    return sendmail_records(as_records(items), long_ids=long_ids)
-
-
 def json_string(text: str) -> str:
     """showq_json.c's quoting: non-printables become ``?``, then ``"`` and ``\\`` are escaped."""
     if not text.isprintable():
@@ -350,20 +324,10 @@ def format_json_record(queue: str, rec: Fields) -> str:
     )
 
 
-def format_json(queue: str, env: Envelope) -> str:
-    """format_json_record() of an Envelope."""
-    return format_json_record(queue, envfmt.as_fields(env))
-
-
 def json_records(items: Iterable[tuple[str, Fields]]) -> Iterator[str]:
     """The whole ``postqueue -j`` text, a line per message; nothing for an empty queue."""
     for queue, rec in items:
         yield format_json_record(queue, rec)
-
-
-def json_listing(items: Iterable[tuple[str, Envelope]]) -> Iterator[str]:
-    """json_records() of Envelopes."""
-    return json_records(as_records(items))
 
 
 def utf8_stdout() -> TextIO:

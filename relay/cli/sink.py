@@ -10,6 +10,9 @@ mail with the faults of ``--script`` (TOML, or JSON for a name ending in ``.json
 relay.faults for the rules).  It logs one line per event to standard error unless ``-q``.
 SIGHUP reads the script again (a bad one keeps the old); SIGTERM and SIGINT stop it.
 
+It never relays and never touches a spool; a crash loses the sessions in progress, and
+what it had accepted is in the Maildir already (relay.sink).
+
 Exit status: 0 after a signal; 1 when it cannot listen; 64 for a bad argument or script.
 """
 

@@ -15,6 +15,10 @@ wakes the queue manager; ``--dry-run`` prints them instead (the day in progress 
 the addresses they would go to, and queues nothing.  The queue manager counts in memory
 and writes its counts every minute, so the last minute may be missing from a dry run.
 
+It never reaches the SMTP client or the scheduler (it builds its Planner through
+relay.tls.settings); a crash leaves what relay.tls.report's queueing leaves: a day's
+counts are removed only once its reports are queued, so a day is never sent twice.
+
 Exit codes: 0 done, 64 usage, 75 temporary (the spool or the DNS could not be read),
 78 configuration error.
 """

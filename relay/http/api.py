@@ -30,7 +30,9 @@ relay.capture reads them.  Deleting captured mail needs no http_admin (as in Mai
 test helpers clear the mailbox between tests); the queue's changes do, and go through the
 same functions as postsuper, under each message's lock, logged as postsuper logs them.
 Errors are Mailpit's: 404 ``404 page not found``, 400 with the reason, as text/plain.
-Every file access runs in a thread, off the daemon's event loop.
+Every file access runs in a thread, off the daemon's event loop.  It never builds a spool
+path or moves a queue file itself (spool.transitions does, as for postsuper), and keeps no
+state: a crash loses only the requests in flight.
 """
 
 from __future__ import annotations

@@ -44,10 +44,8 @@ HELO = "250 {myhostname}"
 HELO_SYNTAX = "501 Syntax: HELO hostname"
 EHLO_SYNTAX = "501 Syntax: EHLO hostname"
 RSET_SYNTAX = "501 5.5.4 Syntax: RSET"
-NOOP_SYNTAX = "501 5.5.4 Syntax: NOOP"
 VRFY = "252 2.0.0 {address}"
 VRFY_SYNTAX = "501 5.5.4 Syntax: VRFY address [SMTPUTF8]"
-QUIT_SYNTAX = "501 5.5.4 Syntax: QUIT"
 
 # ETRN (RFC 1985; etrn_cmd, flush(8)), without enhanced status codes as in Postfix.
 ETRN_STARTED = "250 Queuing started"

@@ -47,8 +47,6 @@ class Match:
     ok: bool
     reason: str = ""
     result_type: str = ""
-    depth: int = 0  # where the matching certificate is (0: the server's own)
-    subject: str = ""
     purpose: str = ""  # "server" or "CA", as Postfix words a failure about one
 
 
@@ -83,7 +81,7 @@ def match_chain(records: Sequence[Record], chain: Sequence[bytes], references: S
     records = usable(records)
     for record in records:
         if record[0] == DANE_EE and _matches(leaf, record):
-            return Match(True, subject=leaf.subject_cn)
+            return Match(True)
     failure = Match(False, "num=65:no matching DANE TLSA records", "validation-failure",
                     purpose="server")
     for record in (r for r in records if r[0] == DANE_TA):
@@ -106,5 +104,5 @@ def match_chain(records: Sequence[Record], chain: Sequence[bytes], references: S
                 if match_certificate(leaf.names, references) is None:
                     return Match(False, "num=62:hostname mismatch", "certificate-host-mismatch",
                                  purpose="server")
-                return Match(True, depth=depth, subject=leaf.subject_cn)
+                return Match(True)
     return failure

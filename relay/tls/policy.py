@@ -402,11 +402,6 @@ class HostPolicy:
     report: ReportScope | None = None
 
     @property
-    def verifies(self) -> bool:
-        """The handshake itself checks the chain against the trust anchors (PKIX)."""
-        return self.level in (Level.VERIFY, Level.SECURE) or self.sts_testing
-
-    @property
     def cache_key(self) -> tuple[object, ...]:
         """A cached connection made under this policy may carry mail of this policy only."""
         return (self.level, self.references, self.tlsa, self.minimum, self.maximum,

@@ -24,7 +24,8 @@ objects with ``public_bytes(ENCODING_DER)``).  tests/unit/test_tls_session_contr
 checks it on the running Python.
 
 Never: decides whether mail goes (relay.delivery does, from the Verdict), keeps state
-beyond the cached contexts and trust stores.
+beyond the cached contexts and trust stores, writes anything: a crash ends the session it
+was checking and leaves nothing on disk.
 """
 
 from __future__ import annotations
@@ -111,7 +112,6 @@ class Verdict:
 
     trust: str  # Verified, Trusted, Untrusted, Anonymous
     satisfied: bool  # the level's demands are met (always True below must-match levels)
-    verified: bool  # trusted and a reference name (or a DANE record) matched
     failure: str = ""  # e.g. "num=62:hostname mismatch", without "... failed for HOST: "
     purpose: str = ""  # "server", "CA" or "" as Postfix prefixes the failure line
     result_type: str = ""  # RFC 8460 4.3
@@ -120,7 +120,6 @@ class Verdict:
     protocol: str = ""
     cipher: str = ""
     bits: int = 0
-    matched: str = ""  # the reference name the certificate matched
 
 
 def peer_chain(obj: ssl.SSLObject) -> list[bytes]:
@@ -171,7 +170,7 @@ def evaluate(obj: ssl.SSLObject, policy: HostPolicy, store: crypto.X509Store,
     """Check what the server presented against ``policy``, as Postfix's verify_x509()
     and the DANE code do; nothing is logged here."""
     cipher = obj.cipher() or ("", "", 0)
-    base = Verdict("Untrusted", False, False, protocol=obj.version() or "",
+    base = Verdict("Untrusted", False, protocol=obj.version() or "",
                    cipher=cipher[0], bits=int(cipher[2] or 0))
     must_match = policy.level.must_match or policy.sts_testing
     try:
@@ -192,7 +191,7 @@ def evaluate(obj: ssl.SSLObject, policy: HostPolicy, store: crypto.X509Store,
     if policy.level in (Level.DANE, Level.DANE_ONLY) and policy.tlsa:
         found = dane.match_chain(policy.tlsa, [c.der for c in chain], policy.references, now)
         if found.ok:
-            return replace(base, trust="Verified", satisfied=True, verified=True)
+            return replace(base, trust="Verified", satisfied=True)
         return replace(base, failure=found.reason, result_type=found.result_type,
                        purpose=found.purpose)
     failure, purpose, result_type = _chain_failure(store, chain)
@@ -200,11 +199,10 @@ def evaluate(obj: ssl.SSLObject, policy: HostPolicy, store: crypto.X509Store,
         return replace(base, trust="Untrusted" if failure else "Trusted", satisfied=True)
     if failure:
         return replace(base, failure=failure, purpose=purpose, result_type=result_type)
-    matched = match_certificate(leaf.names, policy.references)
-    if matched is None:
+    if match_certificate(leaf.names, policy.references) is None:
         return replace(base, failure=f"num={_HOSTNAME_MISMATCH}:hostname mismatch",
                        purpose="server", result_type="certificate-host-mismatch")
-    return replace(base, trust="Verified", satisfied=True, verified=True, matched=matched)
+    return replace(base, trust="Verified", satisfied=True)
 
 
 def summary(verdict: Verdict, namaddr: str) -> str:

@@ -28,6 +28,7 @@ import pytest
 
 from relay.cli import postcat, postqueue, qshape, showq
 from spool import Envelope, RcptState, Recipient, Spool
+from spool import envelope as envfmt
 
 REFERENCE_DIR = Path(os.environ.get("RELAY_POSTFIX_REFERENCE",
                                     "/work/shared/postfix-reference"))
@@ -253,13 +254,13 @@ class Site:
 
     def add(self, sender: str, recipients: Sequence[str], *, queue: str = "deferred",
             size: int | None = None, content: str | None = None, reason: str = REASON,
-            arrival: float = REF_TIME, orig: bool = False, helo: str = "vm",
+            arrival: float = REF_TIME, helo: str = "vm", fullname: str = "",
             forced_expire: bool = False, states: Sequence[RcptState] = (),
             reasons: Sequence[str] = ()) -> str:
         """Queue one message the way the daemon leaves a deferred one; returns its ID."""
-        rcpts = tuple(Recipient(a, orig_address=a if orig else "") for a in recipients)
+        rcpts = tuple(Recipient(a) for a in recipients)
         env = Envelope("", sender, rcpts, arrival, helo_name=helo,
-                       forced_expire=forced_expire)
+                       forced_expire=forced_expire, sender_fullname=fullname)
         res = self.spool.reserve()
         if content is None:
             assert size is not None
@@ -513,14 +514,15 @@ def test_long_queue_id_layout(tmp_path: Path, utc: None) -> None:
 
 
 def test_listing_streams_one_message_at_a_time() -> None:
-    def items() -> Iterator[tuple[str, Envelope]]:
-        yield "deferred", Envelope("ABCDEF12345", "a@b", (Recipient("c@d"),), REF_TIME, size=9)
+    def items() -> Iterator[tuple[str, envfmt.Fields]]:
+        env = Envelope("ABCDEF12345", "a@b", (Recipient("c@d"),), REF_TIME, size=9)
+        yield "deferred", envfmt.as_fields(env)
         raise AssertionError("read ahead of the output")
 
-    listing = showq.sendmail_listing(items())
+    listing = showq.sendmail_records(items())
     assert next(listing).startswith("-Queue ID-")
     assert next(listing).startswith("ABCDEF12345")
-    assert next(showq.json_listing(items())).startswith('{"queue_name": "deferred"')
+    assert next(showq.json_records(items())).startswith('{"queue_name": "deferred"')
 
 
 def test_corrupt_queue_is_not_listed(tmp_path: Path, utc: None) -> None:
@@ -686,7 +688,7 @@ def postcat_sections(text: str, label: str) -> dict[str, list[str]]:
 def test_postcat_matches_reference(tmp_path: Path, utc: None) -> None:
     site = Site(tmp_path)
     qid = site.add("alice@example.org", ["bob@example.net", "carol@example.com"],
-                   content=POSTCAT_CONTENT, orig=True)
+                   content=POSTCAT_CONTENT)
     label = f"deferred/{qid}"
     # Our queue has no hash subdirectories: deferred/2/2A61F1602A1 is deferred/ID here.
     reference = output_of(POSTCAT_Q_TXT).replace("deferred/2/2A61F1602A1", label)
@@ -763,6 +765,20 @@ def test_postcat_envelope_only(catsite: tuple[Site, str]) -> None:
         f"*** HEADER EXTRACTED deferred/{qid} ***",
         f"*** MESSAGE FILE END deferred/{qid} ***",
     ]
+
+
+def test_postcat_shows_the_sender_full_name_before_the_sender(tmp_path: Path,
+                                                              utc: None) -> None:
+    """sendmail -F's name is Postfix's sender_fullname record, just before the sender
+    (FORMATS.md 1.5)."""
+    site = Site(tmp_path)
+    qid = site.add("me@porcupine.org", ["you@porcupine.org"], content=POSTCAT_CONTENT,
+                   fullname="Wietse Venema")
+    _, out, _ = run_bytes(["-c", str(site.config_dir), "-e", "-q", qid])
+    lines = out.decode().splitlines()
+    at = lines.index("sender: me@porcupine.org")
+    assert lines[at - 1] == "sender_fullname: Wietse Venema"
+    assert sum(line.startswith("sender_fullname") for line in lines) == 1
 
 
 def test_postcat_by_path(catsite: tuple[Site, str]) -> None:

@@ -19,7 +19,7 @@ import pytest
 
 from relay.accounting import HEADER
 from tests.support.daemon import RelayDaemon
-from tests.support.peers import PeerScript, Reply, threaded_peer  # noqa: F401
+from tests.support.peers import PeerScript, Reply
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -48,7 +48,7 @@ def test_rules_name_only_exported_metrics(tmp_path: Path) -> None:
     class Scheduler:
         destinations: dict[str, object] = {}  # noqa: RUF012 - a stand-in
 
-        class clock:  # noqa: N801 - as the scheduler's attribute is named
+        class clock:
             @staticmethod
             def time() -> float:
                 return time.time()

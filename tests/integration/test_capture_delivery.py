@@ -53,8 +53,9 @@ def test_capture_delivers_everything_into_the_maildir_and_nothing_leaves(
     assert sink.accepted == []
     log = relay.log()
     assert re.search(r"relay/master\[\d+\]: daemon started -- version \S+, configuration "
-                     r"\S+, capture mode: all mail to the Maildir " + re.escape(str(relay.maildir))
-                     + ", none leaves this machine", log)
+                     r"\S+, queue_directory \S+, maillog_file \S+, listening on .+, "
+                     r"capture mode: all mail to the Maildir " + re.escape(str(relay.maildir))
+                     + ", none leaves this machine$", log, re.MULTILINE)
     assert re.search(r"relay/local\[\d+\]: \w+: to=<bob@example.net>, relay=maildir, "
                      r"delay=[\d.]+, delays=[\d./]+, dsn=2.0.0, status=sent "
                      r"\(delivered to maildir\)", log)

@@ -225,7 +225,7 @@ def test_short_soak_with_kills() -> None:
         [sys.executable, str(ROOT / "scripts" / "soak"), "--messages", "1500", "--sessions",
          "10", "--kills", "3", "--faults", "0.02", "--seed", "7", "--drain-timeout", "180",
          "--json"],
-        capture_output=True, text=True, timeout=400, cwd=ROOT,
+        capture_output=True, text=True, timeout=400, cwd=ROOT, check=False,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     result = json.loads(out.stdout.splitlines()[0])

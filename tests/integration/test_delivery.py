@@ -18,9 +18,9 @@ from relay.delivery import (
     RcptOptions,
     RcptStatus,
     SMTPDelivery,
-    Target,
     TargetLike,
 )
+from relay.routing import Target
 from tests.support.peers import (
     Fault,
     Peer,
@@ -58,7 +58,7 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 def target(peer: Peer, hostname: str = "mx.test") -> Target:
-    return Target(hostname, peer.host, peer.port)
+    return Target(hostname, peer.host, peer.port, 0)
 
 
 async def deliver(
@@ -284,7 +284,8 @@ def test_every_server_refusing_to_talk_defers_with_the_last_reason() -> None:
 def test_connection_refused_on_every_target() -> None:
     async def scenario() -> None:
         first, second = closed_port(), closed_port()
-        targets = [Target("mx1.test", "127.0.0.1", first), Target("mx2.test", "127.0.0.1", second)]
+        targets = [Target("mx1.test", "127.0.0.1", first, 10),
+                   Target("mx2.test", "127.0.0.1", second, 20)]
         attempt = await deliver(targets, ["x@example.com", "y@example.com"])
         for result in attempt.results:
             assert result.status is RcptStatus.DEFER
@@ -1134,7 +1135,7 @@ def test_label_is_part_of_the_cache_key() -> None:
 def test_threaded_peer_records_from_its_own_thread() -> None:
     with ThreadedPeer(PeerScript(rcpt_by_position={1: Reply(550, "5.1.1 User unknown")})) as sink:
         attempt = run(
-            deliver([Target("sink.test", sink.host, sink.port)], ["a@x.test", "b@x.test"])
+            deliver([Target("sink.test", sink.host, sink.port, 0)], ["a@x.test", "b@x.test"])
         )
         assert [r.status for r in attempt.results] == [RcptStatus.SENT, RcptStatus.BOUNCE]
         (message,) = sink.wait_for(1, timeout=5)

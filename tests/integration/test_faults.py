@@ -254,23 +254,22 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
     mnt = tmp_path / "small"
     mnt.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
-                       capture_output=True)
+                       capture_output=True, check=False)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.decode().strip()}); "
                     "the ENOSPC fault-hook tests in test_accept.py cover the write path")
     try:
         yield mnt
     finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 
 def _fill(path: Path, leave: int) -> Path:
     filler = path / "filler"
-    with open(filler, "wb") as f:
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
     st = os.statvfs(path)
     free = st.f_bavail * st.f_frsize
     os.truncate(filler, max(0, os.path.getsize(filler) - (leave - free)))

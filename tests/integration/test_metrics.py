@@ -22,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.daemon import RelayDaemon, free_port
-from tests.support.peers import PeerScript, Reply, threaded_peer  # noqa: F401
+from tests.support.peers import PeerScript, Reply
 from tests.support.tools import require
 
 pytestmark = pytest.mark.timeout(90)

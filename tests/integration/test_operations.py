@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from tests.support.daemon import RelayDaemon, free_port
-from tests.support.peers import PeerScript, Reply, threaded_peer
+from tests.support.peers import PeerScript, Reply
 from tests.support.tools import require
 
 pytestmark = pytest.mark.timeout(90)
@@ -47,7 +47,7 @@ def relay(*args: str, env: dict[str, str] | None = None,
     environ = {k: v for k, v in os.environ.items() if k != "MAIL_CONFIG"}
     environ.update(env or {})
     return subprocess.run([RELAY_BIN, *args], capture_output=True, text=True, env=environ,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
 
 
 def send(port: int, body: str, host: str = "127.0.0.1") -> str:
@@ -164,7 +164,7 @@ def test_full_disk_is_fatal_at_start(relay_daemon: MakeDaemon, tmp_path: Path) -
     """A real full file system: a 256 KiB tmpfs in a private mount namespace, filled up."""
     unshare = require("unshare")
     probe = subprocess.run([unshare, "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
-                           capture_output=True)
+                           capture_output=True, check=False)
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs in a private namespace: {probe.stderr!r}")
     mnt = tmp_path / "full"
@@ -250,7 +250,7 @@ def test_logrotate_recipe_rotates_without_copytruncate(relay_daemon: MakeDaemon,
     d.wait_log(f"{before}: from=<")
     run = subprocess.run([logrotate, "-f", "-s", str(tmp_path / "state"),
                           str(tmp_path / "logrotate.conf")], capture_output=True, text=True,
-                         timeout=60)
+                         timeout=60, check=False)
     assert run.returncode == 0, run.stderr
     rotated = sorted(p.name for p in d.maillog.parent.iterdir() if p.name.startswith("maillog."))
     assert rotated, list(d.maillog.parent.iterdir())

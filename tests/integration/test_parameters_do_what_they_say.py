@@ -1,6 +1,7 @@
-"""Parameters that postconf accepts do what they say (issue 11: none is accepted and
-ignored): smtpd_soft_error_limit with smtpd_error_sleep_time, and smtp_mx_session_limit,
-each as Postfix does it, over real sockets."""
+"""Parameters that postconf accepts do what they say, each as Postfix's does, over real
+sockets (none is accepted and ignored): smtpd_soft_error_limit with smtpd_error_sleep_time,
+smtp_mx_session_limit, and the SMTP client's timeout of each stage (smtp_mail_timeout,
+smtp_rcpt_timeout, smtp_data_init_timeout) through main.cf of the running daemon."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import pytest
 
 from relay.sink import ThreadedSink
 from relay.testing import SmtpRelay
+from tests.support.daemon import RelayDaemon, smtp_send, wait_until
 from tests.support.dnsserver import LoopbackDNS
+from tests.support.peers import Fault, PeerScript, ThreadedPeer
 
 pytestmark = pytest.mark.timeout(90)
 Factory = Callable[..., SmtpRelay]
+MakeDaemon = Callable[..., RelayDaemon]
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -70,3 +74,32 @@ def test_mx_session_limit(smtp_relay_factory: Factory,
     reached = [any("connection 1 from" in line for line in sink.transcript) for sink in sinks]
     assert reached == [True] * contacted + [False] * (3 - contacted)
     assert "TLS is required, but was not offered by host mx" in relay.log()
+
+
+@pytest.mark.parametrize("parameter,script,where", [
+    ("smtp_mail_timeout", PeerScript(mail=Fault.HANG), "MAIL FROM"),
+    ("smtp_rcpt_timeout", PeerScript(rcpt=Fault.HANG), "RCPT TO"),
+    ("smtp_data_init_timeout", PeerScript(data=Fault.HANG), "DATA"),
+])
+def test_smtp_stage_timeouts_from_main_cf(
+    relay_daemon: MakeDaemon, parameter: str, script: PeerScript, where: str,
+) -> None:
+    """The defaults are minutes; with the parameter at 2s the stall is cut in seconds."""
+    with ThreadedPeer(script) as peer:
+        d = relay_daemon({
+            parameter: "2s",
+            "transport_maps": f"inline:{{ * = smtp:[127.0.0.1]:{peer.port} }}",
+            "minimal_backoff_time": "1h",
+            "maximal_backoff_time": "1h",
+            "queue_run_delay": "1h",
+        })
+        start = time.monotonic()
+        qid = smtp_send(d.host, d.port, ["bob@example.net"])
+        log = d.wait_log(f"{qid}: to=<bob@example.net>", timeout=20)
+        elapsed = time.monotonic() - start
+        line = next(x for x in log.splitlines() if f"{qid}: to=<bob@example.net>" in x)
+        assert "status=deferred" in line, line
+        assert "timed out while" in line and where in line, line
+        assert 1.5 <= elapsed < 15, elapsed
+        wait_until(lambda: qid in d.queue_files("deferred"), 10, "the deferral")
+        assert peer.messages == [] or not any(m.accepted for m in peer.messages)

@@ -1,4 +1,6 @@
-"""postqueue, mailq, postcat and qshape as subprocesses against a running daemon.
+"""postqueue, mailq, postcat and qshape as subprocesses against a running daemon; and
+MAIL_CONFIG naming the configuration for every queue command, postsuper and ``relay queue``
+included, when ``-c`` is not given.
 
 The daemon relays everything to 127.0.0.1:1, where nothing listens, with backoff and
 queue run delay of an hour: a message is tried once, deferred with Postfix's
@@ -14,14 +16,16 @@ import os
 import re
 import smtplib
 import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from relay import control
 from spool import Spool
-from tests.support.daemon import RelayDaemon
+from tests.support.daemon import RelayDaemon, smtp_send, wait_until
 
 REASON = "connect to 127.0.0.1[127.0.0.1]:1: Connection refused"
 PARAMS = {
@@ -250,3 +254,43 @@ def test_listing_warns_when_the_daemon_died(relay_daemon: MakeDaemon) -> None:
     assert listing.stderr == (
         "postqueue: warning: Mail system is down -- accessing queue directly (Connect to the"
         f" relay control socket {d.queue_directory}/control: Connection refused)\n").encode()
+
+
+def test_queue_commands_honour_mail_config(relay_daemon: MakeDaemon, tmp_path: Path) -> None:
+    d = relay_daemon(PARAMS)
+    qid = smtp_send(d.host, d.port, ["bob@example.net"])
+    d.wait_log(f"{qid}: to=<bob@example.net>")
+    wait_until(lambda: qid in d.queue_files("deferred"), 10, "the deferral")
+
+    # Nothing but MAIL_CONFIG leads to this spool: the per-user default spool is empty.
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, MAIL_CONFIG=str(d.config_dir), HOME=str(home),
+               XDG_STATE_HOME=str(home / "state"))
+    bindir = Path(sys.executable).parent
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(bindir / argv[0]), *argv[1:]], capture_output=True,
+                              text=True, env=env, timeout=60, check=False)
+
+    for argv in (["mailq"], ["postqueue", "-p"], ["relay", "queue", "ls"]):
+        result = run(*argv)
+        assert result.returncode == 0 and qid in result.stdout, (argv, result)
+    result = run("postqueue", "-j")
+    assert result.returncode == 0, result
+    assert json.loads(result.stdout)["queue_id"] == qid
+    result = run("postcat", "-q", qid)
+    assert result.returncode == 0 and "*** ENVELOPE RECORDS" in result.stdout, result
+    assert "recipient: bob@example.net" in result.stdout, result.stdout
+    result = run("qshape", "deferred")
+    assert result.returncode == 0, result
+    assert re.search(r"^\s*TOTAL\s+1\b", result.stdout, re.MULTILINE), result.stdout
+    assert re.search(r"^\s*example\.net\s+1\b", result.stdout, re.MULTILINE), result.stdout
+    result = run("postsuper", "-h", qid)
+    assert (result.returncode, result.stderr) == (
+        0, f"postsuper: {qid}: placed on hold\npostsuper: Placed on hold: 1 message\n"), result
+    wait_until(lambda: qid in d.queue_files("hold"), 10, "the hold")
+    result = run("postsuper", "-d", qid)
+    assert (result.returncode, result.stderr) == (
+        0, f"postsuper: {qid}: removed\npostsuper: Deleted: 1 message\n"), result
+    assert all(qid not in d.queue_files(q) for q in ("incoming", "active", "deferred", "hold"))

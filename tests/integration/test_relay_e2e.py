@@ -7,7 +7,9 @@ Covered: content transparency (dot-stuffing, 8-bit, long lines, empty bodies, MI
 the pickup latency of an idle relay, MX routing through a loopback DNS server (backup
 MX, null MX, NXDOMAIN, SERVFAIL), relayhost against transport_maps, SIGHUP reloading
 routes for mail already deferred, recovery after SIGKILL without re-delivering a
-recipient that was already sent, and backoff and expiry on the daemon's injected clock.
+recipient that was already sent, backoff and expiry on the daemon's injected clock, and
+Postfix's delivery line in full (``relay=host[ip]:port, delay=, delays=a/b/c/d, dsn=,
+status=sent (reply)`` from the ``smtp`` program) with EHLO to the next hop as myhostname.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Self
 
 import pytest
 
-from tests.support.daemon import RelayDaemon, free_port
+from tests.support.daemon import RelayDaemon, free_port, smtp_send
 from tests.support.dnsserver import Fault as DNSFault
 from tests.support.dnsserver import LoopbackDNS
 from tests.support.peers import Fault, PeerScript, ReceivedMessage, ThreadedPeer
@@ -468,3 +470,30 @@ def test_backoff_and_expiry_on_an_injected_clock(relay_daemon: MakeDaemon, tmp_p
         assert f"{queue_id}: removed" in log
         assert log.count(deferred) == 3  # the attempt at +3700 s, then the expiry
         assert spool_empty(d)
+
+
+# ---- the maillog's delivery line, and EHLO with myhostname ------------------------------
+
+NUMBER = r"\d+(?:\.\d+)?"
+
+
+def test_delivery_line_has_every_postfix_field_and_ehlo_uses_myhostname(
+    relay_daemon: MakeDaemon,
+) -> None:
+    with ThreadedPeer() as sink:
+        d = relay_daemon({
+            "myhostname": "mx.relay.test",
+            "transport_maps": f"inline:{{ * = smtp:[127.0.0.1]:{sink.port} }}",
+        })
+        qid = smtp_send(d.host, d.port, ["bob@example.net"])
+        sink.wait_for(1)
+        log = d.wait_log(f"{qid}: removed")
+        assert sink.sessions[0].helo == "mx.relay.test"
+    pattern = (
+        rf"^\w{{3}} [ \d]\d \d\d:\d\d:\d\d \S+ relay/smtp\[\d+\]: {qid}: to=<bob@example\.net>, "
+        rf"relay=\S+\[127\.0\.0\.1\]:{sink.port}, delay={NUMBER}, "
+        rf"delays={NUMBER}/{NUMBER}/{NUMBER}/{NUMBER}, dsn=2\.0\.0, "
+        rf"status=sent \(250 2\.0\.0 Ok: queued as \S+\)$"
+    )
+    assert re.search(pattern, log, re.MULTILINE), log[-3000:]
+    assert re.search(rf"relay/qmgr\[\d+\]: {qid}: removed$", log, re.MULTILINE), log[-3000:]

@@ -24,7 +24,7 @@ import pytest
 from relay.cli import queue as queue_cli
 from spool import Spool
 from tests.support.daemon import RelayDaemon
-from tests.support.peers import PeerScript, Reply, ThreadedPeer, threaded_peer  # noqa: F401
+from tests.support.peers import PeerScript, Reply, ThreadedPeer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -83,7 +83,7 @@ class Scene:
 
 
 @pytest.fixture
-def scene(relay_daemon: MakeDaemon, threaded_peer: PeerFactory) -> Scene:  # noqa: F811
+def scene(relay_daemon: MakeDaemon, threaded_peer: PeerFactory) -> Scene:
     busy = threaded_peer(PeerScript(rcpt=Reply(450, "4.2.0 mailbox busy")))
     d = relay_daemon({**SLOW, "transport_maps":
                       f"inline:{{ example.com = smtp:[127.0.0.1]:{busy.port}, "
@@ -230,7 +230,7 @@ def test_summary(scene: Scene) -> None:
 
 
 def test_pause_defers_survives_restart_and_resume_delivers(
-        relay_daemon: MakeDaemon, threaded_peer: PeerFactory) -> None:  # noqa: F811
+        relay_daemon: MakeDaemon, threaded_peer: PeerFactory) -> None:
     sink = threaded_peer()
     d = relay_daemon({**SLOW, "transport_maps": f"inline:{{ * = smtp:[127.0.0.1]:{sink.port} }}"})
     assert relay_queue(d, "pause", "Example.NET")[:2] == (0, "example.net: paused\n")
@@ -264,7 +264,7 @@ def test_pause_defers_survives_restart_and_resume_delivers(
 
 
 def test_pause_a_next_hop(relay_daemon: MakeDaemon,
-                          threaded_peer: PeerFactory) -> None:  # noqa: F811
+                          threaded_peer: PeerFactory) -> None:
     sink = threaded_peer()
     d = relay_daemon({**SLOW, "transport_maps": f"inline:{{ * = smtp:[127.0.0.1]:{sink.port} }}"})
     assert relay_queue(d, "pause", "--nexthop", f"[127.0.0.1]:{sink.port}")[1] == (

@@ -76,7 +76,7 @@ def test_mx_sorted_by_preference(dns_server: LoopbackDNS) -> None:
 
     result = resolve(resolver(dns_server), mx_route(port=2525))
 
-    assert result.failure is None and not result.backup_mx
+    assert result.failure is None
     assert result.targets == (
         Target("mx10.example.com", "127.0.0.10", 2525, 10),
         Target("mx20.example.com", "127.0.0.20", 2525, 20),  # IPv4 before IPv6
@@ -414,9 +414,7 @@ def test_backup_mx_keeps_only_better_preferences(dns_server: LoopbackDNS) -> Non
 
     for seed in range(4):  # whatever order the equal-preference hosts come in
         result = resolve(resolver(dns_server, seed=seed), mx_route())
-        assert result == Resolution(
-            (Target("primary.example.com", "127.0.0.10", 25, 10),), None, backup_mx=True
-        )
+        assert result == Resolution((Target("primary.example.com", "127.0.0.10", 25, 10),), None)
 
 
 def test_backup_mx_by_address(dns_server: LoopbackDNS) -> None:
@@ -425,7 +423,6 @@ def test_backup_mx_by_address(dns_server: LoopbackDNS) -> None:
     zone.add_mx("example.com", 20, "backup.example.com").add_a("backup.example.com", "127.0.0.1")
     ours = resolver(dns_server, myhostname="", self_addresses=[("127.0.0.1", 25)])
     result = resolve(ours, mx_route())
-    assert result.backup_mx
     assert hosts(result) == ["primary.example.com"]
 
 
@@ -437,7 +434,6 @@ def test_backup_mx_without_a_reachable_primary_defers(dns_server: LoopbackDNS) -
     result = resolve(resolver(dns_server), mx_route())
 
     assert result.targets == ()
-    assert result.backup_mx
     assert result.failure == Failure("4.4.4", "unable to find primary relay for example.com", False)
 
 

@@ -35,7 +35,7 @@ from relay.clock import ManualClock
 from relay.delivery import Attempt, DeliverySettings, SMTPDelivery, TargetLike
 from relay.outcome import Policy
 from relay.routing import Resolver, Router
-from relay.scheduler import QmgrSettings, Scheduler
+from relay.scheduler import DeliveryAgent, QmgrSettings, Scheduler
 from spool import EntryGone, Envelope, RcptState, Recipient, Spool
 from tests.support import dnsserver
 from tests.support.dnsserver import LoopbackDNS
@@ -86,11 +86,12 @@ def transport_maps(routes: Mapping[str, str]) -> list[str]:
     return [f"inline:{{ {pairs} }}"]
 
 
-class CountingDelivery(SMTPDelivery):
-    """SMTPDelivery that counts the deliveries in flight, per next hop and in total."""
+class CountingDelivery:
+    """A DeliveryAgent that counts the deliveries in flight, per next hop and in total,
+    and hands each one to the real SMTP client."""
 
     def __init__(self) -> None:
-        super().__init__()
+        self.client = SMTPDelivery()
         self.in_flight: Counter[str] = Counter()
         self.peak: Counter[str] = Counter()
         self.total = 0
@@ -111,12 +112,15 @@ class CountingDelivery(SMTPDelivery):
         self.peak[nexthop_label] = max(self.peak[nexthop_label], self.in_flight[nexthop_label])
         self.peak_total = max(self.peak_total, self.total)
         try:
-            return await super().deliver(
+            return await self.client.deliver(
                 targets, nexthop_label, sender, recipients, message, settings, **options
             )
         finally:
             self.in_flight[nexthop_label] -= 1
             self.total -= 1
+
+    async def close(self) -> None:
+        await self.client.close()
 
 
 @dataclass
@@ -126,7 +130,7 @@ class Relay:
     spool: Spool
     clock: ManualClock
     sched: Scheduler
-    delivery: SMTPDelivery
+    delivery: DeliveryAgent
 
     def submit(
         self,
@@ -277,7 +281,7 @@ async def running(
     policy: Policy | None = None,
     dns: LoopbackDNS | None = None,
     rng: random.Random | None = None,
-    delivery: SMTPDelivery | None = None,
+    delivery: DeliveryAgent | None = None,
     start: float = T0,
     **settings: Any,
 ) -> AsyncIterator[Relay]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.auth import verify_password
+from relay.auth import ScryptHash
 from relay.cli import passwd
 from tests.integration.test_accept import (
     HOLD_DELIVERY,
@@ -43,6 +43,11 @@ pytestmark = pytest.mark.timeout(60)
 DELAY = 1  # smtpd_auth_failure_delay (whole seconds, as every Postfix time)
 OUTSIDE = {"mynetworks": "127.0.0.2/32", "relay_domains": "example.com"}
 HASH = re.compile(r"^alice:scrypt\$16384\$8\$1\$[A-Za-z0-9+/]{22}==\$[A-Za-z0-9+/]{43}=$")
+
+
+def verify(password: bytes, encoded: str) -> bool:
+    """Whether the password file's value is ``password``'s hash."""
+    return ScryptHash.parse(encoded).matches(password)
 
 
 def b64(data: bytes) -> str:
@@ -134,13 +139,13 @@ def test_relay_passwd_writes_scrypt_entries_mode_0600(tmp_path: Path) -> None:
     (line,) = pw.read_text().splitlines()
     assert HASH.match(line), line
     assert "first password" not in pw.read_text()
-    assert verify_password(b"first password", line.partition(":")[2])
+    assert verify(b"first password", line.partition(":")[2])
     assert relay_passwd(config, "bob", password="bobs").returncode == 0
     assert relay_passwd(config, "alice", password="second password").returncode == 0
     entries = dict(ln.split(":", 1) for ln in pw.read_text().splitlines())
     assert sorted(entries) == ["alice", "bob"]
-    assert verify_password(b"second password", entries["alice"])
-    assert not verify_password(b"first password", entries["alice"])
+    assert verify(b"second password", entries["alice"])
+    assert not verify(b"first password", entries["alice"])
     # The same password twice gets two salts.
     assert relay_passwd(config, "carol", password="bobs").returncode == 0
     entries = dict(ln.split(":", 1) for ln in pw.read_text().splitlines())
@@ -188,7 +193,7 @@ def test_relay_passwd_asks_twice_on_a_terminal(tmp_path: Path) -> None:
     status = passwd.main(["-c", str(tmp_path), "alice"], stdin=FakeTerminal(), stderr=err,
                          environ={}, prompt=lambda p: prompts.append(p) or "same")
     assert status == 0 and len(prompts) == 2
-    assert verify_password(b"same", (tmp_path / "pw").read_text().split(":", 1)[1].strip())
+    assert verify(b"same", (tmp_path / "pw").read_text().split(":", 1)[1].strip())
 
 
 # ---- AUTH in the SMTP session -----------------------------------------------------------------

@@ -20,7 +20,7 @@ import pytest
 
 from spool import Envelope, Spool
 from tests.support.daemon import RelayDaemon
-from tests.support.peers import ThreadedPeer, threaded_peer  # noqa: F401
+from tests.support.peers import ThreadedPeer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -88,6 +88,7 @@ def test_lf_input_is_stored_with_crlf_and_local_headers(stopped: RelayDaemon) ->
     assert h[5:] == [f"From: Test User <{LOGIN}@relay.test>"]
     assert body(content) == b"line one\r\nline two\r\n"
     assert env.sender == f"{LOGIN}@relay.test"
+    assert env.sender_fullname == "Test User"
     assert [r.address for r in env.recipients] == ["bob@example.net"]
     assert env.protocol == "local" and env.client_name == "localhost"
     assert env.size == len(content)
@@ -264,7 +265,7 @@ def test_bp_lists_the_queue(stopped: RelayDaemon) -> None:
 
 
 def test_delivered_by_the_running_daemon_at_once(relay_daemon: MakeDaemon,
-                                                 threaded_peer: PeerFactory,  # noqa: F811
+                                                 threaded_peer: PeerFactory,
                                                  ) -> None:
     peer = threaded_peer()
     d = relay_daemon({**HOLD_DELIVERY,
@@ -284,7 +285,7 @@ def test_delivered_by_the_running_daemon_at_once(relay_daemon: MakeDaemon,
 
 
 def test_queued_while_down_is_delivered_at_start(relay_daemon: MakeDaemon,
-                                                 threaded_peer: PeerFactory,  # noqa: F811
+                                                 threaded_peer: PeerFactory,
                                                  ) -> None:
     peer = threaded_peer()
     d = relay_daemon({**HOLD_DELIVERY,

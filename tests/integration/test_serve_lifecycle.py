@@ -2,7 +2,8 @@
 
 Each test runs the daemon as a real subprocess (tests.support.daemon) and watches it
 from outside: replies on its SMTP port, its exit status, its stderr and maillog, and
-the spool directory.  Delivery is held off (the next hop refuses connections and the
+the spool directory; and the daemon's processes stay in one process group, so that a
+supervisor's SIGTERM to the group stops them all gracefully.  Delivery is held off (the next hop refuses connections and the
 backoff is an hour) so accepted mail stays in the spool for the test to find.
 """
 
@@ -23,7 +24,7 @@ import pytest
 from spool import Spool
 from spool.envelope import Envelope
 from spool.errors import CorruptEntry, EntryGone
-from tests.support.daemon import RELAY, RelayDaemon
+from tests.support.daemon import RELAY, RelayDaemon, smtp_send, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -321,3 +322,61 @@ def test_port_in_use_is_fatal(relay_daemon: MakeDaemon) -> None:
         assert d.proc is not None
         assert d.proc.wait(15) != 0
     assert f"bind 127.0.0.1 port {port}" in d.stderr() + d.log()
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def _descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in _children(todo.pop()):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_one_process_group_and_sigterm_to_the_group(relay_daemon: MakeDaemon) -> None:
+    d = relay_daemon(HOLD_DELIVERY, start=False)
+    d.stderr_path = d.base / "stderr.group"
+    # As a supervisor starts it: the daemon leads a process group of its own.
+    with open(d.stderr_path, "wb") as stderr:  # the daemon keeps its own copy
+        d.proc = subprocess.Popen([*RELAY, "-c", str(d.config_dir)], env=d.env,
+                                  stdout=subprocess.DEVNULL, stderr=stderr,
+                                  start_new_session=True)
+    d.wait_listening()
+    qid = smtp_send(d.host, d.port, ["bob@example.net"])
+    d.wait_log(f"{qid}: to=<bob@example.net>")  # the queue manager is up and working
+
+    main = d.proc.pid
+    group = os.getpgid(main)
+    family = _descendants(main)
+    assert family, "the daemon has no helper process (queue manager) to check"
+    for pid in family:
+        assert os.getpgid(pid) == group, (pid, os.getpgid(pid), group)
+
+    os.killpg(group, signal.SIGTERM)
+    try:
+        code = d.proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the daemon did not stop within 10 s of SIGTERM to its group")
+    wait_until(lambda: not any(_alive(p) for p in family), 5, "the helpers to exit")
+    assert code == 0, (code, d.stderr()[-2000:])
+    assert qid in d.queue_files("deferred") + d.queue_files("incoming") + d.queue_files("active")

@@ -1,23 +1,29 @@
 """relay serve's listeners as a developer meets them: both loopbacks by default (clients that
-try ::1 first for "localhost" find it), port 0 reported through --ready-file, and [::1]
-skipped with a warning where there is no IPv6."""
+try ::1 first for "localhost" find it), port 0 reported through --ready-file, [::1]
+skipped with a warning where there is no IPv6, and an IPv6 address in smtpd_listen beside
+an IPv4 one, where the default mynetworks relays for a loopback client over IPv6 too."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.support.daemon import RelayDaemon, free_port, smtp_send
 from tests.support.tools import require
 
 pytestmark = pytest.mark.timeout(60)
+MakeDaemon = Callable[..., RelayDaemon]
 BOOTSTRAP = ("import sys; del sys.path[0]; from relay.cli.main import main; "
              "sys.exit(main(sys.argv[1:]))")
 
@@ -82,3 +88,30 @@ def test_without_ipv6_the_ipv6_listener_is_skipped(tmp_path: Path) -> None:
     finally:
         stop(proc)
     assert os.path.exists(tmp_path / "spool" / "master.pid")
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_ipv6_listen_address_and_default_mynetworks(relay_daemon: MakeDaemon) -> None:
+    d = relay_daemon({"queue_run_delay": "1h", "minimal_backoff_time": "1h",
+                      "maximal_backoff_time": "1h",
+                      "transport_maps": "inline:{ * = smtp:[127.0.0.1]:1 }"}, start=False)
+    port6 = free_port("::1")
+    d.write_config(smtpd_listen=f"127.0.0.1:{d.port}, [::1]:{port6}")
+    d.start()
+    # No mynetworks in main.cf: the embedded default relays for loopback clients only,
+    # and ::1 is loopback, so a recipient in any domain is accepted over IPv6 too.
+    qid6 = smtp_send("::1", port6, ["someone@other.org"])
+    qid4 = smtp_send("127.0.0.1", d.port, ["someone@other.org"])
+    assert qid6 != qid4
+    log = d.wait_log(f"{qid6}: client=")
+    assert re.search(rf"smtpd\[\d+\]: {qid6}: client=\S*\[::1\]", log), log[-2000:]
+    assert re.search(r"smtpd\[\d+\]: connect from \S*\[::1\]$", log, re.MULTILINE), log[-2000:]

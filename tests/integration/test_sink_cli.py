@@ -205,8 +205,8 @@ def test_greylisting_defers_the_first_attempt_only(sink: SinkProcess) -> None:
         s.ehlo("c")
         s.mail("a@example.org")
         code, text = s.rcpt("v@grey.test")  # another triple: greylisted afresh
-    assert (code, text) == (451, b"4.7.1 <v@grey.test>: Recipient address rejected: "
-                                 b"Greylisted, see http://postgrey.schweikert.ch/help/grey.test.html")
+    assert (code, text) == (451, (b"4.7.1 <v@grey.test>: Recipient address rejected: "
+                                 b"Greylisted, see http://postgrey.schweikert.ch/help/grey.test.html"))
 
 
 def test_rate_limit_and_a_provider_preset(sink: SinkProcess) -> None:

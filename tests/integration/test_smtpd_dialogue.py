@@ -138,7 +138,7 @@ def test_auth_parameter_is_accepted_and_logged(relay: RelayDaemon, value: str) -
 # ---- envelope syntax -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("char", [*range(0x00, 0x20), 0x7F], ids=lambda c: f"0x{c:02x}")
+@pytest.mark.parametrize("char", [*range(0x20), 0x7F], ids=lambda c: f"0x{c:02x}")
 def test_a_control_character_inside_an_address_is_a_syntax_error(
         relay: RelayDaemon, char: int) -> None:
     control = bytes([char])

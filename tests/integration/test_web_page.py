@@ -54,7 +54,7 @@ def cross_site_server(html: str) -> tuple[http.server.ThreadingHTTPServer, str]:
     """Another origin on loopback (another port) that serves one page."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        def do_GET(self) -> None:
             body = html.encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/html")

@@ -18,7 +18,8 @@ logged no internal error, no reply was malformed, the spool holds no partial fil
 (tmp/ empty, data/ and the queue hold the same IDs), every acknowledged message is
 there and every stored message is intact and complete.
 
-``RELAY_FUZZ_EXAMPLES`` sets the number of examples per test (``make fuzz``: 20000).
+``RELAY_FUZZ_EXAMPLES`` sets the number of examples per test (``make test``: 300, ``make
+test-fast``: 50, ``make fuzz``: 20000).
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ from spool import Envelope, Spool
 from spool.fsync import Syncer
 from tests.support.smtp_model import stored_content
 
-EXAMPLES = int(os.environ.get("RELAY_FUZZ_EXAMPLES", "300"))
-# The bounded run of `make test` is the same every time; a long run explores.
-FUZZ = settings(max_examples=EXAMPLES, deadline=None,
-                derandomize="RELAY_FUZZ_EXAMPLES" not in os.environ,
+BOUNDED = 300
+EXAMPLES = int(os.environ.get("RELAY_FUZZ_EXAMPLES", str(BOUNDED)))
+# A bounded run (make test, make test-fast) is the same every time; a long one explores.
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= BOUNDED,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 pytestmark = pytest.mark.timeout(600)

@@ -66,7 +66,7 @@ def test_garbage(raw: bytes) -> None:
     b'relay-envelope 1\n{"queue_id":"A","sender":"","recipients":{},"arrival_time":0}\nend\n',
     b"relay-envelope 1\n{\x00\nend\n",
     b"relay-envelope 1\n" + b"[" * 100_000 + b"\nend\n",
-    envfmt.dumps(replace(make_env(), queue_id="0123456789A", extra={"a": "b"})),
+    envfmt.dumps(replace(make_env(), queue_id="0123456789A", sender_fullname="Ann Lee")),
 ])
 def test_cases(raw: bytes) -> None:
     same(raw)

@@ -8,11 +8,14 @@ sockets.  Stopping sends SIGTERM; ``kill()`` sends SIGKILL for crash tests.
 from __future__ import annotations
 
 import os
+import re
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -44,6 +47,34 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+BODY = b"Subject: test\r\nMessage-ID: <test@client.test>\r\n\r\nbody\r\n"
+
+
+def smtp_send(host: str, port: int, recipients: Sequence[str],
+              sender: str = "alice@example.org", body: bytes = BODY) -> str:
+    """One SMTP transaction through the daemon; the queue ID its 250 names."""
+    with smtplib.SMTP(host, port, timeout=10) as smtp:
+        smtp.ehlo("client.test")
+        assert smtp.mail(sender)[0] == 250
+        for rcpt in recipients:
+            code, reply = smtp.rcpt(rcpt)
+            assert code == 250, reply
+        code, reply = smtp.data(body)
+    assert code == 250, reply
+    match = re.search(rb"queued as (\S+)", reply)
+    assert match, reply
+    return match.group(1).decode()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` (every 50 ms) until it holds; AssertionError after ``timeout``."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
 class RelayDaemon:
     def __init__(self, base: Path, params: dict[str, str] | None = None,
                  env: dict[str, str] | None = None) -> None:
@@ -73,10 +104,11 @@ class RelayDaemon:
 
     def start(self, wait: bool = True) -> RelayDaemon:
         self.stderr_path = self.base / f"stderr.{time.monotonic_ns()}"
-        self.proc = subprocess.Popen(
-            [*RELAY, "-c", str(self.config_dir)], env=self.env,
-            stdout=subprocess.DEVNULL, stderr=open(self.stderr_path, "wb"),
-        )
+        with open(self.stderr_path, "wb") as stderr:  # the daemon keeps its own copy
+            self.proc = subprocess.Popen(
+                [*RELAY, "-c", str(self.config_dir)], env=self.env,
+                stdout=subprocess.DEVNULL, stderr=stderr,
+            )
         if wait:
             self.wait_listening()
         return self

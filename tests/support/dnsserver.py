@@ -28,7 +28,7 @@ import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Self
 
 import pytest
 from dnslib import (  # type: ignore[import-untyped]
@@ -358,10 +358,10 @@ class LoopbackDNS:
             thread.join(timeout=5)
         self._servers, self._threads = [], []
 
-    def __enter__(self) -> LoopbackDNS:
+    def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
 

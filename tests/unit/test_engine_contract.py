@@ -111,7 +111,7 @@ def test_flow_control_state_is_where_drain_reads_it() -> None:
 
 def test_proxy_parser_is_there() -> None:
     signature = inspect.signature(aiosmtpd.proxy_protocol.get_proxy)
-    assert list(signature.parameters)[0] == "reader_func", signature
+    assert next(iter(signature.parameters)) == "reader_func", signature
 
 
 def test_only_the_engine_imports_aiosmtpd() -> None:

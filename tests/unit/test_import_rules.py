@@ -1,9 +1,9 @@
 """Which module may import which: the layering the design promises, checked on the source.
 
 * ``spool`` never imports ``relay``: the spool is the bottom layer.
-* The commands in ``relay/cli/`` reach neither the SMTP server (``relay.listener``,
-  ``relay.smtpd``), nor the SMTP client (``relay.delivery``), nor the queue manager
-  (``relay.scheduler``), not even through another relay module; ``relay/cli/main.py``,
+* The commands in ``relay/cli/`` reach neither the SMTP server (``relay.smtpd``), nor the
+  SMTP client (``relay.delivery``), nor the scheduler (``relay.scheduler``), not even
+  through another relay module; ``relay/cli/main.py``,
   which starts the daemon with ``relay serve``, is held to its own imports only.
 * Commands touch queue files only through ``spool``: no path joined, no file renamed,
   linked, unlinked, listed or re-dated in ``relay/cli/``.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = ROOT / "relay" / "cli"
-FORBIDDEN_TO_COMMANDS = ("relay.listener", "relay.smtpd", "relay.delivery", "relay.scheduler")
+FORBIDDEN_TO_COMMANDS = ("relay.smtpd", "relay.delivery", "relay.scheduler")
 # Who may import each third-party SMTP library.
 SMTP_LIBRARIES = {
     "aiosmtpd": {"relay/smtpd/engine.py"},

@@ -274,8 +274,8 @@ def test_parse_nameserver_rejects(entry: str) -> None:
 def test_lookup_order_full_address_domain_parent_wildcard() -> None:
     router = Router(
         [
-            "inline:{ user@a.example.com=smtp:[full]"
-            ", a.example.com=smtp:[exact], .example.com=smtp:[parent], *=smtp:[star] }"
+            ("inline:{ user@a.example.com=smtp:[full]"
+            ", a.example.com=smtp:[exact], .example.com=smtp:[parent], *=smtp:[star] }")
         ]
     )
     assert router.next_hop("user@a.example.com").host == "full"

@@ -41,20 +41,20 @@ def test_lenient_load_warns_with_the_closest_name(tmp_path: Path) -> None:
     warnings: list[str] = []
     d = write(tmp_path, "relay_host = x\n")
     config.load(d, environ={}, warn=warnings.append)
-    assert warnings == [f"{tmp_path}/main.cf, line 1: unused parameter: relay_host=x "
-                        "(did you mean relayhost?)"]
+    assert warnings == [(f"{tmp_path}/main.cf, line 1: unused parameter: relay_host=x "
+                        "(did you mean relayhost?)")]
 
 
 def test_overrides_win_and_are_checked(tmp_path: Path) -> None:
     d = write(tmp_path, "capture_maildir = /srv/a\n")
-    cfg = config.load(d, environ={}, overrides={"capture_maildir": "/srv/b"})
+    cfg = config.load(d, environ={}, overrides=["capture_maildir=/srv/b"])
     assert cfg.str("capture_maildir") == "/srv/b"
-    cfg = config.load(None, environ={}, overrides={"smtpd_timeout": "5s"})
+    cfg = config.load(None, environ={}, overrides=["smtpd_timeout=5s"])
     assert cfg.time("smtpd_timeout") == 5.0
-    with pytest.raises(ConfigError, match=r"^command line: bad time value"):
-        config.load(None, environ={}, overrides={"smtpd_timeout": "soon"})
-    with pytest.raises(ConfigError, match=r"^command line: unknown parameter relay_host"):
-        config.load(None, environ={}, strict=True, overrides={"relay_host": "x"})
+    with pytest.raises(ConfigError, match=r"^-o smtpd_timeout: bad time value"):
+        config.load(None, environ={}, overrides=["smtpd_timeout=soon"])
+    with pytest.raises(ConfigError, match=r"^-o relay_host: unknown parameter relay_host"):
+        config.load(None, environ={}, strict=True, overrides=["relay_host=x"])
 
 
 def test_default_listener_is_on_both_loopbacks() -> None:

@@ -200,7 +200,6 @@ def test_enqueue_envelope_round_trips(spool: Spool, root: Path) -> None:
                 'host mx said: 550 5.1.1 "no such user"\nsecond line',
                 "5.1.1",
                 "mx.example.net",
-                orig_address="C@Example.NET",
                 notified=True,
             ),
         ),
@@ -215,7 +214,7 @@ def test_enqueue_envelope_round_trips(spool: Spool, root: Path) -> None:
         last_attempt=1_700_000_300.25,
         held_seconds=12.5,
         warned=True,
-        extra={"k": 'v\n"quoted"'},
+        sender_fullname='Ann "quoted"\nLee',
     )
     env = spool.enqueue(given_env, b"body\r\n")
     assert env == replace(given_env, queue_id=env.queue_id, size=6)
@@ -264,7 +263,6 @@ recipients = st.builds(
     reason=texts,
     dsn=texts,
     remote_mta=texts,
-    orig_address=texts,
     notified=st.booleans(),
 )
 envelopes = st.builds(
@@ -286,7 +284,7 @@ envelopes = st.builds(
     held_seconds=times,
     warned=st.booleans(),
     forced_expire=st.booleans(),
-    extra=st.dictionaries(texts, texts, max_size=3),
+    sender_fullname=texts,
 )
 
 
@@ -367,6 +365,39 @@ def test_loads_rejects(raw: bytes) -> None:
     assert envfmt.loads(GOOD).queue_id == "0123456789A"
     with pytest.raises(CorruptEntry):
         envfmt.loads(raw)
+
+
+# An envelope as relay wrote it before sender_fullname had a field of its own (sendmail -F
+# went into "extra") and while each recipient still had an "orig_address" (always "").
+OLD_FORMAT = (
+    b'relay-envelope 1\n'
+    b'{"queue_id":"4F2A31C0D2B","sender":"ann@example.org","recipients":['
+    b'{"address":"bob@example.net","state":"pending","reason":"","dsn":"","remote_mta":"",'
+    b'"orig_address":"","notified":false,"dsn_notify":"","dsn_orcpt":"","dsn_action":""},'
+    b'{"address":"carol@example.net","state":"sent","reason":"250 ok","dsn":"2.0.0",'
+    b'"remote_mta":"mx.example.net","orig_address":"","notified":false,"dsn_notify":"",'
+    b'"dsn_orcpt":"","dsn_action":""}],"arrival_time":1700000000.25,"size":332,'
+    b'"client_name":"localhost","client_address":"127.0.0.1","helo_name":"","protocol":"local",'
+    b'"auth_user":"","message_id":"","attempts":0,"next_attempt":0.0,"last_attempt":0.0,'
+    b'"held_seconds":0.0,"warned":false,"forced_expire":false,'
+    b'"extra":{"sender_fullname":"Ann Lee"},"dsn_envid":"","dsn_ret":"","smtputf8":false,'
+    b'"requiretls":false}\n'
+    b'end\n'
+)
+
+
+def test_an_envelope_of_the_old_format_still_loads() -> None:
+    env = envfmt.loads(OLD_FORMAT)
+    assert env == Envelope(
+        "4F2A31C0D2B", "ann@example.org",
+        (Recipient("bob@example.net"),
+         Recipient("carol@example.net", RcptState.SENT, "250 ok", "2.0.0", "mx.example.net")),
+        1_700_000_000.25, size=332, protocol="local", sender_fullname="Ann Lee")
+    assert envfmt.loads_fields(OLD_FORMAT) == envfmt.as_fields(env)
+    # Written again, it is in today's format: the old keys are gone.
+    assert b"extra" not in envfmt.dumps(env) and b"orig_address" not in envfmt.dumps(env)
+    without_name = OLD_FORMAT.replace(b'{"sender_fullname":"Ann Lee"}', b"{}")
+    assert envfmt.loads(without_name) == replace(env, sender_fullname="")
 
 
 # --- locked(): write, move, write_and_move, remove ----------------------------------------
@@ -616,7 +647,7 @@ def test_quarantine_keeps_every_file_under_a_unique_name(spool: Spool, root: Pat
     (root / "incoming" / "junk").write_bytes(b"one")
     (root / "deferred" / "junk").write_bytes(b"two")
     (root / "hold" / "junk").write_bytes(b"three")
-    assert spool.quarantine("incoming", "junk", "not a queue ID") == "junk"
+    assert spool.quarantine("incoming", "junk") == "junk"
     assert spool.quarantine("deferred", "junk") == "junk.1"
     assert spool.quarantine("hold", "junk") == "junk.2"
     assert {n: (root / "corrupt" / n).read_bytes() for n in listing(root, "corrupt")} == {
@@ -635,7 +666,7 @@ def test_quarantine_corrupt_envelope_keeps_its_data(spool: Spool, root: Path) ->
     (root / "incoming" / env.queue_id).write_bytes(b"relay-envelope 1\n{trunc")
     with pytest.raises(CorruptEntry):
         spool.read("incoming", env.queue_id)
-    assert spool.quarantine("incoming", env.queue_id, "bad") == env.queue_id
+    assert spool.quarantine("incoming", env.queue_id) == env.queue_id
     assert (root / "corrupt" / env.queue_id).read_bytes() == b"relay-envelope 1\n{trunc"
     assert spool.locate(env.queue_id) == "corrupt"
     # cleanup() counts corrupt/ as a queue: the content stays for the admin.
