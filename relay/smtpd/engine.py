@@ -21,7 +21,8 @@ against the installed aiosmtpd, naming the member when an upgrade changes it):
   ``_set_rset_state``, ``_reset_timeout`` and ``_cb_client_connected`` (which sets
   ``_reader``/``_writer``).  ``Engine.__init__`` sets exactly these instead of calling
   ``SMTP.__init__``, which inspects the handler and the class (``inspect.getmembers``,
-  ``dir``) for every connection: a millisecond per connection that relay has no use for.
+  ``dir``) for every connection: a third of the listener's CPU per connection in the
+  profile that found it (one connection per message), for nothing relay uses.
 - ``_handle_client``: overridden; it is where aiosmtpd runs a session.
 - ``_reset_timeout`` and ``_timeout_cb``: overridden; smtpd_timeout is a per-read deadline
   that a line only moves, with one timer per connection.
