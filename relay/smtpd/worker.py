@@ -287,7 +287,7 @@ async def run(config_dir: str | None, cfg: Config, overrides: tuple[str, ...],
         print("relay: fatal: listener worker: no keys from the master", file=sys.stderr)
         return 1
     keys = first[len(KEYS):]
-    fault = fault_hook_from(os.environ.get("RELAY_FAULT", "") or cfg.str("fault_injection"))
+    fault = fault_hook_from(os.environ.get("RELAY_FAULT", ""))
     try:
         spool = Spool(cfg.str("queue_directory"), long_ids=cfg.bool("enable_long_queue_ids"),
                       fault=fault, create=False, reuse_free=True, reuse_share=share)

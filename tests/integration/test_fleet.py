@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.daemon import RelayDaemon, free_port
+from tests.support.daemon import RelayDaemon, free_port, wait_until
 from tests.support.peers import PeerScript, Reply, ThreadedPeer
 from tests.support.tools import require
 
@@ -235,7 +235,11 @@ def test_drain_behind_haproxy_hands_deferred_mail_to_the_fleet(
     tokens = [f"msg-{n:04d}" for n in range(20)]
     for token in tokens:
         assert submit(proxy.port, token) is not None
-    held = one.queue_files("deferred") + one.queue_files("active") + one.queue_files("incoming")
+    # Once incoming/ and active/ are empty, all of relay 1's mail is in deferred/ (for an
+    # hour): three listings taken one after another could miss a message moving between.
+    wait_until(lambda: not one.queue_files("active") and not one.queue_files("incoming"),
+               30, "relay 1's first delivery attempts")
+    held = one.queue_files("deferred")
     assert held, "HAProxy gave relay 1 no mail"
     one.wait_log("status=deferred", count=len(held))
 
