@@ -32,6 +32,9 @@ against the installed aiosmtpd, naming the member when an upgrade changes it):
   the data (``unread``).  These are asyncio's StreamReader's, which aiosmtpd's reader is.
 - ``_paused``: asyncio's FlowControlMixin (a base of aiosmtpd's SMTP) sets it while the
   transport's write buffer is full; a reply waits for the client only then.
+- ``_client_connected_cb``: where asyncio's StreamReaderProtocol keeps the callback it is
+  given (a bound method of the engine), cleared with the engine's other cycles once a
+  connection is over.
 - ``sslproto.SSLProtocol`` wired as ``SMTP.smtp_STARTTLS`` does (its ``_app_transport``),
   since smtp_STARTTLS itself would send aiosmtpd's own 220 text.
 - ``aiosmtpd.proxy_protocol.get_proxy``: public.
@@ -91,6 +94,8 @@ class Engine(SMTP):
         self._closing = False
         self._tls = False
         self._unsent: list[bytes] = []
+        self._lost = False  # connection_lost has run
+        self._ran = False  # the session's task has ended
         self.dialogue = make_session(self)
 
     # ---- aiosmtpd's hooks ---------------------------------------------------------------
@@ -108,11 +113,34 @@ class Engine(SMTP):
         except Exception:
             log.exception("%s: internal error", self.dialogue.namaddr())
             self.close()
+        finally:
+            self._ran = True
+            self._release()
 
     def connection_lost(self, error: Exception | None) -> None:
         self._closing = True
         super().connection_lost(error)
         self.dialogue.ended()
+        self._lost = True
+        self._release()
+
+    def _release(self) -> None:
+        """Once the connection is lost and the session's task is over, drop the references
+        that make cycles of this object (its session, stream writer, task and TLS layer),
+        so that reference counting frees the connection at once.  Left to the cycle
+        collector, hundreds of closed TLS connections waited at a time, each holding its
+        OpenSSL state and asyncio's 256 KiB TLS read buffer: about 100 MB more listener
+        memory under a STARTTLS load (tests/unit/test_listener_memory.py)."""
+        if not (self._lost and self._ran):
+            return
+        del self.dialogue
+        del self._writer
+        # A cancelled task keeps its CancelledError, whose traceback holds the frames
+        # that hold this object.
+        self._handler_coroutine = None
+        self._client_connected_cb = None  # a bound method of this object, given in __init__
+        self._tls_protocol = None
+        self._original_transport = None
 
     def eof_received(self) -> bool | None:
         # The client may half-close after its last command (Exim sends the final dot and

@@ -109,6 +109,18 @@ def test_flow_control_state_is_where_drain_reads_it() -> None:
     assert asyncio.run(check()) == [False, True, False]
 
 
+def test_the_connected_callback_is_kept_where_the_engine_clears_it() -> None:
+    """asyncio's StreamReaderProtocol keeps its client_connected_cb (the engine's bound
+    method: a cycle) in _client_connected_cb, which Engine._release clears."""
+
+    async def check() -> object:
+        ours = engine.Engine(lambda conn: None, 300.0)  # type: ignore[arg-type, return-value]
+        return ours._client_connected_cb  # type: ignore[attr-defined]
+
+    kept = asyncio.run(check())
+    assert getattr(kept, "__func__", None) is SMTP._cb_client_connected, kept
+
+
 def test_proxy_parser_is_there() -> None:
     signature = inspect.signature(aiosmtpd.proxy_protocol.get_proxy)
     assert next(iter(signature.parameters)) == "reader_func", signature
