@@ -43,6 +43,7 @@ from relay.cli.command import (
     Parser,
     UsageError,
     run,
+    write_bytes,
 )
 from relay.maildir import Captured
 
@@ -135,13 +136,7 @@ def _run(ns: argparse.Namespace, box: Captured, out: TextIO, err: TextIO) -> int
         raw = box.read(ns.id)
         if raw is None:
             raise Fatal(f"{ns.id}: no such message")
-        out.flush()
-        buffer = getattr(out, "buffer", None)
-        if buffer is not None:
-            buffer.write(raw)
-            buffer.flush()
-        else:
-            out.write(raw.decode("utf-8", "replace"))
+        write_bytes(raw, out)
         return EX_OK
     if ns.verb == "rm":
         status = EX_OK

@@ -135,6 +135,19 @@ def run(prog: str, body: Callable[[], int], *, stdout: IO[Any] | None = None,
         return EX_OK
 
 
+def write_bytes(data: bytes, out: TextIO) -> None:
+    """Bytes written where the text stream ``out`` writes, after what it holds: to its
+    binary buffer as they are, or, for a stream without one (a test's StringIO),
+    decoded as UTF-8 with replacement."""
+    out.flush()
+    raw = getattr(out, "buffer", None)
+    if raw is not None:
+        raw.write(data)
+        raw.flush()
+    else:
+        out.write(data.decode("utf-8", "replace"))
+
+
 def silence_stdout(out: IO[Any] | None = None) -> None:
     """After a closed pipe: point standard output at /dev/null, so that the
     interpreter's last flush at exit does not complain again."""

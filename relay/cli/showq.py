@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
-from relay.cli.command import silence_stdout
+from relay.cli.command import silence_stdout, write_bytes
 from relay.config import Config
 from spool import Spool
 from spool.envelope import Fields
@@ -178,22 +178,27 @@ def sendmail_records(items: Iterable[tuple[str, Fields]], *, long_ids: bool = Fa
                      ) -> Iterator[str]:
     """The whole ``mailq`` text, yielded a message at a time."""
     layout = layout_for(long_ids)
-    format_one = record_formatter(layout)
-    count = 0
-    total_size = 0
+    totals = [0, 0]
+    yield from _blocks(items, record_formatter(layout), layout, totals)
+    yield _trailer(*totals)
+
+
+def _blocks(items: Iterable[tuple[str, Fields]], format_one: Callable[[str, Fields], str],
+            layout: Layout, totals: list[int]) -> Iterator[str]:
+    """Each message's block, after the heading (before the first message of the listing)
+    or a blank line; ``totals`` ([messages, octets] so far) counts them."""
     for queue, rec in items:
-        if count == 0:
-            yield layout.heading()
-        else:
-            yield "\n"
-        count += 1
-        total_size += rec["size"]
+        yield layout.heading() if totals[0] == 0 else "\n"
+        totals[0] += 1
+        totals[1] += rec["size"]
         yield format_one(queue, rec)
+
+
+def _trailer(count: int, size: int) -> str:
+    """The listing's last line."""
     if count == 0:
-        yield "Mail queue is empty\n"
-    else:
-        plural = "" if count == 1 else "s"
-        yield f"\n-- {total_size // 1024} Kbytes in {count} Request{plural}.\n"
+        return "Mail queue is empty\n"
+    return f"\n-- {size // 1024} Kbytes in {count} Request{'' if count == 1 else 's'}.\n"
 
 
 PARALLEL_MIN = 2000  # queued messages from which a listing is made by two processes
@@ -239,28 +244,25 @@ def write_sendmail_listing(spool: Spool, out: TextIO, *,
         finally:
             os._exit(status)
     os.close(write_end)
+    totals = [0, 0]
     try:
         with os.fdopen(read_end, "rb") as child:
-            count, size = _write_part(spool.envelope_fields_of(names[:half]), format_one,
-                                      layout, out, 0, 0)
-            totals = child.readline().split()
+            _write_batched(_blocks(spool.envelope_fields_of(names[:half]), format_one, layout,
+                                   totals), out)
+            theirs = child.readline().split()
             rest = child.read()
         _, status = os.waitpid(pid, 0)
         pid = 0
-        if status == 0 and len(totals) == 2:
-            if int(totals[0]):
-                out.write(layout.heading() if count == 0 else "\n")
-                out.flush()
-                _write_bytes(rest, out)
-            count, size = count + int(totals[0]), size + int(totals[1])
+        if status == 0 and len(theirs) == 2:
+            if int(theirs[0]):
+                out.write(layout.heading() if totals[0] == 0 else "\n")
+                write_bytes(rest, out)
+            totals[0] += int(theirs[0])
+            totals[1] += int(theirs[1])
         else:  # the child failed: its half, here
-            count, size = _write_part(spool.envelope_fields_of(names[half:]), format_one,
-                                      layout, out, count, size)
-        if count == 0:
-            out.write("Mail queue is empty\n")
-        else:
-            out.write(f"\n-- {size // 1024} Kbytes in {count} "
-                      f"Request{'' if count == 1 else 's'}.\n")
+            _write_batched(_blocks(spool.envelope_fields_of(names[half:]), format_one, layout,
+                                   totals), out)
+        out.write(_trailer(*totals))
         out.flush()
     except BrokenPipeError:
         silence_stdout(out)
@@ -269,33 +271,6 @@ def write_sendmail_listing(spool: Spool, out: TextIO, *,
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-
-
-def _write_part(items: Iterable[tuple[str, Fields]], format_one: Callable[[str, Fields], str],
-                layout: Layout, out: TextIO, count: int, size: int) -> tuple[int, int]:
-    """Messages of a listing after ``count`` others (so the heading or a blank line comes
-    first); the new count and total size."""
-    batch: list[str] = []
-    for queue, rec in items:
-        batch.append(layout.heading() if count == 0 else "\n")
-        count += 1
-        size += rec["size"]
-        batch.append(format_one(queue, rec))
-        if len(batch) >= WRITE_BATCH:
-            out.write("".join(batch))
-            batch.clear()
-    out.write("".join(batch))
-    return count, size
-
-
-def _write_bytes(data: bytes, out: TextIO) -> None:
-    """Text encoded as ``out`` would have encoded it (UTF-8, replacing what cannot be)."""
-    raw = getattr(out, "buffer", None)
-    if raw is not None:
-        raw.write(data)
-        raw.flush()
-    else:
-        out.write(data.decode("utf-8", "replace"))
 
 
 def json_string(text: str) -> str:
@@ -338,19 +313,22 @@ def utf8_stdout() -> TextIO:
     return out
 
 
-
-
 def write(chunks: Iterable[str], out: TextIO) -> None:
     """Write a listing as it is produced; a reader that went away (``mailq | head``)
     ends the listing quietly, as SIGPIPE ends Postfix's."""
     try:
-        batch: list[str] = []
-        for chunk in chunks:
-            batch.append(chunk)
-            if len(batch) >= WRITE_BATCH:
-                out.write("".join(batch))
-                batch.clear()
-        out.write("".join(batch))
+        _write_batched(chunks, out)
         out.flush()
     except BrokenPipeError:
         silence_stdout(out)
+
+
+def _write_batched(chunks: Iterable[str], out: TextIO) -> None:
+    """``chunks`` written WRITE_BATCH at a time: few calls, and still a streamed listing."""
+    batch: list[str] = []
+    for chunk in chunks:
+        batch.append(chunk)
+        if len(batch) >= WRITE_BATCH:
+            out.write("".join(batch))
+            batch.clear()
+    out.write("".join(batch))

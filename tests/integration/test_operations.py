@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.daemon import RelayDaemon, free_port
+from tests.support.daemon import RelayDaemon, free_port, wait_until
 from tests.support.peers import PeerScript, Reply
 from tests.support.tools import require
 
@@ -80,13 +80,6 @@ def send(port: int, body: str, host: str = "127.0.0.1") -> str:
         cmd("QUIT")
         return answer.split()[-1]
 
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def start_fails(d: RelayDaemon, env: dict[str, str] | None = None,
@@ -266,7 +259,7 @@ def test_logrotate_recipe_rotates_without_copytruncate(relay_daemon: MakeDaemon,
 def test_empty_maillog_file_logs_to_stderr(relay_daemon: MakeDaemon) -> None:
     d = relay_daemon({**HOLD_DELIVERY, "maillog_file": ""})
     queue_id = send(d.port, "to stderr")
-    wait_for(lambda: "relay/qmgr[" in d.stderr() and queue_id in d.stderr(), 10, "stderr")
+    wait_until(lambda: "relay/qmgr[" in d.stderr() and queue_id in d.stderr(), 10, "stderr")
     assert re.search(rf"relay/cleanup\[\d+\]: {queue_id}: message-id=", d.stderr())
 
 

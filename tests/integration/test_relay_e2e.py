@@ -26,7 +26,7 @@ from typing import Self
 
 import pytest
 
-from tests.support.daemon import RelayDaemon, free_port, smtp_send
+from tests.support.daemon import RelayDaemon, free_port, smtp_send, wait_until
 from tests.support.dnsserver import Fault as DNSFault
 from tests.support.dnsserver import LoopbackDNS
 from tests.support.peers import Fault, PeerScript, ReceivedMessage, ThreadedPeer
@@ -114,13 +114,6 @@ def route(**hops: str) -> str:
     """transport_maps as an inline table: route(**{"a.test": "smtp:[127.0.0.1]:25"})."""
     return "inline:{ " + ", ".join(f"{k} = {v}" for k, v in hops.items()) + " }"
 
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def spool_empty(d: RelayDaemon) -> bool:
@@ -314,7 +307,7 @@ def test_mx_routing_and_dns_failures(relay_daemon: MakeDaemon) -> None:
         assert "dsn=4.4.3, status=deferred" in line(sf_id)
         assert re.search(rf"{null_id}: sender non-delivery notification: \w+", log)
         assert re.search(rf"{nx_id}: sender non-delivery notification: \w+", log)
-        wait_for(lambda: d.queue_files("deferred") == [sf_id], 5, "only the SERVFAIL in deferred")
+        wait_until(lambda: d.queue_files("deferred") == [sf_id], 5, "only the SERVFAIL in deferred")
 
 
 # ---- relayhost ---------------------------------------------------------------------
@@ -363,7 +356,7 @@ def test_sighup_reroutes_deferred_mail(relay_daemon: MakeDaemon) -> None:
             queue_id, _ = c.send("a@client.test", ["r@dest.test"], b"Subject: hup\r\n\r\nhi\r\n")
         d.wait_log(f"{queue_id}: to=<r@dest.test>, relay=none")
         assert "status=deferred" in d.log()
-        wait_for(lambda: queue_id in d.queue_files("deferred"), 5, "the message in deferred/")
+        wait_until(lambda: queue_id in d.queue_files("deferred"), 5, "the message in deferred/")
         d.write_config(transport_maps=route(**{"dest.test": f"smtp:[127.0.0.1]:{sink.port}"}))
         d.hup()
         d.wait_log("reload -- configuration")
@@ -400,7 +393,7 @@ def test_kill_with_mail_in_active_then_restart(relay_daemon: MakeDaemon) -> None
                 ids.append(queue_id)
         fast.wait_for(1)
         d.wait_log(f"{two_id}: to=<one@fast.test>, relay=127.0.0.1")
-        wait_for(lambda: len(slow.all_messages) == 4, 10, "the slow sink to hold 4 messages")
+        wait_until(lambda: len(slow.all_messages) == 4, 10, "the slow sink to hold 4 messages")
         assert sorted(d.queue_files("active")) == sorted(ids)
         d.kill()
         assert sorted(d.queue_files("active")) == sorted(ids)
@@ -444,7 +437,7 @@ def test_backoff_and_expiry_on_an_injected_clock(relay_daemon: MakeDaemon, tmp_p
                                  b"Subject: expire me\r\n\r\nhi\r\n")
         deferred = f"{queue_id}: to=<r@dest.test>, relay=none"
         d.wait_log(deferred)
-        wait_for(lambda: queue_id in d.queue_files("deferred"), 5, "the message in deferred/")
+        wait_until(lambda: queue_id in d.queue_files("deferred"), 5, "the message in deferred/")
         time.sleep(1.5)  # several queue runs: nothing is due before 300 s
         assert d.log().count(deferred) == 1
 
@@ -452,7 +445,7 @@ def test_backoff_and_expiry_on_an_injected_clock(relay_daemon: MakeDaemon, tmp_p
         log = d.wait_log(deferred, count=2, timeout=4)
         assert log.count("status=deferred") == 2
         assert "status=expired" not in log
-        wait_for(lambda: queue_id in d.queue_files("deferred"), 5, "the message back in deferred/")
+        wait_until(lambda: queue_id in d.queue_files("deferred"), 5, "the message back in deferred/")
 
         offset.write_text("3700")
         log = d.wait_log(f"{queue_id}: from=<alice@client.test>, status=expired, "

@@ -97,13 +97,6 @@ def listens(port: int) -> bool:
         return False
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
 
 # ---- signals ------------------------------------------------------------------------------
 
@@ -230,7 +223,7 @@ def _run_with_defaults(tmp_path: Path, env: dict[str, str], expected_spool: Path
         proc = subprocess.Popen(RELAY, env=env, stdout=subprocess.DEVNULL, stderr=err,
                                 cwd=tmp_path)
     try:
-        wait_for(lambda: (expected_spool / "master.pid").exists() or proc.poll() is not None,
+        wait_until(lambda: (expected_spool / "master.pid").exists() or proc.poll() is not None,
                  15, f"the spool at {expected_spool}")
         for name in ("tmp", "data", *ENVELOPE_QUEUES):
             assert (expected_spool / name).is_dir(), (name, err_path.read_text())

@@ -67,12 +67,12 @@ def smtp_send(host: str, port: int, recipients: Sequence[str],
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``condition`` (every 50 ms) until it holds; AssertionError after ``timeout``."""
+    """Poll ``condition`` (every 20 ms) until it holds; AssertionError after ``timeout``."""
     end = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(0.02)
 
 
 class RelayDaemon:
