@@ -25,7 +25,6 @@ message is never copied whole; only the piece being written exists twice.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 
 __all__ = ["CHUNK", "Payload", "fold_line", "payload"]
@@ -33,9 +32,6 @@ __all__ = ["CHUNK", "Payload", "fold_line", "payload"]
 # About this many bytes of the message are worked on, and handed out, at a time.
 CHUNK = 64 * 1024
 
-# After every LF, not only CRLF: should a bare LF ever reach us, a receiver that ends lines
-# at LF must not see "\n.\r\n" as the end of the data (SMTP smuggling).
-_LEADING_DOT = re.compile(rb"(?m)^\.")
 
 
 def fold_line(line: bytes, limit: int) -> bytes:
@@ -91,20 +87,38 @@ class Payload:
     def _piece_out(self, piece: bytes) -> bytes:
         """A run of whole lines (the last may lack its LF) as they go out."""
         limit = self.limit
-        if limit > 0:
-            lines = piece.split(b"\n")
+        if limit > 0 and _has_long_line(piece, limit):
             # A line's length here includes the CR of its CRLF, so a line of exactly
             # ``limit`` octets takes this path too; it comes out unchanged.
-            if max(map(len, lines)) > limit:
-                out = []
-                for line in lines:
-                    end = b"\r" if line.endswith(b"\r") else b""
-                    text = line[:-1] if end else line
-                    if len(text) > limit:
-                        self.broken = True
-                    out.append(fold_line(text, limit) + end)
-                return b"\n".join(out)
-        return _LEADING_DOT.sub(b"..", piece)
+            out = []
+            for line in piece.split(b"\n"):
+                end = b"\r" if line.endswith(b"\r") else b""
+                text = line[:-1] if end else line
+                if len(text) > limit:
+                    self.broken = True
+                out.append(fold_line(text, limit) + end)
+            return b"\n".join(out)
+        # A piece starts a line (chunks are cut after an LF): its first octet, and every
+        # octet after an LF, starts one.  After every LF, not only CRLF: should a bare LF
+        # ever reach us, a receiver that ends lines at LF must not see "\n.\r\n" as the
+        # end of the data (SMTP smuggling).  bytes.replace scans at C speed (a multi-line
+        # regex tried every position: a quarter of the queue manager's time on 100 KiB
+        # messages).
+        stuffed = piece.replace(b"\n.", b"\n..")
+        return b"." + stuffed if stuffed[:1] == b"." else stuffed
+
+
+def _has_long_line(piece: bytes, limit: int) -> bool:
+    """True if a line of ``piece`` (what lies between LFs, a CR included) is longer than
+    ``limit`` octets.  Looks for the last LF within each ``limit + 1`` octets, so it
+    takes about ``len(piece) / limit`` searches, and builds nothing."""
+    pos, size = 0, len(piece)
+    while size - pos > limit:
+        newline = piece.rfind(b"\n", pos, pos + limit + 1)
+        if newline < 0:
+            return True
+        pos = newline + 1
+    return False
 
 
 def payload(message: bytes, limit: int) -> bytes:

@@ -79,3 +79,28 @@ def test_any_bytes_chunked_equal_whole_and_end_with_crlf(
     assert whole == b"" if not message else whole.endswith(b"\r\n")
     # No line of the payload starts with a lone dot that a receiver would take for the end.
     assert b"\n.\r\n" not in b"\n" + whole
+
+
+def line_by_line(message: bytes, limit: int) -> bytes:
+    """The module's rule applied to one line at a time, with no fast path: a line ends at
+    LF, a CR before it is its line end, and every line is dot-stuffed and broken."""
+    if not message:
+        return b""
+    out = []
+    for line in message.split(b"\n"):
+        end = b"\r" if line.endswith(b"\r") else b""
+        out.append(fold_line(line[:-1] if end else line, limit) + end)
+    whole = b"\n".join(out)
+    return whole if whole.endswith(b"\r\n") else whole + b"\r\n"
+
+
+# Lines of every length around the limits below, dots and bare LFs among them.
+mixed = st.lists(st.sampled_from([b".", b"\n", b"\r\n", b"\r", b"a", b"x" * 9, b"\n."]),
+                 max_size=200).map(b"".join)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(mixed, st.one_of(st.integers(2, 40), st.sampled_from([0, 998])), st.integers(1, 300))
+def test_fast_path_is_the_line_by_line_rule_with_bare_lfs_and_dots(
+        message: bytes, limit: int, chunk: int) -> None:
+    assert b"".join(Payload(message, limit).chunks(chunk)) == line_by_line(message, limit)
