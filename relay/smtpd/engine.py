@@ -2,20 +2,21 @@
 
 aiosmtpd is the listener's SMTP engine.  ``Engine`` subclasses its ``SMTP`` protocol class
 and keeps what aiosmtpd does well: the asyncio protocol object with its stream reader and
-writer, the connection's life (``connection_made``, ``connection_lost``), the STARTTLS
-upgrade of a live connection with its RFC 3207 §4.2 rule (plaintext that arrived behind
-STARTTLS is discarded, never read as TLS data), and the PROXY protocol v1/v2 parser.  The
-dialogue itself (every command, every reply, every limit) is relay's: the engine runs a
-relay.smtpd.session.Session in aiosmtpd's per-connection task and serves it lines, replies,
-a TLS handshake and a per-read deadline (``Connection``, defined by the session).
+writer, the connection's life (``connection_made``, ``connection_lost``) and the PROXY
+protocol v1/v2 parser.  The dialogue itself (every command, every reply, every limit) is
+relay's: the engine runs a relay.smtpd.session.Session in aiosmtpd's per-connection task
+and serves it lines, replies, a TLS handshake and a per-read deadline (``Connection``,
+defined by the session).  The STARTTLS handshake is the event loop's ``start_tls`` (uvloop's
+compiled TLS layer where relay runs on uvloop), followed by what aiosmtpd does after its
+own: the reader and writer move onto the TLS transport, and plaintext that arrived behind
+STARTTLS is discarded, never read as TLS data (RFC 3207 §4.2).
 
 What this module relies on, and why (tests/unit/test_engine_contract.py checks each one
 against the installed aiosmtpd, naming the member when an upgrade changes it):
 
 - ``SMTP.connection_made`` and ``SMTP.connection_lost``: the connection's life, called by
-  asyncio; connection_made starts ``_handle_client`` as the session's task and, after a
-  STARTTLS handshake, moves the reader and writer onto the TLS transport and empties the
-  read buffer.  They read and set ``loop``, ``session``, ``envelope``, ``transport``,
+  asyncio; connection_made starts ``_handle_client`` as the session's task.  They read
+  and set ``loop``, ``session``, ``envelope``, ``transport``,
   ``_handler_coroutine``, ``_timeout_handle``, ``_tls_protocol``, ``_original_transport``,
   ``_tls_handshake_okay`` and ``_handle_hooks``, and call ``_create_session``,
   ``_set_rset_state``, ``_reset_timeout`` and ``_cb_client_connected`` (which sets
@@ -35,8 +36,11 @@ against the installed aiosmtpd, naming the member when an upgrade changes it):
 - ``_client_connected_cb``: where asyncio's StreamReaderProtocol keeps the callback it is
   given (a bound method of the engine), cleared with the engine's other cycles once a
   connection is over.
-- ``sslproto.SSLProtocol`` wired as ``SMTP.smtp_STARTTLS`` does (its ``_app_transport``),
-  since smtp_STARTTLS itself would send aiosmtpd's own 220 text.
+- After ``loop.start_tls``, as aiosmtpd's connection_made does after its own handshake:
+  the reader's and the writer's ``_transport`` and the protocol's ``_over_ssl`` (asyncio's
+  StreamReader, StreamWriter and StreamReaderProtocol) are set to the TLS transport.
+  aiosmtpd's smtp_STARTTLS is not used: it sends its own 220 text and wires asyncio's
+  pure-Python SSLProtocol whatever the event loop.
 - ``aiosmtpd.proxy_protocol.get_proxy``: public.
 
 A crash of the engine ends its connection only.
@@ -48,7 +52,6 @@ import asyncio
 import ipaddress
 import logging
 import ssl
-from asyncio import sslproto
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -95,6 +98,7 @@ class Engine(SMTP):
         self._tls = False
         self._unsent: list[bytes] = []
         self._lost = False  # connection_lost has run
+        self._handshaking = False  # a STARTTLS handshake is under way
         self._ran = False  # the session's task has ended
         self.dialogue = make_session(self)
 
@@ -149,7 +153,7 @@ class Engine(SMTP):
         # would cancel the session at once: the client would never see its 250 and would
         # send the message again.  A TLS transport cannot stay half-open.
         asyncio.StreamReaderProtocol.eof_received(self)
-        return not self._tls
+        return not (self._tls or self._handshaking)
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -274,20 +278,45 @@ class Engine(SMTP):
             return str(data.src_addr), ""
         return self.peer_address, ""
 
-    async def start_tls(self, context: ssl.SSLContext) -> None:
+    async def start_tls(self, context: ssl.SSLContext) -> str:
+        """The STARTTLS handshake on this connection; the reader and writer then use the
+        TLS transport, and what the client sent before it is forgotten (RFC 3207 §4.2).
+        Returns "" or, when the handshake failed, why (the error's repr).
+
+        ``loop.start_tls`` is the event loop's own TLS layer: uvloop's, compiled, where
+        relay runs on uvloop (aiosmtpd's smtp_STARTTLS wires asyncio's pure-Python
+        SSLProtocol, about a quarter of the listener's CPU under a STARTTLS load)."""
         self._flush()
-        waiter: asyncio.Future[None] = self.loop.create_future()
-        # As SMTP.smtp_STARTTLS does, minus its reply: aiosmtpd's connection_made moves
-        # the reader and writer onto the TLS transport once the handshake is done.
-        tls = sslproto.SSLProtocol(self.loop, self, context, waiter, server_side=True)
-        self._tls_protocol = tls
-        self._original_transport = self.transport
-        assert self._original_transport is not None
-        self._original_transport.set_protocol(tls)
-        self.transport = cast(Any, tls)._app_transport
-        tls.connection_made(self._original_transport)
-        await waiter
+        assert self.transport is not None
+        plain = cast(asyncio.WriteTransport, self.transport)  # uvloop's is only alike
+        self._handshaking = True
+        try:
+            # The session's deadline (smtpd_timeout) ends a slow handshake, with its own
+            # log line; the TLS layer's timer is only a backstop behind it.
+            tls = await self.loop.start_tls(plain, self, context, server_side=True,
+                                            ssl_handshake_timeout=self._timeout_duration + 5)
+        except Exception as exc:  # noqa: BLE001 - whatever the handshake raised ends it
+            # A TLS layer may tell its protocol nothing of a connection lost during the
+            # handshake: end it, once the session has said why (its next step).
+            self.loop.call_soon(self._lost_in_handshake)
+            # The handshake's future keeps the error, whose traceback holds the frames
+            # that hold the future and this object: a cycle only the collector frees.
+            exc.__traceback__ = None
+            return repr(exc.__cause__ or exc)
+        finally:
+            self._handshaking = False
+        # What aiosmtpd's connection_made does after its own STARTTLS handshake.
+        self._reader._transport = tls  # type: ignore[attr-defined]
+        self._writer._transport = tls  # type: ignore[attr-defined]
+        self.transport = tls
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
+        self._over_ssl = True
         self._tls = True
+        return ""
+
+    def _lost_in_handshake(self) -> None:
+        if not self._lost:
+            self.connection_lost(None)
 
     def tls_cipher(self) -> tuple[str, str, int] | None:
         obj = self.transport.get_extra_info("ssl_object") if self.transport else None

@@ -79,8 +79,9 @@ class Connection(Protocol):
     async def read_proxy(self) -> tuple[str, str]:
         """The client address from a PROXY header, and an error text ("" if none)."""
 
-    async def start_tls(self, context: ssl.SSLContext) -> None:
-        """The server side of a TLS handshake over this connection; raises on failure."""
+    async def start_tls(self, context: ssl.SSLContext) -> str:
+        """The server side of a TLS handshake over this connection: "" once it is done,
+        else why it failed (the connection is then closed)."""
 
     def tls_cipher(self) -> tuple[str, str, int] | None:
         """The TLS session's protocol, cipher and secret bits; None without TLS."""
@@ -418,10 +419,13 @@ class Session:
             return
         self.send(replies.STARTTLS_READY)
         await self.conn.drain()
-        try:
-            await self.conn.start_tls(context)
-        except Exception as exc:  # noqa: BLE001 - whatever the handshake raised ends it
-            log.info("SSL_accept error from %s: %r", self.namaddr(), exc.__cause__ or exc)
+        failure = await self.conn.start_tls(context)
+        if failure:
+            # As Postfix: the error, the lost connection, and STARTTLS counted as failed
+            # in the disconnect line (starttls=0/1).
+            log.info("SSL_accept error from %s: %s", self.namaddr(), failure)
+            log.info("lost connection after STARTTLS from %s", self.namaddr())
+            self._last_code = 0
             self.close()
             return
         self._log_tls()

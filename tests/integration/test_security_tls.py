@@ -254,6 +254,9 @@ def test_broken_handshake_leaves_the_daemon_serving(
         c.send(b"MAIL FROM:<not-a-client-hello@example.org>\r\n" * 4)
         assert c.closed()
     d.wait_log("SSL_accept error from localhost[127.0.0.1]")
+    # The connection is over for the listener too: Postfix's lines, the slot freed.
+    d.wait_log("lost connection after STARTTLS from localhost[127.0.0.1]")
+    d.wait_log("disconnect from localhost[127.0.0.1] ehlo=1 starttls=0/1 commands=1/2")
     assert assert_consistent(d) == before
     serves_next_client(d)
 

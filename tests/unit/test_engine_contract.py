@@ -63,14 +63,33 @@ def test_attributes_smtp_init_sets_are_the_ones_the_engine_sets() -> None:
 
 
 def test_connection_made_still_uses_what_the_engine_provides() -> None:
-    """The STARTTLS branch of connection_made moves the reader and writer onto the TLS
-    transport and clears the read buffer (RFC 3207 §4.2); the engine relies on it."""
+    """connection_made starts the session's task and its timer, and takes the plaintext
+    branch while _original_transport is None (the engine's STARTTLS never sets it)."""
     source = inspect.getsource(SMTP.connection_made)
-    for needle in ("_original_transport", "_reader._buffer.clear()", "_tls_protocol._extra",
-                   "_handle_client()", "_reset_timeout()", "_handle_hooks"):
+    for needle in ("seen_starttls = (self._original_transport is not None)",
+                   "_handle_client()", "_reset_timeout()"):
         assert needle in source, f"SMTP.connection_made no longer uses {needle}"
     assert "_handler_coroutine.cancel()" in inspect.getsource(SMTP.connection_lost), \
         "SMTP.connection_lost no longer cancels the session task"
+
+
+def test_the_streams_keep_the_transport_where_starttls_moves_it() -> None:
+    """After loop.start_tls the engine sets the reader's and the writer's _transport and
+    the protocol's _over_ssl, as aiosmtpd's own STARTTLS branch does: asyncio's streams
+    must still keep them there."""
+
+    async def check() -> tuple[object, object]:
+        ours = engine.Engine(lambda conn: None, 300.0)  # type: ignore[arg-type, return-value]
+        reader = ours._stream_reader  # type: ignore[attr-defined]
+        return reader._transport, ours._over_ssl  # type: ignore[attr-defined]
+
+    assert asyncio.run(check()) == (None, False)
+    assert "self._transport = transport" in inspect.getsource(asyncio.StreamWriter.__init__)
+    assert "self._transport.write(" in inspect.getsource(asyncio.StreamWriter.write)
+    assert "_over_ssl" in inspect.getsource(asyncio.StreamReaderProtocol.eof_received)
+    source = inspect.getsource(SMTP.connection_made)
+    for needle in ("self._reader._transport = transport", "self._writer._transport = transport"):
+        assert needle in source, f"aiosmtpd no longer moves the streams with {needle}"
 
 
 def test_the_read_buffer_is_a_bytearray_a_block_read_may_search_and_give_back() -> None:

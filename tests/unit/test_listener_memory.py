@@ -61,6 +61,14 @@ def test_closed_connections_leave_nothing_for_the_collector(
             smtp.ehlo("client.test")
             smtp.starttls(context=client_ctx)
             smtp.sock.close()
+        with socket.create_connection(("127.0.0.1", live.port)) as sock:  # a failed handshake
+            sock.recv(512)
+            sock.sendall(b"EHLO client.test\r\n")
+            sock.recv(512)
+            sock.sendall(b"STARTTLS\r\n")
+            sock.recv(512)
+            sock.sendall(b"MAIL FROM:<not-a-client-hello@client.test>\r\n" * 4)
+            sock.recv(512)
         with socket.create_connection(("127.0.0.1", live.port)) as sock:  # silent: timed out
             sock.recv(512)
             time.sleep(1.0)
