@@ -77,6 +77,10 @@ from spool.transitions import Transition
 # Messages up to this size keep their content in memory while active (at most
 # qmgr_message_active_limit of them); bigger ones are read from disk per attempt.
 CONTENT_CACHE_MAX = 16 * 1024
+# Content up to this size is read on the event loop at each attempt (from the page cache,
+# tens of microseconds); a thread hop costs more than that.  Bigger content is read in a
+# thread.
+CONTENT_READ_INLINE_MAX = 256 * 1024
 # Messages moved to active/ in one thread hop.
 ACTIVATE_BATCH = 64
 # What the scans of active/ (at start), incoming/ and deferred/ find waits in a backlog (one
@@ -830,8 +834,7 @@ class Scheduler:
             return all_(status, f.dsn, f.reason, c=self.clock.time() - start)
         content = message.content
         if content is None:
-            content = await asyncio.to_thread(self.spool.read_content, message.queue_id,
-                                              env.size)
+            content = await self._read_content(message.queue_id, env.size)
         plan = None
         if self.tls is not None:
             plan = await self.tls.plan(hop, resolution, requiretls=env.requiretls,
@@ -853,6 +856,12 @@ class Scheduler:
         return [Result(r, attempt.relay, (a, b, attempt.conn_setup_seconds, attempt.xfer_seconds))
                 for r in attempt.results]
 
+    async def _read_content(self, queue_id: str, size: int) -> bytes:
+        """The content of an active message that is not kept in memory."""
+        if size <= CONTENT_READ_INLINE_MAX:
+            return self.spool.read_content(queue_id, size)
+        return await asyncio.to_thread(self.spool.read_content, queue_id, size)
+
     async def _deliver_maildir(self, message: Message, job: Job, hop: NextHop,
                                ab: tuple[float, float]) -> list[Result]:
         """Postfix's local(8) into a Maildir: each recipient its own file, durable before
@@ -861,8 +870,7 @@ class Scheduler:
         env = message.envelope
         content = message.content
         if content is None:
-            content = await asyncio.to_thread(self.spool.read_content, message.queue_id,
-                                              env.size)
+            content = await self._read_content(message.queue_id, env.size)
         results: list[Result] = []
         for address in job.recipients:
             start = self.clock.time()
