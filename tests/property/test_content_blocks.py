@@ -2,7 +2,8 @@
 a line at a time (``feed``, the rule itself) or in blocks of whole lines (``feed_block``,
 which stores runs of plain lines in one piece), on any input, cut anywhere.
 
-The input is made of what matters to the rules: dots at line starts, bare CRs and LFs,
+The input is made of what matters to the rules: dots at line starts and inside lines
+(a header's domains, many before the first dot at a line start), bare CRs and LFs,
 NULs, white space first, the end-of-data line in its every form, and what a client may
 pipeline after it; the reader's cuts are any offsets, with a long line coming in pieces
 as the engine hands it over (READ_LIMIT stands for the engine's)."""
@@ -18,7 +19,7 @@ READ_LIMIT = 16  # the engine's longest piece, small here so that pieces happen
 
 atoms = st.sampled_from([b".", b"..", b"\r\n", b"\n", b"\r", b"\x00", b" ", b"\t", b"a",
                          b"xyz", b"\r\n.\r\n", b"\n.\n", b"\r\n.\n", b"\n.\r\n",
-                         b"line of text\r\n", b"QUIT\r\n"])
+                         b"line of text\r\n", b"QUIT\r\n", b"mx.a.b.example.org.\r\n"])
 streams = st.lists(atoms, max_size=60).map(b"".join)
 modes = st.sampled_from(["normalize", "reject", "no"])
 limits = st.sampled_from([0, 10, 40])
@@ -72,4 +73,18 @@ def test_blocks_store_what_lines_store(data: bytes, mode: str, limit: int,
     lines, used_lines = by_lines(data, mode, limit)
     blocks, used_blocks = by_blocks(data, mode, limit, cuts)
     assert used_blocks == used_lines
+    assert state(blocks) == state(lines)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(0, 20), st.sampled_from([b".", b"..", b".x", b"x."]), modes)
+def test_a_dot_at_a_line_start_after_many_dots_inside_lines(
+        dotted: int, start: bytes, mode: str) -> None:
+    """One block with many dots inside its first lines (a header's domains) before a line
+    that starts with a dot: the first dots are looked at one by one, the rest searched."""
+    data = (b"Received: from a.b.c.example.org (d.e.f.example.net.)\r\n"
+            + b"x" * dotted + b".y.z.\r\n" + start + b"\r\nafter\r\n.\r\n")
+    lines, used_lines = by_lines(data, mode, 0)
+    blocks = Content(mode, 0)
+    assert blocks.feed_block(data) == used_lines
     assert state(blocks) == state(lines)
