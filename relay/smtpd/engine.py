@@ -122,6 +122,8 @@ class Engine(SMTP):
             self._release()
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._lost:
+            return  # the engine ended it already, after a handshake that did not finish
         self._closing = True
         super().connection_lost(error)
         self.dialogue.ended()
@@ -200,8 +202,8 @@ class Engine(SMTP):
         return self._tls
 
     def reply(self, text: str, *, hold: bool) -> None:
-        if self._closing or self.transport is None:
-            return
+        if self._closing or self.transport is None or self._handshaking:
+            return  # nothing in plaintext into a TLS handshake (a timeout's 421)
         self._unsent.append(text.encode("utf-8", "surrogateescape") + b"\r\n")
         if not hold:
             self._flush()
@@ -305,6 +307,11 @@ class Engine(SMTP):
             return repr(exc.__cause__ or exc)
         finally:
             self._handshaking = False
+        if tls is None or self._closing or tls.is_closing():
+            # Closed under the handshake (smtpd_timeout): the TLS layer then reports a
+            # handshake that ended without an error, and no lost connection either.
+            self.loop.call_soon(self._lost_in_handshake)
+            return "connection closed during the TLS handshake"
         # What aiosmtpd's connection_made does after its own STARTTLS handshake.
         self._reader._transport = tls  # type: ignore[attr-defined]
         self._writer._transport = tls  # type: ignore[attr-defined]
@@ -315,8 +322,7 @@ class Engine(SMTP):
         return ""
 
     def _lost_in_handshake(self) -> None:
-        if not self._lost:
-            self.connection_lost(None)
+        self.connection_lost(None)
 
     def tls_cipher(self) -> tuple[str, str, int] | None:
         obj = self.transport.get_extra_info("ssl_object") if self.transport else None

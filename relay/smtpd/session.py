@@ -422,9 +422,10 @@ class Session:
         failure = await self.conn.start_tls(context)
         if failure:
             # As Postfix: the error, the lost connection, and STARTTLS counted as failed
-            # in the disconnect line (starttls=0/1).
-            log.info("SSL_accept error from %s: %s", self.namaddr(), failure)
-            log.info("lost connection after STARTTLS from %s", self.namaddr())
+            # in the disconnect line (starttls=0/1); after a timeout, its own line only.
+            if not self.closing:
+                log.info("SSL_accept error from %s: %s", self.namaddr(), failure)
+                log.info("lost connection after STARTTLS from %s", self.namaddr())
             self._last_code = 0
             self.close()
             return

@@ -261,6 +261,23 @@ def test_broken_handshake_leaves_the_daemon_serving(
     serves_next_client(d)
 
 
+def test_a_client_silent_in_the_handshake_is_timed_out_as_postfix_does(
+    daemons: Callable[..., RelayDaemon], certs: Certs,
+) -> None:
+    d = daemons(smtpd_tls_security_level="may", smtpd_tls_cert_file=str(certs.cert_file),
+                smtpd_tls_key_file=str(certs.key_file), smtpd_timeout="1s")
+    with Client(d.port) as c:
+        c.cmd("EHLO client.example")
+        assert c.cmd("STARTTLS").startswith("220")
+        # No ClientHello: smtpd_timeout ends it, and no plaintext 421 goes into the handshake.
+        assert c.closed(wait=4)
+        assert c.buf == b"", c.buf
+    d.wait_log("timeout after STARTTLS from localhost[127.0.0.1]")
+    log = d.wait_log("disconnect from localhost[127.0.0.1] ehlo=1 starttls=0/1 commands=1/2")
+    assert "SSL_accept error" not in log
+    serves_next_client(d)
+
+
 # ---- implicit TLS (smtpd_listen host:port/tls) ----------------------------------------------
 
 

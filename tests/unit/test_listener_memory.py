@@ -69,6 +69,15 @@ def test_closed_connections_leave_nothing_for_the_collector(
             sock.recv(512)
             sock.sendall(b"MAIL FROM:<not-a-client-hello@client.test>\r\n" * 4)
             sock.recv(512)
+        with socket.create_connection(("127.0.0.1", live.port)) as sock:  # silent in the handshake
+            sock.recv(512)
+            sock.sendall(b"EHLO client.test\r\n")
+            sock.recv(512)
+            sock.sendall(b"STARTTLS\r\n")
+            sock.recv(512)
+            sock.settimeout(5)
+            # smtpd_timeout ends it, with no plaintext 421 into the handshake.
+            assert sock.recv(512) == b""
         with socket.create_connection(("127.0.0.1", live.port)) as sock:  # silent: timed out
             sock.recv(512)
             time.sleep(1.0)
