@@ -212,18 +212,3 @@ def test_a_new_queue_manager_sweeps_what_the_last_one_left(root: Path) -> None:
     while os.stat(root / "free" / free_names(root)[0]).st_size and time.monotonic() < deadline:
         time.sleep(0.01)
     assert [os.stat(root / "free" / n).st_size for n in free_names(root)] == [0]
-
-
-def test_a_reservation_from_an_old_spare_is_fresh_for_the_start_cleanup(root: Path) -> None:
-    """A spare may have been written days ago; the data/ID it becomes is a reservation
-    of now, which the queue manager's start (cleanup of stale envelope-less content)
-    must leave to the listener writing it."""
-    (root / "free").mkdir(parents=True)
-    (root / "free" / "4.1").write_bytes(b"")
-    three_days_ago = time.time() - 3 * 86400
-    os.utime(root / "free" / "4.1", (three_days_ago, three_days_ago))
-    listener = Spool(str(root), reuse_free=True)
-    reservation = listener.reserve()
-    assert ino(Path(reservation.data_path)) is not None and free_names(root) == []
-    assert Spool(str(root), retire_to_free=True).cleanup(now=time.time()) == []
-    assert os.path.exists(reservation.data_path)
