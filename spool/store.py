@@ -46,14 +46,11 @@ The queue manager also keeps the inode of each envelope it replaces (a deferral'
 rewrite) under a name of its own, ``free/q...``, linked just before the rename, and
 uses those for its next rewrites; only it takes q-names, only those it made since it
 started, and its start drops the rest (``forget_kept_spares``).  A finished message's
-files keep their content in free/ until a new message's file is written over it (from
-the start, then cut to its length: nothing of the old one is left) or, for a spare left
-unused SPARE_CONTENT_MAX_AGE seconds, until the queue manager's sweeper thread empties it
-(``sweep_spares``: renamed to a name of its own, ``free/e...``, that no listener takes,
-then truncated and made a spare again); emptying every file at once freed its blocks,
-which waits for the disk on a discard mount, only for the next message to allocate them.
-The queue manager's start sweeps every spare that still holds content and drops the
-e-names a crash left.
+content is emptied before its inode is given up, so that free/ holds no mail; emptying a
+file frees its blocks, which may wait for the disk (a discard), so the queue manager
+renames the content to a name of its own (``free/e...``, never taken by anyone) on its
+event loop and a thread of its own empties it and gives it a takeable name; its start
+drops the e-names a crash left.
 
 Readers (mailq, postcat) take no lock: an envelope file is always complete because
 it only ever appears by rename; a file that vanishes under a reader is a lost race.
@@ -86,8 +83,7 @@ SEARCH_ORDER = ("active", "incoming", "deferred", "hold", "corrupt")
 TMP_MAX_AGE = 86400.0
 FREE_POOL_MAX = 4096  # spare inodes kept for reuse (empty files after truncation)
 KEPT_POOL_MAX = 256  # the queue manager's own spares (replaced envelopes), for rewrites
-SPARE_CONTENT_MAX_AGE = 60.0  # seconds a spare may keep a finished message's content
-SPARE_SWEEP_INTERVAL = 10.0  # how often the queue manager's sweeper looks for such spares
+EMPTY_BATCH_WAIT = 0.05  # seconds the emptier gathers retired content before it empties
 
 _QUEUE_ID = re.compile(r"^[A-Za-z0-9]{6,24}$")
 _RECORD_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
@@ -278,8 +274,12 @@ class Spool:
         self._free_listed = 0.0
         self._free_estimate = 0
         self._retired = 0
-        # The queue manager's thread that empties spares left unused (sweep_spares).
-        self._sweeper: threading.Thread | None = None
+        # Retired content files waiting to be emptied (see _empty_retired), and the
+        # thread that empties them: the queue manager's, started at the first one.
+        self._to_empty: collections.deque[str] = collections.deque()
+        self._empty_wake = threading.Event()
+        self._emptying = False
+        self._emptier: threading.Thread | None = None
         if create:
             self.create_dirs()
         for name in ("tmp", "data", *QUEUES):
@@ -309,15 +309,12 @@ class Spool:
 
     # ---- spare inodes (see the module docstring) ----------------------------------
 
-    def _retire(self, path: str, content: bool = False) -> bool:
+    def _retire(self, path: str, truncate: bool = False) -> bool:
         """Remove a file we own (under the message lock): keep its inode for reuse.
         False if it was not there.
 
-        A message's ``content`` stays in its spare until a new message's file is
-        written over it, or the sweeper empties a spare left unused for
-        SPARE_CONTENT_MAX_AGE (sweep_spares): emptying each one at once freed its
-        blocks (a synchronous discard on a ``discard`` mount) only for the next message
-        to allocate them again, a fifth of the daemon's CPU with reused connections."""
+        ``truncate`` empties it first, while it still has its own name: once in free/
+        the listener may take it at any moment."""
         if self._retire_to_free:
             if self._retired % 256 == 0:  # now and then, count what is there
                 try:
@@ -327,7 +324,11 @@ class Spool:
             if self._free_estimate < FREE_POOL_MAX:
                 self._retired += 1
                 self._free_estimate += 1
-                spare = os.path.join(self.root, "free", f"{_pid()}.{next(self._free_serial)}")
+                # Content is emptied before anyone may take it (free/e..., then a
+                # takeable name): keep the inode, not the mail.
+                prefix = "e" if truncate else ""
+                spare = os.path.join(self.root, "free",
+                                     f"{prefix}{_pid()}.{next(self._free_serial)}")
                 try:
                     os.rename(path, spare)
                 except FileNotFoundError:
@@ -335,8 +336,8 @@ class Spool:
                 except OSError:
                     pass  # no free/ (an old spool): unlink as usual
                 else:
-                    if content:
-                        self.start_sweeper()
+                    if truncate:
+                        self._empty_later(spare)
                     return True
         try:
             os.unlink(path)
@@ -344,53 +345,40 @@ class Spool:
             return False
         return True
 
-    def start_sweeper(self, first_max_age: float | None = None) -> None:
-        """Start the queue manager's thread that runs sweep_spares every
-        SPARE_SWEEP_INTERVAL; with ``first_max_age``, a first sweep at once."""
-        if self._sweeper is None:
-            self._sweeper = threading.Thread(target=self._sweep_forever, args=(first_max_age,),
-                                             daemon=True, name="spool-sweep")
-            self._sweeper.start()
+    def _empty_later(self, staged: str) -> None:
+        """Have ``staged`` (a free/e... name) emptied and made a spare, in a thread: an
+        emptied file frees its blocks, which may wait for the disk (a synchronous
+        discard takes milliseconds), and the caller is an event loop."""
+        self._to_empty.append(staged)
+        if not self._empty_wake.is_set():
+            self._empty_wake.set()
+        if self._emptier is None:
+            self._emptier = threading.Thread(target=self._empty_retired, daemon=True,
+                                             name="spool-empty")
+            self._emptier.start()
 
-    def _sweep_forever(self, first_max_age: float | None) -> None:
-        if first_max_age is not None:
-            with contextlib.suppress(OSError):
-                self.sweep_spares(time.time(), first_max_age)
+    def _empty_retired(self) -> None:
         while True:
-            time.sleep(SPARE_SWEEP_INTERVAL)
-            with contextlib.suppress(OSError):
-                self.sweep_spares(time.time())
+            self._empty_wake.wait()
+            # One wake-up (and one wait for the GIL) per batch, not per message.
+            time.sleep(EMPTY_BATCH_WAIT)
+            self._emptying = True
+            self._empty_wake.clear()
+            while self._to_empty:
+                staged = self._to_empty.popleft()
+                try:
+                    os.truncate(staged, 0)
+                    os.rename(staged, os.path.join(
+                        self.root, "free", f"{_pid()}.{next(self._free_serial)}"))
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.unlink(staged)  # an e-name is nobody's: never leave mail in free/
+            self._emptying = False
 
-    def sweep_spares(self, now: float, max_age: float = SPARE_CONTENT_MAX_AGE) -> int:
-        """Empty the spares that still hold content and were not taken for ``max_age``
-        seconds (since they came to free/); how many were emptied.
-
-        Each is first renamed to a name of our own (free/e...), which no listener
-        takes.  A listener that linked it just before keeps it: the e-name then has a
-        second link, and is only dropped.  Otherwise it is emptied and becomes a spare
-        again under a new name (the truncation waits for the disk: this is a thread)."""
-        free = os.path.join(self.root, "free")
-        with os.scandir(free) as it:
-            stale = [entry.name for entry in it
-                     if entry.name[:1].isdigit() and _holds_content(entry, now, max_age)]
-        emptied = 0
-        for name in stale:
-            staged = os.path.join(free, f"e{_pid()}.{next(self._free_serial)}")
-            try:
-                os.rename(os.path.join(free, name), staged)
-            except OSError:
-                continue  # taken meanwhile
-            try:
-                if os.lstat(staged).st_nlink > 1:
-                    os.unlink(staged)  # a listener linked it first: its file now
-                    continue
-                os.truncate(staged, 0)
-                os.rename(staged, os.path.join(free, f"{_pid()}.{next(self._free_serial)}"))
-                emptied += 1
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.unlink(staged)  # an e-name is nobody's: never leave mail under it
-        return emptied
+    def settle(self) -> None:
+        """Wait until every retired content file is emptied and a spare (tests)."""
+        while self._to_empty or self._emptying:
+            time.sleep(0.005)
 
     def _spares(self) -> Iterator[tuple[str, int]]:
         """(name, link count) of each file in free/."""
@@ -475,13 +463,11 @@ class Spool:
     def forget_kept_spares(self) -> None:
         """At the queue manager's start (under qmgr.lock): the q-names an earlier one
         left in free/ are nobody's now; a crash may have left one sharing an inode
-        with a live envelope, so none is ever reused.  Its e-names (a sweep cut short)
-        go too; and the sweeper starts with every spare that still holds content
-        (the queue manager that retired it is gone), in its thread."""
+        with a live envelope, so none is ever reused.  Its e-names (content not yet
+        emptied) go too."""
         for name, _ in list(self._spares()):
             if name.startswith(("q", "e")):
                 self._forget_kept(name)
-        self.start_sweeper(first_max_age=0.0)
 
     # ---- accepting a message ---------------------------------------------------
 
@@ -979,7 +965,7 @@ class Spool:
         self._fault("remove.envelope_gone")
         if durable:
             yield [self.dir_path(queue)]  # the envelope is gone for good before its content
-        self._retire(self._data_path(queue_id), content=True)
+        self._retire(self._data_path(queue_id), truncate=True)
 
 
 class Entry:
@@ -1073,15 +1059,6 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
-
-
-def _holds_content(entry: os.DirEntry[str], now: float, max_age: float) -> bool:
-    """A free/ spare with content, alone on its inode, in free/ for over max_age."""
-    try:
-        st = entry.stat(follow_symlinks=False)
-    except OSError:
-        return False
-    return st.st_size > 0 and st.st_nlink == 1 and now - st.st_ctime >= max_age
 
 
 def _cut(fd: int, size: int) -> None:

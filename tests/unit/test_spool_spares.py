@@ -44,7 +44,10 @@ def test_a_finished_message_gives_its_inodes_to_the_next_one(root: Path) -> None
     inodes = {ino(root / "data" / old.queue_id), ino(root / "incoming" / old.queue_id)}
     with qmgr.locked(old.queue_id) as entry:
         entry.remove()
+    qmgr.settle()  # the content is emptied in a thread, off the caller's event loop
     assert len(free_names(root)) == 2
+    # The content is truncated before it is given up: free/ holds no mail.
+    assert 0 in [os.stat(root / "free" / n).st_size for n in free_names(root)]
     time.sleep(0.25)  # the listener lists free/ at most every 0.2 s
     new = listener.enqueue(make_env("other@example.net"), b"new\r\n")
     assert {ino(root / "data" / new.queue_id), ino(root / "incoming" / new.queue_id)} == inodes
@@ -53,9 +56,10 @@ def test_a_finished_message_gives_its_inodes_to_the_next_one(root: Path) -> None
     assert listener.read("incoming", new.queue_id).recipients[0].address == "other@example.net"
 
 
-def test_content_being_emptied_is_never_taken(root: Path) -> None:
-    """The sweeper empties a spare under a name of the queue manager's own, which no
-    listener takes and a new queue manager drops (a crash leaves it so)."""
+def test_content_waiting_to_be_emptied_is_never_taken(root: Path) -> None:
+    """The queue manager empties a finished message's content in a thread: until then
+    it has a name of the queue manager's own, which no listener takes and a new queue
+    manager drops (a crash leaves it so)."""
     listener = Spool(str(root), reuse_free=True)
     (root / "free" / "e1.1").write_bytes(b"a finished message's content\r\n")
     new = listener.enqueue(make_env(), b"new\r\n")
@@ -148,67 +152,3 @@ def test_listener_processes_take_disjoint_shares(root: Path) -> None:
     assert {s for s in taken[False] if s is not None} <= {0, 2, 4}
     assert {s for s in taken[True] if s is not None} <= {1, 3, 5}
     assert free_names(root) == []
-
-
-def test_spares_left_unused_are_emptied_and_stay_spares(root: Path) -> None:
-    """A finished message's content waits in its spare for a new message to be written
-    over it; one left unused past the age is emptied, and remains a spare."""
-    qmgr = Spool(str(root), retire_to_free=True)
-    listener = Spool(str(root), reuse_free=True)
-    old = listener.enqueue(make_env(), b"a finished message's content\r\n")
-    data_inode = ino(root / "data" / old.queue_id)
-    with qmgr.locked(old.queue_id) as entry:
-        entry.remove()
-    sizes = {ino(root / "free" / n): os.stat(root / "free" / n).st_size
-             for n in free_names(root)}
-    assert sizes[data_inode] > 0  # kept until reused or swept
-    now = time.time()
-    assert qmgr.sweep_spares(now, max_age=60.0) == 0  # too young
-    assert qmgr.sweep_spares(now + 61, max_age=60.0) == 2  # the content and the envelope
-    names = free_names(root)
-    assert len(names) == 2 and all(n[:1].isdigit() for n in names)
-    assert {ino(root / "free" / n) for n in names} == set(sizes)
-    assert all(os.stat(root / "free" / n).st_size == 0 for n in names)
-    assert qmgr.sweep_spares(now + 61, max_age=60.0) == 0  # empty ones stay as they are
-
-
-def test_the_sweeper_never_empties_a_spare_a_listener_has_linked(
-        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A listener links a spare, then drops its name.  Linked before the sweep looks: two
-    links, not a spare.  Linked after the sweep looked but before it renamed the spare:
-    the listener's unlink then finds no name, and the sweep sees two links under its own
-    name, which it only drops."""
-    qmgr = Spool(str(root), retire_to_free=True)
-    (root / "free" / "5.1").write_bytes(b"old content\r\n")
-    os.link(root / "free" / "5.1", root / "data" / "LIVE")
-    assert qmgr.sweep_spares(time.time() + 3600, max_age=0.0) == 0
-    os.unlink(root / "free" / "5.1")
-
-    (root / "free" / "5.2").write_bytes(b"old content\r\n")
-    real_rename = os.rename
-
-    def listener_links_first(src: str, dst: str) -> None:
-        if os.path.basename(src) == "5.2":
-            os.link(src, root / "data" / "LIVE2")  # the listener's link(2) ...
-            real_rename(src, dst)
-            with pytest.raises(FileNotFoundError):
-                os.unlink(src)  # ... and its unlink, which finds the name gone
-            return
-        real_rename(src, dst)
-
-    monkeypatch.setattr("spool.store.os.rename", listener_links_first)
-    assert qmgr.sweep_spares(time.time() + 3600, max_age=0.0) == 0
-    assert free_names(root) == []  # the e-name dropped, not emptied
-    assert (root / "data" / "LIVE2").read_bytes() == b"old content\r\n"
-    assert os.stat(root / "data" / "LIVE2").st_nlink == 1
-
-
-def test_a_new_queue_manager_sweeps_what_the_last_one_left(root: Path) -> None:
-    (root / "free").mkdir(parents=True)
-    (root / "free" / "3.1").write_bytes(b"content a stopped daemon left\r\n")
-    qmgr = Spool(str(root), retire_to_free=True)
-    qmgr.forget_kept_spares()
-    deadline = time.monotonic() + 5
-    while os.stat(root / "free" / free_names(root)[0]).st_size and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert [os.stat(root / "free" / n).st_size for n in free_names(root)] == [0]
