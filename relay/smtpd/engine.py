@@ -123,7 +123,7 @@ class Engine(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._lost:
-            return  # the engine ended it already, after a handshake that did not finish
+            return  # ended already: by the engine after a failed handshake, or by the TLS layer
         self._closing = True
         super().connection_lost(error)
         self.dialogue.ended()
@@ -292,26 +292,30 @@ class Engine(SMTP):
         assert self.transport is not None
         plain = cast(asyncio.WriteTransport, self.transport)  # uvloop's is only alike
         self._handshaking = True
+        failure = ""
         try:
             # The session's deadline (smtpd_timeout) ends a slow handshake, with its own
             # log line; the TLS layer's timer is only a backstop behind it.
             tls = await self.loop.start_tls(plain, self, context, server_side=True,
                                             ssl_handshake_timeout=self._timeout_duration + 5)
         except Exception as exc:  # noqa: BLE001 - whatever the handshake raised ends it
-            # A TLS layer may tell its protocol nothing of a connection lost during the
-            # handshake: end it, once the session has said why (its next step).
-            self.loop.call_soon(self._lost_in_handshake)
             # The handshake's future keeps the error, whose traceback holds the frames
             # that hold the future and this object: a cycle only the collector frees.
             exc.__traceback__ = None
-            return repr(exc.__cause__ or exc)
+            failure = repr(exc.__cause__ or exc)
+        else:
+            if tls is None or self._closing or tls.is_closing():
+                # Closed under the handshake (smtpd_timeout): the TLS layer then reports
+                # a handshake that ended without an error.
+                failure = "connection closed during the TLS handshake"
         finally:
             self._handshaking = False
-        if tls is None or self._closing or tls.is_closing():
-            # Closed under the handshake (smtpd_timeout): the TLS layer then reports a
-            # handshake that ended without an error, and no lost connection either.
-            self.loop.call_soon(self._lost_in_handshake)
-            return "connection closed during the TLS handshake"
+        if failure:
+            # A TLS layer tells its protocol nothing of a connection lost during the
+            # handshake: end it here, once the session has said why (its next step).
+            self.loop.call_soon(self.connection_lost, None)
+            return failure
+        assert tls is not None
         # What aiosmtpd's connection_made does after its own STARTTLS handshake.
         self._reader._transport = tls  # type: ignore[attr-defined]
         self._writer._transport = tls  # type: ignore[attr-defined]
@@ -320,9 +324,6 @@ class Engine(SMTP):
         self._over_ssl = True
         self._tls = True
         return ""
-
-    def _lost_in_handshake(self) -> None:
-        self.connection_lost(None)
 
     def tls_cipher(self) -> tuple[str, str, int] | None:
         obj = self.transport.get_extra_info("ssl_object") if self.transport else None

@@ -81,7 +81,6 @@ def send(port: int, body: str, host: str = "127.0.0.1") -> str:
         return answer.split()[-1]
 
 
-
 def start_fails(d: RelayDaemon, env: dict[str, str] | None = None,
                 prefix: list[str] | None = None) -> str:
     """Start the daemon, expect it to stop before listening; its standard error."""

@@ -115,7 +115,6 @@ def route(**hops: str) -> str:
     return "inline:{ " + ", ".join(f"{k} = {v}" for k, v in hops.items()) + " }"
 
 
-
 def spool_empty(d: RelayDaemon) -> bool:
     return not any(d.queue_files(q) for q in QUEUES)
 

@@ -97,7 +97,6 @@ def listens(port: int) -> bool:
         return False
 
 
-
 # ---- signals ------------------------------------------------------------------------------
 
 
@@ -224,7 +223,7 @@ def _run_with_defaults(tmp_path: Path, env: dict[str, str], expected_spool: Path
                                 cwd=tmp_path)
     try:
         wait_until(lambda: (expected_spool / "master.pid").exists() or proc.poll() is not None,
-                 15, f"the spool at {expected_spool}")
+                   15, f"the spool at {expected_spool}")
         for name in ("tmp", "data", *ENVELOPE_QUEUES):
             assert (expected_spool / name).is_dir(), (name, err_path.read_text())
         assert "fatal: open" not in err_path.read_text()
