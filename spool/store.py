@@ -430,6 +430,10 @@ class Spool:
             name = pool.popleft()
             spare = os.path.join(self.root, "free", name)
             try:
+                # A spare's mtime is when it was last written, maybe days ago: made now
+                # before its new name appears, so that the start's cleanup() never takes
+                # a fresh reservation for a stale one.
+                os.utime(spare)
                 os.link(spare, path)
             except FileNotFoundError:
                 continue  # taken already, or removed by postsuper -p
@@ -828,9 +832,13 @@ class Spool:
                     removed.append(f"tmp/{entry.queue_id}")
         for entry in self.scan("data"):
             if now - entry.mtime > max_age and self.locate(entry.queue_id, QUEUES) is None:
+                path = self._data_path(entry.queue_id)
                 with contextlib.suppress(OSError, EntryGone), self.locked_data(entry.queue_id):
-                    if self.locate(entry.queue_id, QUEUES) is None:
-                        os.unlink(self._data_path(entry.queue_id))
+                    # Looked at again under the lock: a listener may have just reserved
+                    # this name from a spare (its mtime made now as it did).
+                    if (now - os.stat(path).st_mtime > max_age
+                            and self.locate(entry.queue_id, QUEUES) is None):
+                        os.unlink(path)
                         removed.append(f"data/{entry.queue_id}")
         return removed
 

@@ -152,3 +152,18 @@ def test_listener_processes_take_disjoint_shares(root: Path) -> None:
     assert {s for s in taken[False] if s is not None} <= {0, 2, 4}
     assert {s for s in taken[True] if s is not None} <= {1, 3, 5}
     assert free_names(root) == []
+
+
+def test_a_reservation_from_an_old_spare_is_fresh_for_the_start_cleanup(root: Path) -> None:
+    """A spare may have been written days ago; the data/ID it becomes is a reservation
+    of now, which the queue manager's start (cleanup of stale envelope-less content)
+    must leave to the listener writing it."""
+    (root / "free").mkdir(parents=True)
+    (root / "free" / "4.1").write_bytes(b"")
+    three_days_ago = time.time() - 3 * 86400
+    os.utime(root / "free" / "4.1", (three_days_ago, three_days_ago))
+    listener = Spool(str(root), reuse_free=True)
+    reservation = listener.reserve()
+    assert ino(Path(reservation.data_path)) is not None and free_names(root) == []
+    assert Spool(str(root), retire_to_free=True).cleanup(now=time.time()) == []
+    assert os.path.exists(reservation.data_path)
