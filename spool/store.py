@@ -46,11 +46,19 @@ The queue manager also keeps the inode of each envelope it replaces (a deferral'
 rewrite) under a name of its own, ``free/q...``, linked just before the rename, and
 uses those for its next rewrites; only it takes q-names, only those it made since it
 started, and its start drops the rest (``forget_kept_spares``).  A finished message's
-content is emptied before its inode is given up, so that free/ holds no mail; emptying a
-file frees its blocks, which may wait for the disk (a discard), so the queue manager
-renames the content to a name of its own (``free/e...``, never taken by anyone) on its
-event loop and a thread of its own empties it and gives it a takeable name; its start
-drops the e-names a crash left.
+content up to SPARE_CONTENT_MAX_SIZE keeps its bytes in its spare until a new message's
+file is written over it (from the start, then cut to its length: nothing of the old one
+is left): emptying every file at once freed its blocks, which waits for the disk on a
+``discard`` mount, only for the next message to allocate them again.  The queue
+manager's sweeper thread unlinks a spare left unused SPARE_CONTENT_MAX_AGE seconds with
+content in it, and every such spare at its start (``sweep_spares``): so free/ holds a
+finished message for about a minute at most.  The sweep only ever unlinks a name, which
+cannot touch a file that shares the inode: link(2) looks its source up before it links,
+so a listener may link a spare that was renamed, or checked for a second link, a moment
+before; emptying a spare in place once wiped a new message's envelope that way.  Bigger
+content is emptied before its inode is given up: the queue manager renames it to a name
+of its own (``free/e...``, never taken by anyone) on its event loop and a thread of its
+own empties it and gives it a takeable name; its start drops the e-names a crash left.
 
 Readers (mailq, postcat) take no lock: an envelope file is always complete because
 it only ever appears by rename; a file that vanishes under a reader is a lost race.
@@ -81,9 +89,12 @@ QUEUES = ("incoming", "active", "deferred", "hold", "corrupt")
 # The order in which a queue ID is looked for, and in which showq lists queues.
 SEARCH_ORDER = ("active", "incoming", "deferred", "hold", "corrupt")
 TMP_MAX_AGE = 86400.0
-FREE_POOL_MAX = 4096  # spare inodes kept for reuse (empty files after truncation)
+FREE_POOL_MAX = 4096  # spare inodes kept for reuse
 KEPT_POOL_MAX = 256  # the queue manager's own spares (replaced envelopes), for rewrites
 EMPTY_BATCH_WAIT = 0.05  # seconds the emptier gathers retired content before it empties
+SPARE_CONTENT_MAX_SIZE = 64 * 1024  # content kept in its spare (free/ holds 256 MiB at most)
+SPARE_CONTENT_MAX_AGE = 60.0  # seconds a spare may keep a finished message's content
+SPARE_SWEEP_INTERVAL = 10.0  # how often the queue manager's sweeper looks for such spares
 
 _QUEUE_ID = re.compile(r"^[A-Za-z0-9]{6,24}$")
 _RECORD_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
@@ -280,6 +291,8 @@ class Spool:
         self._empty_wake = threading.Event()
         self._emptying = False
         self._emptier: threading.Thread | None = None
+        # The queue manager's thread that unlinks spares left with content (sweep_spares).
+        self._sweeper: threading.Thread | None = None
         if create:
             self.create_dirs()
         for name in ("tmp", "data", *QUEUES):
@@ -309,12 +322,14 @@ class Spool:
 
     # ---- spare inodes (see the module docstring) ----------------------------------
 
-    def _retire(self, path: str, truncate: bool = False) -> bool:
+    def _retire(self, path: str, content: bool = False) -> bool:
         """Remove a file we own (under the message lock): keep its inode for reuse.
         False if it was not there.
 
-        ``truncate`` empties it first, while it still has its own name: once in free/
-        the listener may take it at any moment."""
+        A message's ``content`` up to SPARE_CONTENT_MAX_SIZE stays in its spare until a
+        new message is written over it or the sweeper unlinks it; bigger content is
+        emptied first, under a name no listener takes (free/e..., then a takeable
+        name): once takeable, the listener may link it at any moment."""
         if self._retire_to_free:
             if self._retired % 256 == 0:  # now and then, count what is there
                 try:
@@ -324,11 +339,16 @@ class Spool:
             if self._free_estimate < FREE_POOL_MAX:
                 self._retired += 1
                 self._free_estimate += 1
-                # Content is emptied before anyone may take it (free/e..., then a
-                # takeable name): keep the inode, not the mail.
-                prefix = "e" if truncate else ""
+                empty = False
+                if content:
+                    try:
+                        empty = os.lstat(path).st_size > SPARE_CONTENT_MAX_SIZE
+                    except FileNotFoundError:
+                        return False
+                    except OSError:
+                        empty = True
                 spare = os.path.join(self.root, "free",
-                                     f"{prefix}{_pid()}.{next(self._free_serial)}")
+                                     f"{'e' if empty else ''}{_pid()}.{next(self._free_serial)}")
                 try:
                     os.rename(path, spare)
                 except FileNotFoundError:
@@ -336,8 +356,10 @@ class Spool:
                 except OSError:
                     pass  # no free/ (an old spool): unlink as usual
                 else:
-                    if truncate:
+                    if empty:
                         self._empty_later(spare)
+                    elif content:
+                        self.start_sweeper()
                     return True
         try:
             os.unlink(path)
@@ -379,6 +401,42 @@ class Spool:
         """Wait until every retired content file is emptied and a spare (tests)."""
         while self._to_empty or self._emptying:
             time.sleep(0.005)
+
+    def start_sweeper(self, first_max_age: float | None = None) -> None:
+        """Start the queue manager's thread that runs sweep_spares every
+        SPARE_SWEEP_INTERVAL; with ``first_max_age``, a first sweep at once."""
+        if self._sweeper is None:
+            self._sweeper = threading.Thread(target=self._sweep_forever, args=(first_max_age,),
+                                             daemon=True, name="spool-sweep")
+            self._sweeper.start()
+
+    def _sweep_forever(self, first_max_age: float | None) -> None:
+        if first_max_age is not None:
+            with contextlib.suppress(OSError):
+                self.sweep_spares(time.time(), first_max_age)
+        while True:
+            time.sleep(SPARE_SWEEP_INTERVAL)
+            with contextlib.suppress(OSError):
+                self.sweep_spares(time.time())
+
+    def sweep_spares(self, now: float, max_age: float = SPARE_CONTENT_MAX_AGE) -> int:
+        """Unlink the spares that still hold a finished message's content and were
+        not taken for ``max_age`` seconds (since they came to free/); how many.
+
+        Unlinked, never emptied in place: a listener may have looked the name up
+        already, and link(2) then gives it the inode even after our checks; its new
+        file is written over the old bytes from the start.  (Unlinking frees the
+        blocks, which may wait for the disk: this is a thread.)"""
+        free = os.path.join(self.root, "free")
+        with os.scandir(free) as it:
+            stale = [entry.name for entry in it
+                     if entry.name[:1].isdigit() and _holds_content(entry, now, max_age)]
+        swept = 0
+        for name in stale:
+            with contextlib.suppress(FileNotFoundError):  # taken meanwhile
+                os.unlink(os.path.join(free, name))
+                swept += 1
+        return swept
 
     def _spares(self) -> Iterator[tuple[str, int]]:
         """(name, link count) of each file in free/."""
@@ -468,10 +526,12 @@ class Spool:
         """At the queue manager's start (under qmgr.lock): the q-names an earlier one
         left in free/ are nobody's now; a crash may have left one sharing an inode
         with a live envelope, so none is ever reused.  Its e-names (content not yet
-        emptied) go too."""
+        emptied) go too; and the sweeper starts with every spare that still holds
+        content (the queue manager that retired it is gone), in its thread."""
         for name, _ in list(self._spares()):
             if name.startswith(("q", "e")):
                 self._forget_kept(name)
+        self.start_sweeper(first_max_age=0.0)
 
     # ---- accepting a message ---------------------------------------------------
 
@@ -973,7 +1033,7 @@ class Spool:
         self._fault("remove.envelope_gone")
         if durable:
             yield [self.dir_path(queue)]  # the envelope is gone for good before its content
-        self._retire(self._data_path(queue_id), truncate=True)
+        self._retire(self._data_path(queue_id), content=True)
 
 
 class Entry:
@@ -1067,6 +1127,15 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def _holds_content(entry: os.DirEntry[str], now: float, max_age: float) -> bool:
+    """A free/ spare with content, alone on its inode, in free/ for max_age or more."""
+    try:
+        st = entry.stat(follow_symlinks=False)
+    except OSError:
+        return False
+    return st.st_size > 0 and st.st_nlink == 1 and now - st.st_ctime >= max_age
 
 
 def _cut(fd: int, size: int) -> None:

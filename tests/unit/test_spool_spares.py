@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from spool import Spool
+from spool import Spool, store
 from spool.envelope import Envelope, Recipient
 
 
@@ -44,16 +44,29 @@ def test_a_finished_message_gives_its_inodes_to_the_next_one(root: Path) -> None
     inodes = {ino(root / "data" / old.queue_id), ino(root / "incoming" / old.queue_id)}
     with qmgr.locked(old.queue_id) as entry:
         entry.remove()
-    qmgr.settle()  # the content is emptied in a thread, off the caller's event loop
     assert len(free_names(root)) == 2
-    # The content is truncated before it is given up: free/ holds no mail.
-    assert 0 in [os.stat(root / "free" / n).st_size for n in free_names(root)]
+    # Small content keeps its bytes (and blocks) until a new message is written over it.
+    assert all(os.stat(root / "free" / n).st_size > 0 for n in free_names(root))
     time.sleep(0.25)  # the listener lists free/ at most every 0.2 s
     new = listener.enqueue(make_env("other@example.net"), b"new\r\n")
     assert {ino(root / "data" / new.queue_id), ino(root / "incoming" / new.queue_id)} == inodes
     assert free_names(root) == []
     assert listener.read_content(new.queue_id) == b"new\r\n"  # nothing of the old one
     assert listener.read("incoming", new.queue_id).recipients[0].address == "other@example.net"
+
+
+def test_big_content_is_emptied_before_its_inode_is_given_up(root: Path) -> None:
+    qmgr = Spool(str(root), retire_to_free=True)
+    listener = Spool(str(root), reuse_free=True)
+    big = b"x" * 998 + b"\r\n"
+    old = listener.enqueue(make_env(), big * (store.SPARE_CONTENT_MAX_SIZE // 1000 + 1))
+    data_inode = ino(root / "data" / old.queue_id)
+    with qmgr.locked(old.queue_id) as entry:
+        entry.remove()
+    qmgr.settle()  # the content is emptied in a thread, off the caller's event loop
+    sizes = {ino(root / "free" / n): os.stat(root / "free" / n).st_size
+             for n in free_names(root)}
+    assert sizes[data_inode] == 0 and all(n[:1].isdigit() for n in free_names(root))
 
 
 def test_content_waiting_to_be_emptied_is_never_taken(root: Path) -> None:
@@ -167,3 +180,81 @@ def test_a_reservation_from_an_old_spare_is_fresh_for_the_start_cleanup(root: Pa
     assert ino(Path(reservation.data_path)) is not None and free_names(root) == []
     assert Spool(str(root), retire_to_free=True).cleanup(now=time.time()) == []
     assert os.path.exists(reservation.data_path)
+
+
+def test_spares_left_unused_with_content_are_unlinked(root: Path) -> None:
+    """A finished message's content waits in its spare for a new message to be written
+    over it; the sweep unlinks one left unused past the age, and leaves empty ones."""
+    qmgr = Spool(str(root), retire_to_free=True)
+    listener = Spool(str(root), reuse_free=True)
+    old = listener.enqueue(make_env(), b"a finished message's content\r\n")
+    with qmgr.locked(old.queue_id) as entry:
+        entry.remove()
+    (root / "free" / "9.1").write_bytes(b"")
+    assert len(free_names(root)) == 3
+    now = time.time()
+    assert qmgr.sweep_spares(now, max_age=60.0) == 0  # too young
+    assert len(free_names(root)) == 3
+    assert qmgr.sweep_spares(now + 61, max_age=60.0) == 2  # the content and the envelope
+    assert free_names(root) == ["9.1"]
+
+
+@pytest.mark.parametrize("step", range(1, 6))
+def test_a_sweep_never_touches_a_file_a_listener_linked_at_any_moment(
+        root: Path, monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """link(2) looks its source up first and links the inode it found, even if the name
+    was renamed or its links counted meanwhile: a listener may get a spare's inode at
+    any point of a sweep, and write its new envelope into it.  Played at each of the
+    sweep's system calls (the listener's lookup is an open file here): the envelope is
+    whole afterwards.  (Emptying a spare in place once wiped an envelope so.)"""
+    (root / "free").mkdir(parents=True)
+    (root / "free" / "5.1").write_bytes(b"a finished message's content, longer\r\n")
+    looked_up = os.open(root / "free" / "5.1", os.O_RDWR)  # the listener's lookup
+    envelope = b"the new message's envelope\r\n"
+    real_os = store.os
+    calls = 0
+
+    def listener_writes() -> None:
+        os.pwrite(looked_up, envelope, 0)
+        store._cut(looked_up, len(envelope))
+
+    class Proxy:
+        """The sweep's os module: the listener writes just before call number ``step``."""
+
+        def __getattr__(self, attr: str) -> object:
+            real = getattr(real_os, attr)
+            if not callable(real) or attr.isupper():
+                return real
+
+            def call(*args: object, **kwargs: object) -> object:
+                nonlocal calls
+                calls += 1
+                if calls == step:
+                    listener_writes()
+                return real(*args, **kwargs)
+            return call
+
+    monkeypatch.setattr(store, "os", Proxy())
+    try:
+        Spool(str(root), retire_to_free=True, create=False).sweep_spares(
+            time.time() + 3600, max_age=0.0)
+    finally:
+        monkeypatch.setattr(store, "os", real_os)
+    if calls < step:
+        listener_writes()  # the sweep made fewer calls: the listener comes last
+    try:
+        assert os.pread(looked_up, 4096, 0) == envelope
+    finally:
+        os.close(looked_up)
+
+
+def test_a_new_queue_manager_sweeps_what_the_last_one_left(root: Path) -> None:
+    (root / "free").mkdir(parents=True)
+    (root / "free" / "3.1").write_bytes(b"content a stopped daemon left\r\n")
+    (root / "free" / "3.2").write_bytes(b"")
+    qmgr = Spool(str(root), retire_to_free=True)
+    qmgr.forget_kept_spares()
+    deadline = time.monotonic() + 5
+    while "3.1" in free_names(root) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert free_names(root) == ["3.2"]
