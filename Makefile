@@ -56,6 +56,7 @@ bench-quick: $(STAMP)
 	$(BIN)/python scripts/bench --quick
 
 soak: $(TESTSTAMP)
+	$(BIN)/python scripts/spool_stress --cycles 200 --fast-sweep
 	$(BIN)/python scripts/soak --messages 100000
 
 fuzz: $(TESTSTAMP)
