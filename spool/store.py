@@ -488,8 +488,10 @@ class Spool:
             name = pool.popleft()
             spare = os.path.join(self.root, "free", name)
             try:
-                # (A spare's mtime is when it was last written, maybe days ago; the link
-                # makes its ctime now, which is what cleanup() goes by.)
+                # A spare's mtime is when it was last written, maybe days ago: made now
+                # before its new name appears, so that the start's cleanup() never takes
+                # a fresh reservation for a stale one.
+                os.utime(spare)
                 os.link(spare, path)
             except FileNotFoundError:
                 continue  # taken already, or removed by postsuper -p
@@ -880,27 +882,21 @@ class Spool:
 
         Both were never acknowledged to any client (the commit is the rename into
         incoming/), so removing them loses nothing.  Returns what was removed.
-
-        Old means not written (mtime) nor linked (ctime) for max_age: a listener's new
-        file may be a spare it has just linked, whose mtime is when a finished message
-        was written into it, maybe days ago.
         """
         now = time.time() if now is None else now
         removed: list[str] = []
         for entry in self.scan("tmp"):
-            path = os.path.join(self.root, "tmp", entry.queue_id)
             if now - entry.mtime > max_age:
                 with contextlib.suppress(FileNotFoundError):
-                    if now - _last_change(path) > max_age:
-                        os.unlink(path)
-                        removed.append(f"tmp/{entry.queue_id}")
+                    os.unlink(os.path.join(self.root, "tmp", entry.queue_id))
+                    removed.append(f"tmp/{entry.queue_id}")
         for entry in self.scan("data"):
             if now - entry.mtime > max_age and self.locate(entry.queue_id, QUEUES) is None:
                 path = self._data_path(entry.queue_id)
                 with contextlib.suppress(OSError, EntryGone), self.locked_data(entry.queue_id):
                     # Looked at again under the lock: a listener may have just reserved
-                    # this name from a spare.
-                    if (now - _last_change(path) > max_age
+                    # this name from a spare (its mtime made now as it did).
+                    if (now - os.stat(path).st_mtime > max_age
                             and self.locate(entry.queue_id, QUEUES) is None):
                         os.unlink(path)
                         removed.append(f"data/{entry.queue_id}")
@@ -1131,12 +1127,6 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
-
-
-def _last_change(path: str) -> float:
-    """When a file was last written or linked (the later of mtime and ctime)."""
-    st = os.stat(path)
-    return max(st.st_mtime, st.st_ctime)
 
 
 def _holds_content(entry: os.DirEntry[str], now: float, max_age: float) -> bool:
