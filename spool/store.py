@@ -428,9 +428,8 @@ class Spool:
         file is written over the old bytes from the start.  (Unlinking frees the
         blocks, which may wait for the disk: this is a thread.)"""
         free = os.path.join(self.root, "free")
-        with os.scandir(free) as it:
-            stale = [entry.name for entry in it
-                     if entry.name[:1].isdigit() and _holds_content(entry, now, max_age)]
+        stale = [name for name, st in self._spares()
+                 if name[:1].isdigit() and _holds_content(st, now, max_age)]
         swept = 0
         for name in stale:
             with contextlib.suppress(FileNotFoundError):  # taken meanwhile
@@ -438,18 +437,18 @@ class Spool:
                 swept += 1
         return swept
 
-    def _spares(self) -> Iterator[tuple[str, int]]:
-        """(name, link count) of each file in free/."""
+    def _spares(self) -> Iterator[tuple[str, os.stat_result]]:
+        """(name, lstat) of each file in free/."""
         with contextlib.suppress(OSError), os.scandir(os.path.join(self.root, "free")) as it:
             for entry in it:
                 with contextlib.suppress(OSError):
-                    yield entry.name, entry.stat(follow_symlinks=False).st_nlink
+                    yield entry.name, entry.stat(follow_symlinks=False)
 
     def forget_linked_spares(self) -> None:
         """At the start of the one process that reuses spares: drop the free/ names
         that still share an inode with a live file (a crash between link and unlink)."""
-        for name, links in list(self._spares()):
-            if links > 1:
+        for name, st in list(self._spares()):
+            if st.st_nlink > 1:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.root, "free", name))
 
@@ -460,8 +459,8 @@ class Spool:
             return
         self._free_listed = now
         index, count = self._reuse_share
-        self._free.extend(name for name, links in self._spares()
-                          if links == 1 and name[:1].isdigit()
+        self._free.extend(name for name, st in self._spares()
+                          if st.st_nlink == 1 and name[:1].isdigit()
                           and (count == 1 or _serial(name) % count == index))
 
     def _reuse(self, path: str) -> bool:
@@ -1129,12 +1128,8 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def _holds_content(entry: os.DirEntry[str], now: float, max_age: float) -> bool:
+def _holds_content(st: os.stat_result, now: float, max_age: float) -> bool:
     """A free/ spare with content, alone on its inode, in free/ for max_age or more."""
-    try:
-        st = entry.stat(follow_symlinks=False)
-    except OSError:
-        return False
     return st.st_size > 0 and st.st_nlink == 1 and now - st.st_ctime >= max_age
 
 
