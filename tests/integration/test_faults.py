@@ -143,7 +143,9 @@ def test_552_at_data_bounces_with_a_notice(relay_daemon, tmp_path: Path) -> None
             f"inline:{{ example.net = smtp:[127.0.0.1]:{peer.port}, "
             f"example.org = smtp:[127.0.0.1]:{sender_mx.port} }}")})
         queue_id = _send(d)
-        log = d.wait_log("sender non-delivery notification")
+        d.wait_log("sender non-delivery notification")
+        # The notice is committed (and logged) before the recipient's result is logged.
+        log = d.wait_log("status=bounced")
         assert re.search(rf"{queue_id}: to=<bob@example.net>, .*dsn=5\.3\.4, status=bounced "
                          r"\(host .* said: 552 5\.3\.4 Message size exceeds fixed limit "
                          r"\(in reply to end of DATA command\)\)", log)
