@@ -331,13 +331,15 @@ class Spool:
         emptied first, under a name no listener takes (free/e..., then a takeable
         name): once takeable, the listener may link it at any moment."""
         if self._retire_to_free:
-            if self._retired % 256 == 0:  # now and then, count what is there
+            # Now and then (the first time too), count what is there: every 256th
+            # retirement, whether it went to free/ or not.
+            self._retired += 1
+            if self._retired % 256 == 1:
                 try:
                     self._free_estimate = len(os.listdir(os.path.join(self.root, "free")))
                 except OSError:
                     self._free_estimate = FREE_POOL_MAX
             if self._free_estimate < FREE_POOL_MAX:
-                self._retired += 1
                 self._free_estimate += 1
                 empty = False
                 if content:
