@@ -57,6 +57,7 @@ bench-quick: $(STAMP)
 
 soak: $(TESTSTAMP)
 	$(BIN)/python scripts/spool_stress --cycles 200 --fast-sweep
+	$(BIN)/python scripts/spool_stress --cycles 100 --fast-sweep --small-pool 16
 	$(BIN)/python scripts/soak --messages 100000
 
 fuzz: $(TESTSTAMP)
